@@ -1,0 +1,96 @@
+//! The admin listener (SPEC §3): `/metrics`, `/healthz`, `/status`. Never on the public
+//! listener.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{header, Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::cache::CacheStats;
+use crate::origin::OriginHealth;
+
+/// Answers admin requests from the shared state.
+pub struct AdminApp {
+    state: Arc<AppState>,
+}
+
+impl AdminApp {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    uptime_secs: u64,
+    cache: CacheStatus,
+    /// Durable forwarding spool; `null` while forwarding is not enabled.
+    spool: Option<()>,
+    origins: Vec<OriginHealth>,
+}
+
+#[derive(Serialize)]
+struct CacheStatus {
+    slice_bytes: u64,
+    memory_capacity_bytes: u64,
+    #[serde(flatten)]
+    stats: CacheStats,
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != Method::GET && req.method != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                b"method not allowed\n".to_vec(),
+            );
+        }
+        match req.uri.path() {
+            "/metrics" => {
+                self.state.store.sync().await;
+                self.state.refresh_gauges();
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.state.metrics.encode(),
+                )
+            }
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/status" => {
+                self.state.store.sync().await;
+                let status = Status {
+                    version: env!("CARGO_PKG_VERSION"),
+                    uptime_secs: self.state.started.elapsed().as_secs(),
+                    cache: CacheStatus {
+                        slice_bytes: self.state.store.slice_bytes(),
+                        memory_capacity_bytes: self.state.memory_capacity,
+                        stats: self.state.store.stats(),
+                    },
+                    spool: None,
+                    origins: self.state.origin.health(),
+                };
+                let body = serde_json::to_vec_pretty(&status).expect("status serialises");
+                reply(StatusCode::OK, "application/json", body)
+            }
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+        }
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len())
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("static parts are valid")
+}

@@ -1,0 +1,62 @@
+//! Process-wide state shared by the public and admin listeners, built once from config.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::Verifier;
+use crate::cache::SliceStore;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::origin::{OriginClient, ResolveError};
+use crate::routes::Router;
+
+/// Everything a request handler needs. Immutable after start; interior state (caches,
+/// counters, pools) synchronises itself.
+pub struct AppState {
+    pub verifier: Verifier,
+    pub router: Router,
+    pub store: SliceStore,
+    pub origin: Arc<OriginClient>,
+    pub metrics: Arc<Metrics>,
+    pub memory_capacity: u64,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(config: &Config) -> Result<Arc<Self>, ResolveError> {
+        let metrics = Arc::new(Metrics::new());
+        let origin = Arc::new(OriginClient::new(
+            &config.origin,
+            config.server.upstream_keepalive_pool,
+            metrics.clone(),
+        )?);
+        let store = SliceStore::new(
+            config.cache.slice_bytes,
+            config.cache.memory_bytes,
+            origin.clone(),
+            metrics.clone(),
+        );
+        let dictionary_paths = config
+            .dictionary
+            .as_ref()
+            .map(|d| d.paths.clone())
+            .unwrap_or_default();
+        Ok(Arc::new(Self {
+            verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs),
+            router: Router::new(dictionary_paths),
+            store,
+            origin,
+            metrics,
+            memory_capacity: config.cache.memory_bytes,
+            started: Instant::now(),
+        }))
+    }
+
+    /// Copies cache sizes into their gauges; called before each metrics scrape.
+    pub fn refresh_gauges(&self) {
+        let s = self.store.stats();
+        self.metrics.memory.bytes.set(s.memory_bytes as i64);
+        self.metrics.memory.entries.set(s.memory_entries as i64);
+        self.metrics.metadata_entries.set(s.metadata_entries as i64);
+    }
+}

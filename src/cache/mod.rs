@@ -1,0 +1,268 @@
+//! The slice cache: objects cut into aligned slices of `cache.slice_bytes`, looked up
+//! memory → origin, with one origin fetch per cold slice however many requests want it.
+//!
+//! Invariants:
+//! 1. A slice in the cache is exactly the origin's bytes for `[i*S, min((i+1)*S, size))`:
+//!    only responses that passed [`crate::origin`]'s validation are inserted.
+//! 2. Objects are immutable per (o, v): nothing is revalidated, and an origin that reports
+//!    a different size for a known object is an origin error, not a new truth.
+//! 3. Concurrent misses for one slice share one fill (`or_try_insert_with`); a failed
+//!    fill is not cached, and every waiter gets its error.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+use crate::metrics::Metrics;
+use crate::origin::{OriginClient, OriginError};
+use crate::range::slice_bounds;
+
+use memory::MemoryTier;
+
+/// Most objects whose metadata is remembered.
+const METADATA_ENTRIES: u64 = 262_144;
+
+/// Fixed-size identity of an object version: SHA-256 of `o || 0x00 || v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectId([u8; 32]);
+
+impl ObjectId {
+    pub fn new(o: &str, v: &str) -> Self {
+        let mut h = Sha256::new();
+        h.update(o.as_bytes());
+        h.update([0u8]);
+        h.update(v.as_bytes());
+        Self(h.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+/// Cache key of one slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SliceKey {
+    pub object: ObjectId,
+    pub index: u64,
+}
+
+/// A signed object as the cache sees it: its names (for origin paths) and its id.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectRef<'a> {
+    pub o: &'a str,
+    pub v: &'a str,
+    pub id: ObjectId,
+}
+
+impl<'a> ObjectRef<'a> {
+    pub fn new(o: &'a str, v: &'a str) -> Self {
+        Self {
+            o,
+            v,
+            id: ObjectId::new(o, v),
+        }
+    }
+}
+
+/// What the edge knows about an object without holding its bytes.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub content_type: HeaderValue,
+    /// Strong ETag derived from (o, v), so it is the same on every edge and origin.
+    pub etag: HeaderValue,
+    /// False when learnt from a 416, which carries no Content-Type.
+    content_type_known: bool,
+}
+
+const DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/octet-stream");
+
+impl ObjectMeta {
+    fn new(id: &ObjectId, size: u64, content_type: Option<HeaderValue>) -> Self {
+        let etag = format!("\"{}\"", hex::encode(&id.as_bytes()[..16]));
+        Self {
+            size,
+            content_type_known: content_type.is_some(),
+            content_type: content_type.unwrap_or(DEFAULT_CONTENT_TYPE),
+            etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
+        }
+    }
+}
+
+/// Where a slice came from, for `Cache-Status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Memory,
+    /// This request fetched it from the origin.
+    Origin,
+    /// Another request's origin fetch, which this one waited for.
+    Coalesced,
+}
+
+#[derive(Debug, Clone)]
+pub struct Slice {
+    pub bytes: Bytes,
+    pub source: Source,
+}
+
+/// Metadata lookup result: whether it needed an origin fetch.
+#[derive(Debug, Clone)]
+pub struct MetaLookup {
+    pub meta: Arc<ObjectMeta>,
+    pub fetched: bool,
+}
+
+/// Point-in-time sizes of the cache, for `/status` and gauges.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CacheStats {
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+    pub metadata_entries: u64,
+}
+
+/// The tiered slice store. Shared by every request of the process.
+pub struct SliceStore {
+    slice_bytes: u64,
+    memory: MemoryTier,
+    meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
+    origin: Arc<OriginClient>,
+    metrics: Arc<Metrics>,
+}
+
+impl SliceStore {
+    pub fn new(
+        slice_bytes: u64,
+        memory_bytes: u64,
+        origin: Arc<OriginClient>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            slice_bytes,
+            memory: MemoryTier::new(memory_bytes),
+            meta: moka::future::Cache::builder()
+                .name("object-metadata")
+                .max_capacity(METADATA_ENTRIES)
+                .build(),
+            origin,
+            metrics,
+        }
+    }
+
+    pub fn slice_bytes(&self) -> u64 {
+        self.slice_bytes
+    }
+
+    /// Whether slice `index` of `object` is held by a tier right now (no I/O). Used to
+    /// decide `Cache-Status` before the response header is written.
+    pub fn contains(&self, object: ObjectId, index: u64) -> bool {
+        self.memory.contains(&SliceKey { object, index })
+    }
+
+    /// Returns slice `index` of `obj`, from memory or from the origin.
+    pub async fn slice(&self, obj: &ObjectRef<'_>, index: u64) -> Result<Slice, Arc<OriginError>> {
+        let key = SliceKey {
+            object: obj.id,
+            index,
+        };
+        if let Some(bytes) = self.memory.get(&key).await {
+            self.metrics.memory.hits.inc();
+            return Ok(Slice {
+                bytes,
+                source: Source::Memory,
+            });
+        }
+        self.metrics.memory.misses.inc();
+        let entry = self
+            .memory
+            .cache()
+            .entry(key)
+            .or_try_insert_with(self.fill(obj, index))
+            .await?;
+        let source = if entry.is_fresh() {
+            Source::Origin
+        } else {
+            self.metrics.coalesced_waits.inc();
+            Source::Coalesced
+        };
+        Ok(Slice {
+            bytes: entry.into_value(),
+            source,
+        })
+    }
+
+    /// Returns the object's metadata, fetching slice `hint_index` (the one the request
+    /// will need first) when it is not known yet.
+    pub async fn meta(
+        &self,
+        obj: &ObjectRef<'_>,
+        hint_index: u64,
+    ) -> Result<MetaLookup, Arc<OriginError>> {
+        if let Some(meta) = self.meta.get(&obj.id).await {
+            return Ok(MetaLookup {
+                meta,
+                fetched: false,
+            });
+        }
+        if let Err(e) = self.slice(obj, hint_index).await {
+            if !matches!(*e, OriginError::NotSatisfiable { .. }) {
+                return Err(e);
+            }
+        }
+        // The fill recorded the metadata on success and on 416 alike.
+        match self.meta.get(&obj.id).await {
+            Some(meta) => Ok(MetaLookup {
+                meta,
+                fetched: true,
+            }),
+            None => Err(Arc::new(OriginError::MetadataUnavailable)),
+        }
+    }
+
+    /// One origin fetch of a slice; runs once per cold slice however many wait on it.
+    async fn fill(&self, obj: &ObjectRef<'_>, index: u64) -> Result<Bytes, OriginError> {
+        let known = self.meta.get(&obj.id).await;
+        let expected_size = known.as_ref().map(|m| m.size);
+        let range = slice_bounds(index, self.slice_bytes);
+        match self
+            .origin
+            .fetch_slice(obj.o, obj.v, range, expected_size)
+            .await
+        {
+            Ok(body) => {
+                if known.as_ref().is_none_or(|m| !m.content_type_known) {
+                    let meta = ObjectMeta::new(&obj.id, body.total, body.content_type);
+                    self.meta.insert(obj.id, Arc::new(meta)).await;
+                }
+                Ok(body.bytes)
+            }
+            Err(OriginError::NotSatisfiable { size }) => {
+                if known.is_none() {
+                    self.meta
+                        .insert(obj.id, Arc::new(ObjectMeta::new(&obj.id, size, None)))
+                        .await;
+                }
+                Err(OriginError::NotSatisfiable { size })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            memory_bytes: self.memory.weighted_bytes(),
+            memory_entries: self.memory.entries(),
+            metadata_entries: self.meta.entry_count(),
+        }
+    }
+
+    /// Applies pending cache maintenance so [`SliceStore::stats`] is exact.
+    pub async fn sync(&self) {
+        self.memory.sync().await;
+        self.meta.run_pending_tasks().await;
+    }
+}

@@ -1,0 +1,877 @@
+//! Typed configuration: TOML file → serde mirror (`file`) → validation → [`Config`].
+//!
+//! The rest of the crate only ever sees [`Config`]: every value has been checked, every
+//! default applied and every secret resolved. Errors name the key they are about
+//! (`cache.disk.max_bytes: …`) so an operator knows what to fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default slice size: 1 MiB.
+pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;
+/// Default memory tier budget: 1 GiB.
+pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// Smallest accepted slice: 4 KiB (smaller slices make per-slice overhead dominate).
+pub const MIN_SLICE_BYTES: u64 = 4 << 10;
+/// Largest accepted slice: 64 MiB (a slice is held in memory whole, and weighed as a u32).
+pub const MAX_SLICE_BYTES: u64 = 64 << 20;
+/// Default tolerance for clocks that run ahead of the signer's, in seconds.
+pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 30;
+/// Default origin connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Default time budget for one origin slice fetch (headers and body).
+pub const DEFAULT_ORIGIN_TIMEOUT_MS: u64 = 10_000;
+/// Default origin path template.
+pub const DEFAULT_ORIGIN_PATH: &str = "/objects/{o}/{v}";
+/// Default SIGTERM grace period before the final shutdown step.
+pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 5;
+/// Default time given to in-flight work after the grace period.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+/// Default size of the idle keep-alive pool towards origins and upstreams.
+pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 256;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {key}: {message}")]
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration of one edge process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Listen,
+    pub tls: Option<Tls>,
+    pub signing: Signing,
+    pub cache: Cache,
+    pub origin: Origin,
+    pub dictionary: Option<Dictionary>,
+    pub cors: Cors,
+    pub forward: Option<Forward>,
+    pub server: Server,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Signing {
+    pub clock_skew_secs: u64,
+    pub keys: Vec<SigningKey>,
+}
+
+/// One active signing key. `secret` holds the UTF-8 bytes of the configured string.
+#[derive(Clone)]
+pub struct SigningKey {
+    pub id: String,
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub slice_bytes: u64,
+    pub memory_bytes: u64,
+    pub disk: Option<DiskCache>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskCache {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub urls: Vec<UpstreamUrl>,
+    pub path: PathTemplate,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+}
+
+/// `http[s]://host[:port]` of an origin or upstream, checked but not resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+/// An origin path with `{o}` and `{v}` placeholders, split once at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Object,
+    Version,
+}
+
+impl PathTemplate {
+    /// Parses a template; it must start with `/` and contain no braces other than
+    /// `{o}` and `{v}`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err("must start with '/'".into());
+        }
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_string()));
+            }
+            let tail = &rest[open..];
+            if let Some(after) = tail.strip_prefix("{o}") {
+                parts.push(TemplatePart::Object);
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("{v}") {
+                parts.push(TemplatePart::Version);
+                rest = after;
+            } else {
+                return Err("only the placeholders {o} and {v} are allowed".into());
+            }
+        }
+        if rest.contains('}') {
+            return Err("unbalanced '}'".into());
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_string()));
+        }
+        if !parts.contains(&TemplatePart::Object) {
+            return Err("must contain {o}".into());
+        }
+        Ok(Self { parts })
+    }
+
+    /// Substitutes an already validated object id and version.
+    pub fn render(&self, o: &str, v: &str) -> String {
+        let mut out = String::with_capacity(64 + o.len() + v.len());
+        for part in &self.parts {
+            match part {
+                TemplatePart::Literal(s) => out.push_str(s),
+                TemplatePart::Object => out.push_str(o),
+                TemplatePart::Version => out.push_str(v),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Dictionary {
+    pub paths: Vec<String>,
+    pub upstream: UpstreamUrl,
+    pub ttl_secs: u64,
+    pub negative_ttl_secs: u64,
+    pub stale_if_error_secs: u64,
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Cors {
+    pub allow_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub dedupe_secs: u64,
+    pub max_body_bytes: u64,
+    pub events: Option<UpstreamUrl>,
+    pub logblob: Option<UpstreamUrl>,
+    pub stats: Option<UpstreamUrl>,
+}
+
+/// Process-level settings (`[server]`).
+#[derive(Debug, Clone)]
+pub struct Server {
+    /// Worker threads of the public listener's runtime.
+    pub threads: usize,
+    pub grace_period_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub upstream_keepalive_pool: usize,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { key, message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                key,
+                message,
+            },
+            ConfigError::Invalid { key, message } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                key,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates configuration text; secrets named by `secret_env` are read
+    /// from the process environment.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_toml`] with an explicit environment lookup.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let raw: file::Root = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p,
+            };
+            ConfigError::Parse {
+                path: PathBuf::new(),
+                key,
+                message: e.inner().message().to_string(),
+            }
+        })?;
+        raw.validate(&env)
+    }
+}
+
+/// The serde mirror of the file; nothing outside this module sees it.
+mod file {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Root {
+        pub listen: Listen,
+        pub tls: Option<Tls>,
+        pub signing: Signing,
+        #[serde(default)]
+        pub cache: Cache,
+        pub origin: Origin,
+        pub dictionary: Option<Dictionary>,
+        #[serde(default)]
+        pub cors: Cors,
+        pub forward: Option<Forward>,
+        #[serde(default)]
+        pub server: Server,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Listen {
+        pub http: String,
+        pub https: Option<String>,
+        pub admin: String,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Tls {
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Signing {
+        #[serde(default = "default_clock_skew")]
+        pub clock_skew_secs: u64,
+        pub keys: Vec<Key>,
+    }
+
+    fn default_clock_skew() -> u64 {
+        DEFAULT_CLOCK_SKEW_SECS
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Key {
+        pub id: String,
+        pub secret: Option<String>,
+        pub secret_env: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Cache {
+        pub slice_bytes: u64,
+        pub memory_bytes: u64,
+        pub disk: Option<Disk>,
+    }
+
+    impl Default for Cache {
+        fn default() -> Self {
+            Self {
+                slice_bytes: DEFAULT_SLICE_BYTES,
+                memory_bytes: DEFAULT_MEMORY_BYTES,
+                disk: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Disk {
+        pub path: PathBuf,
+        pub max_bytes: u64,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Origin {
+        pub urls: Vec<String>,
+        #[serde(default = "default_origin_path")]
+        pub path: String,
+        #[serde(default = "default_connect_timeout")]
+        pub connect_timeout_ms: u64,
+        #[serde(default = "default_origin_timeout")]
+        pub timeout_ms: u64,
+    }
+
+    fn default_origin_path() -> String {
+        DEFAULT_ORIGIN_PATH.to_string()
+    }
+    fn default_connect_timeout() -> u64 {
+        DEFAULT_CONNECT_TIMEOUT_MS
+    }
+    fn default_origin_timeout() -> u64 {
+        DEFAULT_ORIGIN_TIMEOUT_MS
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Dictionary {
+        #[serde(default = "default_dictionary_paths")]
+        pub paths: Vec<String>,
+        pub upstream: String,
+        #[serde(default = "default_dictionary_ttl")]
+        pub ttl_secs: u64,
+        #[serde(default = "default_negative_ttl")]
+        pub negative_ttl_secs: u64,
+        #[serde(default = "default_stale_if_error")]
+        pub stale_if_error_secs: u64,
+        #[serde(default = "default_dictionary_memory")]
+        pub memory_bytes: u64,
+        #[serde(default = "default_origin_timeout")]
+        pub timeout_ms: u64,
+    }
+
+    fn default_dictionary_paths() -> Vec<String> {
+        vec!["/base_dict_getHoverDict_8".to_string()]
+    }
+    fn default_dictionary_ttl() -> u64 {
+        86_400
+    }
+    fn default_negative_ttl() -> u64 {
+        60
+    }
+    fn default_stale_if_error() -> u64 {
+        86_400
+    }
+    fn default_dictionary_memory() -> u64 {
+        64 << 20
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Cors {
+        #[serde(default)]
+        pub allow_origins: Vec<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Forward {
+        pub spool_dir: PathBuf,
+        #[serde(default = "default_spool_max")]
+        pub spool_max_bytes: u64,
+        #[serde(default = "default_dedupe")]
+        pub dedupe_secs: u64,
+        #[serde(default = "default_max_body")]
+        pub max_body_bytes: u64,
+        pub events: Option<String>,
+        pub logblob: Option<String>,
+        pub stats: Option<String>,
+    }
+
+    fn default_spool_max() -> u64 {
+        1 << 30
+    }
+    fn default_dedupe() -> u64 {
+        600
+    }
+    fn default_max_body() -> u64 {
+        1 << 20
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Server {
+        /// 0 = one per available CPU.
+        pub threads: usize,
+        pub grace_period_secs: u64,
+        pub shutdown_timeout_secs: u64,
+        pub upstream_keepalive_pool: usize,
+    }
+
+    impl Default for Server {
+        fn default() -> Self {
+            Self {
+                threads: 0,
+                grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
+                shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+                upstream_keepalive_pool: DEFAULT_UPSTREAM_KEEPALIVE_POOL,
+            }
+        }
+    }
+}
+
+impl file::Root {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let listen = Listen {
+            http: parse_addr("listen.http", &self.listen.http)?,
+            https: self
+                .listen
+                .https
+                .as_deref()
+                .map(|a| parse_addr("listen.https", a))
+                .transpose()?,
+            admin: parse_addr("listen.admin", &self.listen.admin)?,
+        };
+        if listen.https.is_some() && self.tls.is_none() {
+            return Err(invalid("listen.https", "needs a [tls] section"));
+        }
+        let tls = self.tls.map(|t| Tls {
+            cert: t.cert,
+            key: t.key,
+        });
+
+        let signing = validate_signing(self.signing, env)?;
+        let cache = validate_cache(self.cache)?;
+        let origin = validate_origin(self.origin)?;
+        let dictionary = self.dictionary.map(validate_dictionary).transpose()?;
+        let forward = self.forward.map(validate_forward).transpose()?;
+
+        for (i, o) in self.cors.allow_origins.iter().enumerate() {
+            if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(invalid(
+                    format!("cors.allow_origins[{i}]"),
+                    "must be an origin such as https://www.example.com (no wildcard)",
+                ));
+            }
+        }
+
+        let threads = match self.server.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(Config {
+            listen,
+            tls,
+            signing,
+            cache,
+            origin,
+            dictionary,
+            cors: Cors {
+                allow_origins: self.cors.allow_origins,
+            },
+            forward,
+            server: Server {
+                threads,
+                grace_period_secs: self.server.grace_period_secs,
+                shutdown_timeout_secs: self.server.shutdown_timeout_secs,
+                upstream_keepalive_pool: self.server.upstream_keepalive_pool,
+            },
+        })
+    }
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not an IP:port address")))
+}
+
+fn validate_signing(
+    raw: file::Signing,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Signing, ConfigError> {
+    if raw.keys.is_empty() {
+        return Err(invalid("signing.keys", "at least one key is required"));
+    }
+    let mut keys = Vec::with_capacity(raw.keys.len());
+    for (i, k) in raw.keys.into_iter().enumerate() {
+        let at = |field: &str| format!("signing.keys[{i}].{field}");
+        if k.id.is_empty() {
+            return Err(invalid(at("id"), "must not be empty"));
+        }
+        if keys.iter().any(|known: &SigningKey| known.id == k.id) {
+            return Err(invalid(at("id"), format!("duplicate key id {:?}", k.id)));
+        }
+        let secret = match (k.secret, k.secret_env) {
+            (Some(s), None) => s,
+            (None, Some(var)) => env(&var).ok_or_else(|| {
+                invalid(
+                    at("secret_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    at("secret"),
+                    "set either secret or secret_env, not both",
+                ))
+            }
+            (None, None) => return Err(invalid(at("secret"), "secret or secret_env is required")),
+        };
+        if secret.is_empty() {
+            return Err(invalid(at("secret"), "must not be empty"));
+        }
+        keys.push(SigningKey {
+            id: k.id,
+            secret: secret.into_bytes(),
+        });
+    }
+    Ok(Signing {
+        clock_skew_secs: raw.clock_skew_secs,
+        keys,
+    })
+}
+
+fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
+    if !(MIN_SLICE_BYTES..=MAX_SLICE_BYTES).contains(&raw.slice_bytes) {
+        return Err(invalid(
+            "cache.slice_bytes",
+            format!("must be between {MIN_SLICE_BYTES} and {MAX_SLICE_BYTES}"),
+        ));
+    }
+    if raw.memory_bytes < raw.slice_bytes {
+        return Err(invalid(
+            "cache.memory_bytes",
+            "must hold at least one slice (>= cache.slice_bytes)",
+        ));
+    }
+    let disk = match raw.disk {
+        Some(d) => {
+            if d.path.as_os_str().is_empty() {
+                return Err(invalid("cache.disk.path", "must not be empty"));
+            }
+            if d.max_bytes < raw.slice_bytes {
+                return Err(invalid(
+                    "cache.disk.max_bytes",
+                    "must hold at least one slice (>= cache.slice_bytes)",
+                ));
+            }
+            Some(DiskCache {
+                path: d.path,
+                max_bytes: d.max_bytes,
+            })
+        }
+        None => None,
+    };
+    Ok(Cache {
+        slice_bytes: raw.slice_bytes,
+        memory_bytes: raw.memory_bytes,
+        disk,
+    })
+}
+
+fn validate_origin(raw: file::Origin) -> Result<Origin, ConfigError> {
+    if raw.urls.is_empty() {
+        return Err(invalid(
+            "origin.urls",
+            "at least one origin URL is required",
+        ));
+    }
+    let urls = raw
+        .urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| parse_upstream_url(&format!("origin.urls[{i}]"), u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = PathTemplate::parse(&raw.path).map_err(|m| invalid("origin.path", m))?;
+    Ok(Origin {
+        urls,
+        path,
+        connect_timeout: positive_ms("origin.connect_timeout_ms", raw.connect_timeout_ms)?,
+        timeout: positive_ms("origin.timeout_ms", raw.timeout_ms)?,
+    })
+}
+
+fn validate_dictionary(raw: file::Dictionary) -> Result<Dictionary, ConfigError> {
+    for (i, p) in raw.paths.iter().enumerate() {
+        if !p.starts_with('/') || p == "/" || p.contains('?') {
+            return Err(invalid(
+                format!("dictionary.paths[{i}]"),
+                "must be an absolute path other than '/' without a query",
+            ));
+        }
+    }
+    Ok(Dictionary {
+        paths: raw.paths,
+        upstream: parse_upstream_url("dictionary.upstream", &raw.upstream)?,
+        ttl_secs: raw.ttl_secs,
+        negative_ttl_secs: raw.negative_ttl_secs,
+        stale_if_error_secs: raw.stale_if_error_secs,
+        memory_bytes: raw.memory_bytes,
+        timeout: positive_ms("dictionary.timeout_ms", raw.timeout_ms)?,
+    })
+}
+
+fn validate_forward(raw: file::Forward) -> Result<Forward, ConfigError> {
+    if raw.spool_dir.as_os_str().is_empty() {
+        return Err(invalid("forward.spool_dir", "must not be empty"));
+    }
+    let url = |key: &str, v: &Option<String>| {
+        v.as_deref().map(|u| parse_upstream_url(key, u)).transpose()
+    };
+    Ok(Forward {
+        spool_dir: raw.spool_dir,
+        spool_max_bytes: raw.spool_max_bytes,
+        dedupe_secs: raw.dedupe_secs,
+        max_body_bytes: raw.max_body_bytes,
+        events: url("forward.events", &raw.events)?,
+        logblob: url("forward.logblob", &raw.logblob)?,
+        stats: url("forward.stats", &raw.stats)?,
+    })
+}
+
+fn positive_ms(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// Parses `http://host[:port]` or `https://host[:port]` with no path, query or userinfo.
+pub fn parse_upstream_url(key: &str, s: &str) -> Result<UpstreamUrl, ConfigError> {
+    let bad = |why: &str| invalid(key, format!("{s:?}: {why}"));
+    let (tls, rest) = if let Some(r) = s.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = s.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(bad("must start with http:// or https://"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err(bad(
+            "must be scheme://host[:port] without path, query or user",
+        ));
+    }
+    let uri: http::uri::Authority = authority.parse().map_err(|_| bad("invalid host"))?;
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let host = uri.host().trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    Ok(UpstreamUrl {
+        url: s.trim_end_matches('/').to_string(),
+        tls,
+        host: host.to_string(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[listen]
+http = "127.0.0.1:8080"
+admin = "127.0.0.1:9090"
+[signing]
+[[signing.keys]]
+id = "k1"
+secret = "s1"
+[origin]
+urls = ["http://127.0.0.1:9000"]
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(c.cache.slice_bytes, DEFAULT_SLICE_BYTES);
+        assert_eq!(c.cache.memory_bytes, DEFAULT_MEMORY_BYTES);
+        assert_eq!(c.signing.clock_skew_secs, 30);
+        assert_eq!(c.origin.path.render("a", "b"), "/objects/a/b");
+        assert!(c.server.threads >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = format!("{MINIMAL}\n[cache.disk]\npath = \"/tmp/x\"\nmaxbytes = 5\n");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.disk"), "{err}");
+        assert!(err.contains("maxbytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_top_level_section_is_rejected() {
+        let text = format!("{MINIMAL}\n[cahce]\nslice_bytes = 1\n");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cahce"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = MINIMAL.replace(
+            "urls = [\"http://127.0.0.1:9000\"]",
+            "urls = [\"http://127.0.0.1:9000\"]\ntimeout_ms = \"ten\"",
+        );
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("origin.timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn secret_env_is_resolved_and_missing_env_is_an_error() {
+        let text = MINIMAL.replace("secret = \"s1\"", "secret_env = \"EDGE_K1\"");
+        let c =
+            Config::from_toml_with_env(&text, |n| (n == "EDGE_K1").then(|| "xyz".into())).unwrap();
+        assert_eq!(c.signing.keys[0].secret, b"xyz");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("signing.keys[0].secret_env"), "{err}");
+        assert!(err.contains("EDGE_K1"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed_by_debug() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert!(!format!("{c:?}").contains("\"s1\""));
+    }
+
+    #[test]
+    fn duplicate_key_ids_are_rejected() {
+        let text = format!("{MINIMAL}\n[[signing.keys]]\nid = \"k1\"\nsecret = \"s2\"\n");
+        // The second [[signing.keys]] comes after [origin]; TOML still appends to the array.
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn slice_size_bounds() {
+        for bad in ["1", "1000", "134217728"] {
+            let text = format!("{MINIMAL}\n[cache]\nslice_bytes = {bad}\n");
+            let err = Config::from_toml_with_env(&text, no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cache.slice_bytes"), "{err}");
+        }
+    }
+
+    #[test]
+    fn memory_budget_over_4_gib_is_accepted() {
+        let text = format!("{MINIMAL}\n[cache]\nmemory_bytes = 17179869184\n");
+        let c = Config::from_toml_with_env(&text, no_env).unwrap();
+        assert_eq!(c.cache.memory_bytes, 16 << 30);
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = parse_upstream_url("k", "https://origin.example.com").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (true, "origin.example.com", 443)
+        );
+        let u = parse_upstream_url("k", "http://127.0.0.1:9000/").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 9000));
+        let u = parse_upstream_url("k", "http://[::1]:9000").unwrap();
+        assert_eq!(u.host, "::1");
+        for bad in [
+            "ftp://x",
+            "http://",
+            "http://x/path",
+            "http://u@x",
+            "127.0.0.1:9000",
+        ] {
+            assert!(parse_upstream_url("k", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_templates() {
+        let t = PathTemplate::parse("/v/{o}/x/{v}.mp4").unwrap();
+        assert_eq!(t.render("abc", "7"), "/v/abc/x/7.mp4");
+        assert!(PathTemplate::parse("objects/{o}").is_err());
+        assert!(PathTemplate::parse("/{x}").is_err());
+        assert!(PathTemplate::parse("/{o}}").is_err());
+        assert!(PathTemplate::parse("/static").is_err());
+    }
+
+    #[test]
+    fn https_listener_needs_tls() {
+        let text = MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\nhttps = \"127.0.0.1:8443\"",
+        );
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen.https"), "{err}");
+    }
+}

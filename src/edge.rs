@@ -1,0 +1,105 @@
+//! The public listener's `ProxyHttp` implementation: route → handler, and metrics in
+//! `logging`. Every route is answered from `request_filter`; nothing is proxied blindly.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType};
+
+use crate::app::AppState;
+use crate::respond;
+use crate::routes::Route;
+use crate::video;
+
+/// Largest request head (request line and headers) accepted, in bytes.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+
+/// Per-request context: filled in by the handler, read by `logging`.
+pub struct RequestCtx {
+    pub route: Route,
+    pub started: Instant,
+    /// Body bytes written to the client.
+    pub body_bytes: u64,
+}
+
+/// The edge's proxy application.
+pub struct Edge {
+    state: Arc<AppState>,
+}
+
+impl Edge {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            route: Route::NotFound,
+            started: Instant::now(),
+            body_bytes: 0,
+        }
+    }
+
+    /// No downstream modules: video must never be compressed, and the rest is small.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        ctx.route = self.state.router.route(session.req_header().uri.path());
+        if request_head_bytes(session) > MAX_REQUEST_HEAD_BYTES {
+            ctx.body_bytes =
+                respond::plain(session, 431, "request header fields too large").await?;
+            return Ok(true);
+        }
+        ctx.body_bytes = match ctx.route {
+            Route::Range | Route::Object => video::serve(&self.state, session, ctx.route).await?,
+            Route::NotFound => respond::plain(session, 404, "not found").await?,
+            Route::Dictionary | Route::Event | Route::LogBlob | Route::Stats => {
+                respond::plain(session, 501, "route not enabled on this edge").await?
+            }
+        };
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // request_filter answers every request; reaching here is a bug, not a 502.
+        Error::e_explain(ErrorType::InternalError, "no upstream for this route")
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let m = &self.state.metrics;
+        m.record_request(ctx.route, status);
+        let rm = m.route(ctx.route);
+        rm.duration.observe(ctx.started.elapsed().as_secs_f64());
+        rm.body_bytes.inc_by(ctx.body_bytes);
+        if let Some(e) = error {
+            tracing::debug!(route = ctx.route.label(), status, error = %e, "request ended with an error");
+        }
+    }
+}
+
+/// Approximate size of the request head as received.
+fn request_head_bytes(session: &Session) -> usize {
+    let req = session.req_header();
+    let line = req.uri.path_and_query().map_or(1, |pq| pq.as_str().len()) + 16;
+    req.headers
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
+}

@@ -1,0 +1,19 @@
+//! cdn-edge: an edge CDN node for video services on Pingora.
+//!
+//! A request flows `edge` (route) → `auth` (signature) → `range` (what bytes) →
+//! `cache` (memory tier, coalesced fills) → `origin` (slice fetch, failover) and back.
+
+pub mod admin; // /metrics, /healthz, /status on the admin listener
+pub mod app; // process-wide shared state built from config
+pub mod auth; // signed-URL verification and signing (pure)
+pub mod cache; // slice cache tiers and coalesced fills
+pub mod config; // typed, validated configuration
+pub mod demo; // `cdn-edge demo`: sample origin and instructions
+pub mod edge; // ProxyHttp: route → handler, metrics in logging
+pub mod metrics; // every metric, registered once
+pub mod origin; // origin client: slice fetch, validation, failover
+pub mod range; // range parsing and slice arithmetic (pure)
+pub mod respond; // small complete responses (errors, 404, 416)
+pub mod routes; // routing by path (pure)
+pub mod server; // Pingora server and services from config
+pub mod video; // the signed video routes

@@ -1,0 +1,154 @@
+//! The `cdn-edge` command line: parse arguments, load config, call into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+
+use cdn_edge::config::Config;
+use cdn_edge::{auth, demo, server::EdgeServer};
+
+/// Characters a token keeps unencoded: RFC 3986 unreserved.
+const TOKEN_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Parser)]
+#[command(name = "cdn-edge", version, about = "Edge CDN node for video services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the edge.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short = 'c', default_value = "conf/edge.toml")]
+        conf: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// Configuration file (TOML).
+        file: PathBuf,
+    },
+    /// Print a signed query string for an object.
+    Sign {
+        #[arg(long, short = 'c', default_value = "conf/edge.toml")]
+        conf: PathBuf,
+        /// Id of the signing key in [[signing.keys]].
+        #[arg(long)]
+        key: String,
+        /// Object id (o).
+        #[arg(long)]
+        object: String,
+        /// Object version (v).
+        #[arg(long)]
+        version: String,
+        /// Seconds from now until the URL expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Client/session token (t); percent-encoded as needed.
+        #[arg(long, default_value = "")]
+        token: String,
+    },
+    /// Run the edge on loopback in front of a built-in sample origin.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        origin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cdn-edge: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { conf } => {
+            let config = Config::load(&conf)?;
+            let edge = EdgeServer::build(&config).context("cannot start")?;
+            tracing::info!(http = %config.listen.http, admin = %config.listen.admin, "cdn-edge starting");
+            edge.run()
+        }
+        Command::CheckConfig { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Sign {
+            conf,
+            key,
+            object,
+            version,
+            ttl,
+            token,
+        } => {
+            let config = Config::load(&conf)?;
+            let Some(k) = config.signing.keys.iter().find(|k| k.id == key) else {
+                bail!("{}: no signing key with id {key:?}", conf.display());
+            };
+            if !auth::is_valid_id(&object) {
+                bail!("--object {object:?}: must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,255}} without '..'");
+            }
+            if !auth::is_valid_id(&version) {
+                bail!("--version {version:?}: must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,255}} without '..'");
+            }
+            let t = utf8_percent_encode(&token, TOKEN_ENCODE).to_string();
+            if t.len() > auth::MAX_TOKEN_LEN {
+                bail!(
+                    "--token is {} characters once encoded; at most {} are accepted",
+                    t.len(),
+                    auth::MAX_TOKEN_LEN
+                );
+            }
+            let expires = demo::unix_now().saturating_add(ttl);
+            println!(
+                "{}",
+                auth::sign_query(&k.secret, &object, &version, expires, &t)
+            );
+            Ok(())
+        }
+        Command::Demo {
+            http,
+            admin,
+            origin,
+        } => {
+            let addrs = demo::DemoAddrs {
+                http,
+                admin,
+                origin,
+            };
+            let edge = demo::build(&addrs).context("cannot start the demo")?;
+            println!("{}", demo::instructions(&addrs, demo::unix_now()));
+            edge.run()
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CDN_EDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

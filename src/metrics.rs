@@ -1,0 +1,405 @@
+//! Every metric the edge exports, in one place (`cdn_edge_` prefix).
+//!
+//! Metrics are registered once at start in a private [`Registry`], and the hot path
+//! holds counters already bound to their labels: recording is an atomic add, never a
+//! label lookup or a `format!`. Labels come only from `&'static str` enums.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::auth::AuthFailure;
+use crate::routes::Route;
+
+/// Statuses that get a pre-bound counter per route; others take the slow path.
+const COMMON_STATUSES: [(u16, &str); 18] = [
+    (200, "200"),
+    (202, "202"),
+    (204, "204"),
+    (206, "206"),
+    (304, "304"),
+    (400, "400"),
+    (403, "403"),
+    (404, "404"),
+    (405, "405"),
+    (408, "408"),
+    (410, "410"),
+    (413, "413"),
+    (416, "416"),
+    (429, "429"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+];
+
+/// Request latency buckets in seconds: sub-millisecond hits up to slow multi-slice misses.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Cache tiers, the `tier` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Disk,
+}
+
+impl Tier {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
+/// How an origin request ended, the `result` label of origin metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginResult {
+    Ok,
+    ConnectError,
+    Timeout,
+    BadStatus,
+    Invalid,
+    NotSatisfiable,
+}
+
+impl OriginResult {
+    pub const ALL: [OriginResult; 6] = [
+        OriginResult::Ok,
+        OriginResult::ConnectError,
+        OriginResult::Timeout,
+        OriginResult::BadStatus,
+        OriginResult::Invalid,
+        OriginResult::NotSatisfiable,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            OriginResult::Ok => "ok",
+            OriginResult::ConnectError => "connect_error",
+            OriginResult::Timeout => "timeout",
+            OriginResult::BadStatus => "bad_status",
+            OriginResult::Invalid => "invalid_response",
+            OriginResult::NotSatisfiable => "not_satisfiable",
+        }
+    }
+}
+
+/// Counters of one route. Status counters are bound on first use, so only statuses
+/// that happened show up in the exposition.
+pub struct RouteMetrics {
+    label: &'static str,
+    statuses: [OnceLock<IntCounter>; COMMON_STATUSES.len()],
+    pub duration: Histogram,
+    pub body_bytes: IntCounter,
+}
+
+/// Tier hit/miss counters, bound at start.
+pub struct TierMetrics {
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub bytes: IntGauge,
+    pub entries: IntGauge,
+}
+
+/// The edge's metrics. One instance per process, shared by every service.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    routes: Vec<RouteMetrics>,
+    pub memory: TierMetrics,
+    pub metadata_entries: IntGauge,
+    pub coalesced_waits: IntCounter,
+    origin_requests: Vec<IntCounter>,
+    pub origin_bytes: IntCounter,
+    pub origin_duration: Histogram,
+    pub origin_failovers: IntCounter,
+    auth_failures: Vec<IntCounter>,
+    pub stream_aborts: IntCounter,
+}
+
+fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique and valid");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+
+        let requests = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_requests_total",
+                    "Requests answered, by route and status.",
+                ),
+                &["route", "status"],
+            )
+            .expect("valid metric"),
+        );
+        let duration = registered(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "cdn_edge_request_duration_seconds",
+                    "Time from request to last byte written, by route.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let body_bytes = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_response_body_bytes_total",
+                    "Response body bytes written to clients, by route.",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let routes = Route::ALL
+            .iter()
+            .map(|route| RouteMetrics {
+                label: route.label(),
+                statuses: std::array::from_fn(|_| OnceLock::new()),
+                duration: duration.with_label_values(&[route.label()]),
+                body_bytes: body_bytes.with_label_values(&[route.label()]),
+            })
+            .collect();
+
+        let lookups = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_cache_lookups_total",
+                    "Slice cache lookups, by tier and result (hit or miss).",
+                ),
+                &["tier", "result"],
+            )
+            .expect("valid metric"),
+        );
+        let cache_bytes = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new("cdn_edge_cache_bytes", "Bytes held by each cache tier."),
+                &["tier"],
+            )
+            .expect("valid metric"),
+        );
+        let cache_entries = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new("cdn_edge_cache_entries", "Slices held by each cache tier."),
+                &["tier"],
+            )
+            .expect("valid metric"),
+        );
+        let tier = |t: Tier| TierMetrics {
+            hits: lookups.with_label_values(&[t.label(), "hit"]),
+            misses: lookups.with_label_values(&[t.label(), "miss"]),
+            bytes: cache_bytes.with_label_values(&[t.label()]),
+            entries: cache_entries.with_label_values(&[t.label()]),
+        };
+        let memory = tier(Tier::Memory);
+        let metadata_entries = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_cache_metadata_entries",
+                "Objects whose size and type are cached.",
+            )
+            .expect("valid metric"),
+        );
+        let coalesced_waits = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_cache_coalesced_waits_total",
+                "Slice misses that waited for another request's origin fetch instead of making their own.",
+            )
+            .expect("valid metric"),
+        );
+
+        let origin_requests_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_origin_requests_total",
+                    "Origin slice requests, by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let origin_requests = OriginResult::ALL
+            .iter()
+            .map(|res| origin_requests_vec.with_label_values(&[res.label()]))
+            .collect();
+        let origin_bytes = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_origin_bytes_total",
+                "Body bytes received from origins in valid slice responses.",
+            )
+            .expect("valid metric"),
+        );
+        let origin_duration = registered(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "cdn_edge_origin_request_duration_seconds",
+                    "Time to fetch one slice from an origin, successful or not.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        let origin_failovers = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_origin_failovers_total",
+                "Slice fetches retried on the next origin after a failure.",
+            )
+            .expect("valid metric"),
+        );
+
+        let auth_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_auth_failures_total",
+                    "Signed-URL rejections, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let auth_failures = AuthFailure::REASONS
+            .iter()
+            .map(|reason| auth_vec.with_label_values(&[reason]))
+            .collect();
+        let stream_aborts = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_stream_aborts_total",
+                "Responses cut short after their header was sent (origin failure mid-range or client gone).",
+            )
+            .expect("valid metric"),
+        );
+        let build_info = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_build_info",
+                    "Always 1; labelled with the version.",
+                ),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Self {
+            registry,
+            requests,
+            routes,
+            memory,
+            metadata_entries,
+            coalesced_waits,
+            origin_requests,
+            origin_bytes,
+            origin_duration,
+            origin_failovers,
+            auth_failures,
+            stream_aborts,
+        }
+    }
+
+    /// The bound counters of one route.
+    pub fn route(&self, route: Route) -> &RouteMetrics {
+        &self.routes[route.index()]
+    }
+
+    /// Counts one answered request.
+    pub fn record_request(&self, route: Route, status: u16) {
+        let rm = self.route(route);
+        match COMMON_STATUSES.iter().position(|(code, _)| *code == status) {
+            Some(i) => rm.statuses[i]
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&[rm.label, COMMON_STATUSES[i].1])
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[route.label(), &status.to_string()])
+                .inc(),
+        }
+    }
+
+    pub fn record_auth_failure(&self, f: AuthFailure) {
+        let i = AuthFailure::REASONS
+            .iter()
+            .position(|r| *r == f.reason())
+            .expect("every reason is registered");
+        self.auth_failures[i].inc();
+    }
+
+    pub fn record_origin(&self, result: OriginResult) {
+        let i = OriginResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .expect("every result is registered");
+        self.origin_requests[i].inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_prefixed_names_and_bound_labels() {
+        let m = Metrics::new();
+        m.record_request(Route::Range, 200);
+        m.record_request(Route::Range, 299);
+        m.record_auth_failure(AuthFailure::Expired);
+        m.record_origin(OriginResult::Timeout);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(text.contains(r#"cdn_edge_requests_total{route="range",status="200"} 1"#));
+        assert!(text.contains(r#"cdn_edge_requests_total{route="range",status="299"} 1"#));
+        assert!(text.contains(r#"cdn_edge_auth_failures_total{reason="expired"} 1"#));
+        assert!(text.contains(r#"cdn_edge_origin_requests_total{result="timeout"} 1"#));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("cdn_edge_"), "{line}");
+        }
+    }
+}

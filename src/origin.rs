@@ -1,0 +1,492 @@
+//! Origin client: fetches one slice with a `Range` request, validates the answer, and
+//! fails over across `origin.urls` in order.
+//!
+//! A response is accepted only if it is a 206 whose `Content-Range` starts at the asked
+//! byte, ends at the asked byte or at the end of the object, carries the total size, and
+//! whose body has exactly that many bytes. Anything else is an [`OriginError`], and
+//! errors are never cached.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::ErrorType;
+use std::sync::Arc;
+
+use crate::config::{self, PathTemplate, UpstreamUrl};
+use crate::metrics::{Metrics, OriginResult};
+use crate::range::ByteRange;
+
+/// Consecutive failures after which an origin is tried after the healthy ones.
+const UNHEALTHY_AFTER: u32 = 3;
+/// How long an idle pooled origin connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// Why a slice could not be had from the origins.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("{origin}: cannot connect or lost the connection: {detail}")]
+    Unreachable { origin: String, detail: String },
+    #[error("{origin}: no complete answer within {ms} ms")]
+    Timeout { origin: String, ms: u64 },
+    #[error("{origin}: answered status {status} to a slice request (expected 206)")]
+    BadStatus { origin: String, status: u16 },
+    #[error("{origin}: invalid slice response: {why}")]
+    Invalid { origin: String, why: &'static str },
+    /// The origin says the range starts at or past the end of the object.
+    #[error("range starts past the end of the {size}-byte object")]
+    NotSatisfiable { size: u64 },
+    #[error("object metadata was evicted while it was being read")]
+    MetadataUnavailable,
+}
+
+impl OriginError {
+    /// The status a client gets when its request needed this slice.
+    pub fn status(&self) -> u16 {
+        match self {
+            OriginError::Timeout { .. } => 504,
+            // A 416 is turned into the client's 416 by the metadata lookup; one that
+            // reaches a client means the origin contradicted itself.
+            _ => 502,
+        }
+    }
+
+    fn result(&self) -> OriginResult {
+        match self {
+            OriginError::Unreachable { .. } | OriginError::MetadataUnavailable => {
+                OriginResult::ConnectError
+            }
+            OriginError::Timeout { .. } => OriginResult::Timeout,
+            OriginError::BadStatus { .. } => OriginResult::BadStatus,
+            OriginError::Invalid { .. } => OriginResult::Invalid,
+            OriginError::NotSatisfiable { .. } => OriginResult::NotSatisfiable,
+        }
+    }
+}
+
+/// Why the origin client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("origin {url}: cannot resolve {host}:{port}: {detail}")]
+pub struct ResolveError {
+    url: String,
+    host: String,
+    port: u16,
+    detail: String,
+}
+
+/// A validated slice body with what it says about the object.
+#[derive(Debug, Clone)]
+pub struct SliceBody {
+    pub bytes: Bytes,
+    /// Total object size from `Content-Range`.
+    pub total: u64,
+    pub content_type: Option<HeaderValue>,
+}
+
+/// Health of one origin, for ordering and `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OriginHealth {
+    pub url: String,
+    pub healthy: bool,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+struct Origin {
+    url: String,
+    peer: HttpPeer,
+    host_header: String,
+    consecutive_failures: AtomicU32,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Origin {
+    fn healthy(&self) -> bool {
+        self.consecutive_failures.load(Ordering::Relaxed) < UNHEALTHY_AFTER
+    }
+}
+
+/// Fetches slices from the configured origins. One per process; its connection pool is
+/// shared by every request.
+pub struct OriginClient {
+    connector: Connector,
+    origins: Vec<Origin>,
+    path: PathTemplate,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl OriginClient {
+    /// Resolves every origin host once (at start) and builds the connection pool.
+    pub fn new(
+        cfg: &config::Origin,
+        keepalive_pool: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ResolveError> {
+        let origins = cfg
+            .urls
+            .iter()
+            .map(|u| {
+                let addr = resolve(u)?;
+                let mut peer = HttpPeer::new(addr, u.tls, u.host.clone());
+                peer.options.connection_timeout = Some(cfg.connect_timeout);
+                peer.options.total_connection_timeout = Some(cfg.connect_timeout);
+                peer.options.read_timeout = Some(cfg.timeout);
+                peer.options.write_timeout = Some(cfg.timeout);
+                peer.options.idle_timeout = Some(POOL_IDLE);
+                let default_port = if u.tls { 443 } else { 80 };
+                let host_header = if u.port == default_port {
+                    u.host.clone()
+                } else if u.host.contains(':') {
+                    format!("[{}]:{}", u.host, u.port)
+                } else {
+                    format!("{}:{}", u.host, u.port)
+                };
+                Ok(Origin {
+                    url: u.url.clone(),
+                    peer,
+                    host_header,
+                    consecutive_failures: AtomicU32::new(0),
+                    last_error: Mutex::new(None),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
+            origins,
+            path: cfg.path.clone(),
+            timeout: cfg.timeout,
+            metrics,
+        })
+    }
+
+    /// Fetches `range` of object (o, v), trying healthy origins first, each in
+    /// configured order. `expected_size` is the size already known for the object.
+    pub async fn fetch_slice(
+        &self,
+        o: &str,
+        v: &str,
+        range: ByteRange,
+        expected_size: Option<u64>,
+    ) -> Result<SliceBody, OriginError> {
+        let path = self.path.render(o, v);
+        let mut last_error = None;
+        for (attempt, origin) in self.in_order().enumerate() {
+            if attempt > 0 {
+                self.metrics.origin_failovers.inc();
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(
+                self.timeout,
+                self.fetch_from(origin, &path, range, expected_size),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(OriginError::Timeout {
+                    origin: origin.url.clone(),
+                    ms: self.timeout.as_millis() as u64,
+                }),
+            };
+            self.metrics
+                .origin_duration
+                .observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(body) => {
+                    self.metrics.record_origin(OriginResult::Ok);
+                    self.metrics.origin_bytes.inc_by(body.bytes.len() as u64);
+                    origin.consecutive_failures.store(0, Ordering::Relaxed);
+                    return Ok(body);
+                }
+                Err(e @ OriginError::NotSatisfiable { .. }) => {
+                    // A definite answer about the object, not a failure of this origin.
+                    self.metrics.record_origin(e.result());
+                    origin.consecutive_failures.store(0, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.metrics.record_origin(e.result());
+                    origin.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(origin = %origin.url, path = %path, error = %e, "origin slice fetch failed");
+                    if let Ok(mut last) = origin.last_error.lock() {
+                        *last = Some(e.to_string());
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.expect("at least one origin is configured"))
+    }
+
+    /// Healthy origins first, then the others, each group in configured order.
+    fn in_order(&self) -> impl Iterator<Item = &Origin> {
+        let healthy = self.origins.iter().filter(|o| o.healthy());
+        let unhealthy = self.origins.iter().filter(|o| !o.healthy());
+        healthy.chain(unhealthy)
+    }
+
+    pub fn health(&self) -> Vec<OriginHealth> {
+        self.origins
+            .iter()
+            .map(|o| OriginHealth {
+                url: o.url.clone(),
+                healthy: o.healthy(),
+                consecutive_failures: o.consecutive_failures.load(Ordering::Relaxed),
+                last_error: o.last_error.lock().ok().and_then(|l| l.clone()),
+            })
+            .collect()
+    }
+
+    async fn fetch_from(
+        &self,
+        origin: &Origin,
+        path: &str,
+        range: ByteRange,
+        expected_size: Option<u64>,
+    ) -> Result<SliceBody, OriginError> {
+        let unreachable = |e: Box<pingora::Error>| transport_error(origin, &e, self.timeout);
+        // A pooled connection may have been closed by the origin while idle: one retry
+        // on another connection, only when nothing of the response was read.
+        for retry in [false, true] {
+            let (mut session, reused) = self
+                .connector
+                .get_http_session(&origin.peer)
+                .await
+                .map_err(unreachable)?;
+            let req = slice_request(path, &origin.host_header, range).map_err(unreachable)?;
+            if let Err(e) = send_and_read_header(&mut session, req).await {
+                if reused && !retry {
+                    continue;
+                }
+                return Err(unreachable(e));
+            }
+            let body = read_slice(origin, &mut session, range, expected_size).await?;
+            self.connector
+                .release_http_session(session, &origin.peer, Some(POOL_IDLE))
+                .await;
+            return Ok(body);
+        }
+        unreachable!("the second attempt always returns")
+    }
+}
+
+fn resolve(u: &UpstreamUrl) -> Result<SocketAddr, ResolveError> {
+    let err = |detail: String| ResolveError {
+        url: u.url.clone(),
+        host: u.host.clone(),
+        port: u.port,
+        detail,
+    };
+    (u.host.as_str(), u.port)
+        .to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("no address".into()))
+}
+
+fn transport_error(origin: &Origin, e: &pingora::Error, timeout: Duration) -> OriginError {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            OriginError::Timeout {
+                origin: origin.url.clone(),
+                ms: timeout.as_millis() as u64,
+            }
+        }
+        _ => OriginError::Unreachable {
+            origin: origin.url.clone(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+fn slice_request(path: &str, host: &str, range: ByteRange) -> pingora::Result<Box<RequestHeader>> {
+    let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4))?;
+    req.insert_header(http::header::HOST, host)?;
+    req.insert_header(
+        http::header::RANGE,
+        format!("bytes={}-{}", range.start, range.end),
+    )?;
+    req.insert_header(
+        http::header::USER_AGENT,
+        concat!("cdn-edge/", env!("CARGO_PKG_VERSION")),
+    )?;
+    Ok(Box::new(req))
+}
+
+async fn send_and_read_header(
+    session: &mut HttpSession,
+    req: Box<RequestHeader>,
+) -> pingora::Result<()> {
+    session.write_request_header(req).await?;
+    session.finish_request_body().await?;
+    session.read_response_header().await
+}
+
+async fn read_slice(
+    origin: &Origin,
+    session: &mut HttpSession,
+    range: ByteRange,
+    expected_size: Option<u64>,
+) -> Result<SliceBody, OriginError> {
+    let invalid = |why: &'static str| OriginError::Invalid {
+        origin: origin.url.clone(),
+        why,
+    };
+    let resp = session
+        .response_header()
+        .ok_or_else(|| invalid("no response header"))?;
+    let status = resp.status.as_u16();
+    let content_range = resp
+        .headers
+        .get(http::header::CONTENT_RANGE)
+        .map(|v| v.as_bytes());
+    match status {
+        206 => {}
+        416 => {
+            let size = content_range
+                .and_then(parse_unsatisfied_range)
+                .ok_or_else(|| invalid("416 without Content-Range: bytes */size"))?;
+            if range.start < size {
+                return Err(invalid("416 for a range that starts inside the object"));
+            }
+            return Err(OriginError::NotSatisfiable { size });
+        }
+        _ => {
+            return Err(OriginError::BadStatus {
+                origin: origin.url.clone(),
+                status,
+            })
+        }
+    }
+    let (first, last, total) = content_range
+        .and_then(parse_content_range)
+        .ok_or_else(|| invalid("206 without a Content-Range: bytes first-last/total"))?;
+    if first != range.start || total <= first || last != range.end.min(total - 1) {
+        return Err(invalid("Content-Range does not match the requested slice"));
+    }
+    if expected_size.is_some_and(|s| s != total) {
+        return Err(invalid("object size differs from the size already cached"));
+    }
+    let len = last - first + 1;
+    if let Some(cl) = resp.headers.get(http::header::CONTENT_LENGTH) {
+        if std::str::from_utf8(cl.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            != Some(len)
+        {
+            return Err(invalid("Content-Length does not match Content-Range"));
+        }
+    }
+    let content_type = resp.headers.get(http::header::CONTENT_TYPE).cloned();
+    let mut buf = BytesMut::with_capacity(len as usize);
+    loop {
+        match session.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if (buf.len() + chunk.len()) as u64 > len {
+                    return Err(invalid("body longer than its Content-Range"));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(OriginError::Unreachable {
+                    origin: origin.url.clone(),
+                    detail: e.to_string(),
+                })
+            }
+        }
+    }
+    if buf.len() as u64 != len {
+        return Err(invalid("body shorter than its Content-Range"));
+    }
+    Ok(SliceBody {
+        bytes: buf.freeze(),
+        total,
+        content_type,
+    })
+}
+
+/// Parses `bytes first-last/total` (total must be known).
+pub fn parse_content_range(v: &[u8]) -> Option<(u64, u64, u64)> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let rest = strip_bytes_unit(s)?;
+    let (span, total) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b, total) = (num(a)?, num(b)?, num(total)?);
+    (a <= b && b < total).then_some((a, b, total))
+}
+
+/// Parses `bytes */total` from a 416.
+pub fn parse_unsatisfied_range(v: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    num(strip_bytes_unit(s)?.strip_prefix("*/")?)
+}
+
+fn strip_bytes_unit(s: &str) -> Option<&str> {
+    let (unit, rest) = s.split_once(' ')?;
+    unit.eq_ignore_ascii_case("bytes")
+        .then(|| rest.trim_start())
+}
+
+fn num(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_forms() {
+        assert_eq!(parse_content_range(b"bytes 0-99/1000"), Some((0, 99, 1000)));
+        assert_eq!(parse_content_range(b"Bytes 5-5/6"), Some((5, 5, 6)));
+        for bad in [
+            &b"bytes 0-99/*"[..],
+            b"bytes 0-99",
+            b"bytes 9-1/10",
+            b"bytes 0-10/10",
+            b"items 0-1/2",
+            b"bytes -1-2/3",
+            b"bytes 0-1/\xff",
+        ] {
+            assert_eq!(parse_content_range(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_unsatisfied_range(b"bytes */1234"), Some(1234));
+        assert_eq!(parse_unsatisfied_range(b"bytes */0"), Some(0));
+        assert_eq!(parse_unsatisfied_range(b"bytes 0-1/2"), None);
+    }
+
+    #[test]
+    fn error_statuses() {
+        let t = OriginError::Timeout {
+            origin: "o".into(),
+            ms: 1,
+        };
+        assert_eq!(t.status(), 504);
+        let u = OriginError::Unreachable {
+            origin: "o".into(),
+            detail: "x".into(),
+        };
+        assert_eq!(u.status(), 502);
+        assert_eq!(
+            OriginError::BadStatus {
+                origin: "o".into(),
+                status: 200
+            }
+            .status(),
+            502
+        );
+        assert_eq!(OriginError::NotSatisfiable { size: 3 }.status(), 502);
+    }
+}

@@ -1,0 +1,213 @@
+//! The video routes (SPEC §2.2): `/range/{start}-{end}` and `/` with a `Range` header.
+//!
+//! Order of work: method → signature → range syntax → object metadata → first slice →
+//! response header → the rest of the slices, each written while the next is fetched.
+//! The first slice is fetched before the header so an origin failure is still a clean
+//! 502/504; a failure after that cuts the response short.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
+
+use crate::app::AppState;
+use crate::cache::{ObjectMeta, ObjectRef};
+use crate::origin::OriginError;
+use crate::range::{
+    parse_range_header, parse_range_path, resolve_range_path, slice_pieces, ByteRange, RangeSpec,
+};
+use crate::respond;
+use crate::routes::{Route, RANGE_PREFIX};
+
+const CACHE_HIT: HeaderValue = HeaderValue::from_static("cdn-edge; hit");
+const CACHE_MISS: HeaderValue = HeaderValue::from_static("cdn-edge; fwd=miss");
+const BYTES: HeaderValue = HeaderValue::from_static("bytes");
+
+/// What the client asked for, before the object size is known.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// `/range/{start}-{end}`
+    Path(u64, u64),
+    /// `/` with an optional single `Range` (None: whole object).
+    Header(Option<RangeSpec>),
+}
+
+impl Want {
+    fn known_start(self) -> Option<u64> {
+        match self {
+            Want::Path(start, _) => Some(start),
+            Want::Header(spec) => spec.and_then(RangeSpec::known_start),
+        }
+    }
+}
+
+/// Serves a video request and returns the number of body bytes written.
+pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pingora::Result<u64> {
+    let method = &session.req_header().method;
+    let head = *method == Method::HEAD;
+    if !head && *method != Method::GET {
+        return respond::method_not_allowed(session, "GET, HEAD").await;
+    }
+    // A cheap handle (the URI shares its bytes), so the signed values can be borrowed
+    // while the session is written to.
+    let uri = session.req_header().uri.clone();
+    let signed = match state.verifier.verify(uri.query().unwrap_or(""), unix_now()) {
+        Ok(s) => s,
+        Err(failure) => {
+            state.metrics.record_auth_failure(failure);
+            tracing::debug!(reason = failure.reason(), "signed URL rejected");
+            return respond::plain(session, failure.status(), &failure.message()).await;
+        }
+    };
+    let want = match route {
+        Route::Range => match parse_range_path(&uri.path()[RANGE_PREFIX.len()..]) {
+            Ok((start, end)) => Want::Path(start, end),
+            Err(e) => return respond::plain(session, 400, &e.to_string()).await,
+        },
+        _ => Want::Header(
+            session
+                .req_header()
+                .headers
+                .get(header::RANGE)
+                .and_then(|v| parse_range_header(v.as_bytes())),
+        ),
+    };
+
+    let obj = ObjectRef::new(signed.object, signed.version);
+    let slice_bytes = state.store.slice_bytes();
+    let hint = want.known_start().map_or(0, |start| start / slice_bytes);
+    let lookup = match state.store.meta(&obj, hint).await {
+        Ok(l) => l,
+        Err(e) => return origin_failure(session, &e).await,
+    };
+    let meta = &*lookup.meta;
+
+    let (status, range) = match want {
+        Want::Path(start, end) => match resolve_range_path(start, end, meta.size) {
+            Some(r) => (200, Some(r)),
+            None => return not_satisfiable(session, meta).await,
+        },
+        Want::Header(None) => (
+            200,
+            (meta.size > 0).then(|| ByteRange {
+                start: 0,
+                end: meta.size - 1,
+            }),
+        ),
+        Want::Header(Some(spec)) => match spec.resolve(meta.size) {
+            Some(r) => (206, Some(r)),
+            None => return not_satisfiable(session, meta).await,
+        },
+    };
+
+    let all_cached = !lookup.fetched
+        && range.is_none_or(|r| {
+            slice_pieces(r, slice_bytes).all(|p| state.store.contains(obj.id, p.index))
+        });
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header(header::CONTENT_TYPE, meta.content_type.clone())?;
+    resp.insert_header(header::CONTENT_LENGTH, range.map_or(0, ByteRange::len))?;
+    if status == 206 {
+        if let Some(r) = range {
+            resp.insert_header(
+                "Content-Range",
+                format!("bytes {}-{}/{}", r.start, r.end, meta.size),
+            )?;
+        }
+    }
+    resp.insert_header(header::ACCEPT_RANGES, BYTES)?;
+    resp.insert_header("ETag", meta.etag.clone())?;
+    resp.insert_header(
+        "Cache-Status",
+        if all_cached { CACHE_HIT } else { CACHE_MISS },
+    )?;
+
+    let range = match range {
+        Some(r) if !head => r,
+        _ => {
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(0);
+        }
+    };
+
+    let mut pieces = slice_pieces(range, slice_bytes);
+    let mut piece = pieces.next().expect("a range covers at least one slice");
+    let mut current = match state.store.slice(&obj, piece.index).await {
+        Ok(s) => s.bytes,
+        Err(e) => return origin_failure(session, &e).await,
+    };
+    session.write_response_header(Box::new(resp), false).await?;
+    let mut written = 0u64;
+    loop {
+        let chunk = piece_of(&current, piece.from, piece.to, &obj)?;
+        written += chunk.len() as u64;
+        let Some(next) = pieces.next() else {
+            session.write_response_body(Some(chunk), true).await?;
+            return Ok(written);
+        };
+        // Performance: the next slice is fetched while this one drains to the socket.
+        let (sent, fetched) = tokio::join!(
+            session.write_response_body(Some(chunk), false),
+            state.store.slice(&obj, next.index)
+        );
+        if let Err(e) = sent {
+            state.metrics.stream_aborts.inc();
+            return Err(e);
+        }
+        current = match fetched {
+            Ok(s) => s.bytes,
+            Err(e) => {
+                state.metrics.stream_aborts.inc();
+                tracing::warn!(object = obj.o, version = obj.v, slice = next.index, error = %e,
+                    "origin failed mid-response; closing the connection");
+                return Error::e_explain(ErrorType::ReadError, "origin failed mid-response");
+            }
+        };
+        piece = next;
+    }
+}
+
+/// The piece of a slice a response needs, shared with the cache (no copy).
+fn piece_of(slice: &Bytes, from: usize, to: usize, obj: &ObjectRef<'_>) -> pingora::Result<Bytes> {
+    if to > slice.len() {
+        tracing::error!(
+            object = obj.o,
+            version = obj.v,
+            len = slice.len(),
+            to,
+            "cached slice is shorter than the object size says"
+        );
+        return Error::e_explain(ErrorType::InternalError, "slice shorter than expected");
+    }
+    Ok(slice.slice(from..to))
+}
+
+async fn not_satisfiable(session: &mut Session, meta: &ObjectMeta) -> pingora::Result<u64> {
+    let content_range = format!("bytes */{}", meta.size);
+    respond::plain_with(session, 416, "range not satisfiable", |r| {
+        r.insert_header("Content-Range", content_range)?;
+        r.insert_header(header::ACCEPT_RANGES, BYTES)?;
+        Ok(())
+    })
+    .await
+}
+
+async fn origin_failure(session: &mut Session, e: &OriginError) -> pingora::Result<u64> {
+    let status = e.status();
+    let message = if status == 504 {
+        "gateway timeout: the origin did not answer in time"
+    } else {
+        "bad gateway: the origin failed"
+    };
+    tracing::warn!(error = %e, status, "request failed at the origin");
+    respond::plain(session, status, message).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

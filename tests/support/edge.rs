@@ -1,0 +1,211 @@
+//! Starts the real `cdn-edge` binary on ephemeral loopback ports with a generated config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::client;
+
+pub const KEY1: &str = "test-secret-one";
+pub const KEY2: &str = "test-secret-two";
+
+/// Settings a test may change; everything else is fixed.
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    pub origins: Vec<String>,
+    pub slice_bytes: u64,
+    pub memory_bytes: u64,
+    pub origin_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub clock_skew_secs: u64,
+}
+
+impl EdgeOptions {
+    pub fn new(origins: Vec<String>) -> Self {
+        Self {
+            origins,
+            slice_bytes: 64 * 1024,
+            memory_bytes: 64 << 20,
+            origin_timeout_ms: 5_000,
+            connect_timeout_ms: 1_000,
+            clock_skew_secs: 30,
+        }
+    }
+}
+
+pub struct Edge {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn free_addr() -> SocketAddr {
+    super::origin::dead_addr()
+}
+
+impl Edge {
+    pub async fn start(opts: EdgeOptions) -> Edge {
+        // A port picked here can be taken by another test before the edge binds it:
+        // the edge then exits at once with a bind error, and we try fresh ports.
+        for _ in 0..5 {
+            if let Some(edge) = Self::try_start(&opts).await {
+                return edge;
+            }
+        }
+        panic!("the edge did not start after 5 attempts");
+    }
+
+    async fn try_start(opts: &EdgeOptions) -> Option<Edge> {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, admin) = (free_addr(), free_addr());
+        let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
+        let conf = format!(
+            r#"
+[listen]
+http = "{http}"
+admin = "{admin}"
+
+[signing]
+clock_skew_secs = {skew}
+[[signing.keys]]
+id = "k1"
+secret = "{KEY1}"
+[[signing.keys]]
+id = "k2"
+secret_env = "CDN_EDGE_TEST_KEY2"
+
+[cache]
+slice_bytes = {slice}
+memory_bytes = {memory}
+
+[origin]
+urls = [{origins}]
+path = "/objects/{{o}}/{{v}}"
+connect_timeout_ms = {connect}
+timeout_ms = {timeout}
+
+[server]
+threads = 2
+grace_period_secs = 0
+shutdown_timeout_secs = 1
+"#,
+            skew = opts.clock_skew_secs,
+            slice = opts.slice_bytes,
+            memory = opts.memory_bytes,
+            origins = origins.join(", "),
+            connect = opts.connect_timeout_ms,
+            timeout = opts.origin_timeout_ms,
+        );
+        let conf_path = dir.path().join("edge.toml");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = dir.path().join("edge.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
+            .arg("serve")
+            .arg("--conf")
+            .arg(&conf_path)
+            .env("CDN_EDGE_TEST_KEY2", KEY2)
+            .env("CDN_EDGE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn cdn-edge");
+        let mut edge = Edge {
+            http,
+            admin,
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = edge.child.try_wait() {
+                return None;
+            }
+            if tokio::net::TcpStream::connect(edge.admin).await.is_ok()
+                && tokio::net::TcpStream::connect(edge.http).await.is_ok()
+            {
+                return Some(edge);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("edge not listening after 15 s; log:\n{}", edge.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, target: &str, headers: &[(&str, &str)]) -> client::Response {
+        client::get(self.http, target, headers).await
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> client::Response {
+        client::request(self.http, method, target, headers).await
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        client::get(self.admin, "/metrics", &[]).await.text()
+    }
+
+    /// Value of one sample, e.g. `cdn_edge_cache_lookups_total{result="miss",tier="memory"}`;
+    /// 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    /// Waits (bounded) until `series` reaches at least `value`.
+    pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(series).await;
+            if now >= value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series} stayed at {now}, expected {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A query signed with key 1, valid for an hour.
+pub fn signed(o: &str, v: &str) -> String {
+    cdn_edge::auth::sign_query(KEY1.as_bytes(), o, v, unix_now() + 3600, "tok")
+}

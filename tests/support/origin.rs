@@ -1,0 +1,281 @@
+//! A test origin: a small HTTP/1.1 server on 127.0.0.1:0 that serves registered objects
+//! with single-range support, counts every request, and can misbehave on demand.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// How the origin answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Correct 206 / 416 / 404 answers.
+    Normal,
+    /// Reads the request and never answers.
+    Hang,
+    /// Answers this status with an empty body.
+    Status(u16),
+    /// Ignores Range: 200 with the whole object.
+    IgnoreRange,
+    /// 206 whose Content-Range starts one byte late.
+    WrongContentRange,
+    /// 206 with a correct header and a body one byte short, then closes.
+    ShortBody,
+}
+
+struct Object {
+    bytes: Vec<u8>,
+    content_type: String,
+}
+
+struct State {
+    objects: Mutex<HashMap<String, Object>>,
+    mode: Mutex<Mode>,
+    requests: AtomicU64,
+    log: Mutex<Vec<String>>,
+    /// While true, answers wait (after counting the request) until it turns false.
+    hold: watch::Sender<bool>,
+}
+
+pub struct TestOrigin {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+}
+
+impl TestOrigin {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind test origin");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            objects: Mutex::new(HashMap::new()),
+            mode: Mutex::new(Mode::Normal),
+            requests: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+            hold: watch::channel(false).0,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let st = state.clone();
+        tokio::spawn(async move {
+            let mut stop_rx2 = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    _ = stop_rx2.changed() => return,
+                    accepted = listener.accept() => {
+                        let Ok((sock, _)) = accepted else { continue };
+                        let st = st.clone();
+                        let mut stop_rx = stop_rx.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = stop_rx.changed() => {}
+                                _ = serve_connection(sock, st) => {}
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Self { addr, state, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Serves `bytes` at `/objects/{o}/{v}`.
+    pub fn add_object(&self, o: &str, v: &str, bytes: Vec<u8>, content_type: &str) {
+        self.state.objects.lock().unwrap().insert(
+            format!("/objects/{o}/{v}"),
+            Object {
+                bytes,
+                content_type: content_type.to_string(),
+            },
+        );
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// `"{path} {range}"` of every request received so far.
+    pub fn log(&self) -> Vec<String> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// Holds every answer until [`TestOrigin::release`].
+    pub fn hold(&self) {
+        self.state.hold.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.state.hold.send_replace(false);
+    }
+
+    /// Closes the listener and every connection: further connects are refused.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl Drop for TestOrigin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free loopback address with nothing listening on it.
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Request {
+    path: String,
+    range: Option<String>,
+    close: bool,
+}
+
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            let mut lines = head.split("\r\n");
+            let path = lines.next()?.split(' ').nth(1)?.to_string();
+            let mut range = None;
+            let mut close = false;
+            for line in lines {
+                let (k, v) = line.split_once(':')?;
+                if k.eq_ignore_ascii_case("range") {
+                    range = Some(v.trim().to_string());
+                }
+                if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+            }
+            return Some(Request { path, range, close });
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
+    let spec = v.strip_prefix("bytes=").ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let a: u64 = a.parse().map_err(|_| ())?;
+    if a >= size {
+        return Err(());
+    }
+    let b: u64 = if b.is_empty() {
+        size - 1
+    } else {
+        b.parse::<u64>().map_err(|_| ())?.min(size - 1)
+    };
+    Ok((a, b))
+}
+
+async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
+    let mut buf = Vec::new();
+    while let Some(req) = read_request(&mut sock, &mut buf).await {
+        st.requests.fetch_add(1, Ordering::SeqCst);
+        st.log.lock().unwrap().push(format!(
+            "{} {}",
+            req.path,
+            req.range.clone().unwrap_or_default()
+        ));
+        let mut hold = st.hold.subscribe();
+        while *hold.borrow_and_update() {
+            if hold.changed().await.is_err() {
+                return;
+            }
+        }
+        let mode = *st.mode.lock().unwrap();
+        let found = st
+            .objects
+            .lock()
+            .unwrap()
+            .get(&req.path)
+            .map(|o| (o.bytes.clone(), o.content_type.clone()));
+        let (head, body, close_after): (String, Vec<u8>, bool) = match (mode, found) {
+            (Mode::Hang, _) => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            (Mode::Status(s), _) => (
+                format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"),
+                vec![],
+                false,
+            ),
+            (_, None) => (
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(),
+                vec![],
+                false,
+            ),
+            (Mode::IgnoreRange, Some((bytes, ct))) => (
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n",
+                    bytes.len()
+                ),
+                bytes,
+                false,
+            ),
+            (mode, Some((bytes, ct))) => {
+                let size = bytes.len() as u64;
+                match req.range.as_deref().map(|r| parse_range(r, size)) {
+                    None => (
+                        format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {size}\r\n"),
+                        bytes,
+                        false,
+                    ),
+                    Some(Err(())) => (
+                        format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n"),
+                        vec![],
+                        false,
+                    ),
+                    Some(Ok((a, b))) => {
+                        let body = bytes[a as usize..=b as usize].to_vec();
+                        let shown_a = if mode == Mode::WrongContentRange { a + 1 } else { a };
+                        let head = format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\nContent-Range: bytes {shown_a}-{b}/{size}\r\nContent-Length: {}\r\n",
+                            body.len()
+                        );
+                        if mode == Mode::ShortBody {
+                            (head, body[..body.len() - 1].to_vec(), true)
+                        } else {
+                            (head, body, false)
+                        }
+                    }
+                }
+            }
+        };
+        let mut out = head.into_bytes();
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&body);
+        if sock.write_all(&out).await.is_err() || req.close || close_after {
+            return;
+        }
+    }
+}
