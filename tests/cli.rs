@@ -1,0 +1,143 @@
+//! The command line (SPEC §5): check-config on every shipped file, clear errors, sign.
+
+use std::process::Command;
+
+fn cdn_edge() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/conf")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = cdn_edge()
+                .arg("check-config")
+                .arg(&path)
+                .env("CDN_EDGE_KEY_K1", "x")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
+}
+
+#[test]
+fn check_config_names_the_unknown_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml")).unwrap();
+    let bad = conf.replace(
+        "slice_bytes = 1048576",
+        "slice_bytes = 1048576\nslize_bytes = 5",
+    );
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, bad).unwrap();
+    let out = cdn_edge().arg("check-config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cache.slize_bytes") || (err.contains("cache") && err.contains("slize_bytes")),
+        "{err}"
+    );
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn check_config_reports_a_missing_file() {
+    let out = cdn_edge()
+        .arg("check-config")
+        .arg("/nonexistent/edge.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/edge.toml"));
+}
+
+#[test]
+fn sign_prints_a_query_the_verifier_accepts() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml");
+    let out = cdn_edge()
+        .args([
+            "sign",
+            "--conf",
+            conf,
+            "--key",
+            "k1",
+            "--object",
+            "movie_7",
+            "--version",
+            "1080p",
+            "--ttl",
+            "600",
+            "--token",
+            "user 42/é",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = String::from_utf8(out.stdout).unwrap();
+    let q = q.trim();
+    assert!(q.contains("&t=user%2042%2F%C3%A9&"), "{q}");
+    let config = cdn_edge::config::Config::load(std::path::Path::new(conf)).unwrap();
+    let v = cdn_edge::auth::Verifier::new(&config.signing.keys, 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let s = v.verify(q, now).unwrap();
+    assert_eq!((s.object, s.version), ("movie_7", "1080p"));
+    assert!(s.expires >= now + 590 && s.expires <= now + 610);
+}
+
+#[test]
+fn sign_refuses_bad_input() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml");
+    for args in [
+        vec!["--key", "nope", "--object", "a", "--version", "1"],
+        vec!["--key", "k1", "--object", "../a", "--version", "1"],
+        vec!["--key", "k1", "--object", "a", "--version", "a/b"],
+    ] {
+        let out = cdn_edge()
+            .args(["sign", "--conf", conf])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_taken_port_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml"))
+        .unwrap()
+        .replace("0.0.0.0:8080", &taken.local_addr().unwrap().to_string())
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, conf).unwrap();
+    let out = cdn_edge()
+        .args(["serve", "--conf"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listen.http"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,171 @@
+//! Origin failover, errors and timeouts (SPEC §2.3): what a client sees when origins
+//! fail, and that failures are never cached.
+
+mod support;
+
+use support::edge::{signed, Edge, EdgeOptions};
+use support::object_bytes;
+use support::origin::{dead_addr, Mode, TestOrigin};
+
+const SIZE: usize = 300_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_to_the_second_origin() {
+    let second = TestOrigin::start().await;
+    let bytes = object_bytes(5, SIZE);
+    second.add_object("m", "1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(EdgeOptions::new(vec![
+        format!("http://{}", dead_addr()),
+        second.url(),
+    ]))
+    .await;
+    let r = edge
+        .get(&format!("/range/1000-200000?{}", signed("m", "1")), &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body == bytes[1000..=200000]);
+    assert_eq!(second.requests(), 4, "{:?}", second.log());
+    assert!(edge.metric("cdn_edge_origin_failovers_total").await >= 1.0);
+    assert!(
+        edge.metric("cdn_edge_origin_requests_total{result=\"connect_error\"}")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_when_the_first_origin_answers_5xx_or_garbage() {
+    for mode in [
+        Mode::Status(503),
+        Mode::IgnoreRange,
+        Mode::WrongContentRange,
+        Mode::ShortBody,
+    ] {
+        let first = TestOrigin::start().await;
+        let second = TestOrigin::start().await;
+        let bytes = object_bytes(6, SIZE);
+        for o in [&first, &second] {
+            o.add_object("m", "1", bytes.clone(), "video/mp4");
+        }
+        first.set_mode(mode);
+        let edge = Edge::start(EdgeOptions::new(vec![first.url(), second.url()])).await;
+        let r = edge
+            .get(&format!("/range/0-99?{}", signed("m", "1")), &[])
+            .await;
+        assert_eq!(r.status, 200, "{mode:?}");
+        assert_eq!(r.body, bytes[..100], "{mode:?}");
+        assert_eq!((first.requests(), second.requests()), (1, 1), "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_down_is_502() {
+    let edge = Edge::start(EdgeOptions::new(vec![format!("http://{}", dead_addr())])).await;
+    let r = edge
+        .get(&format!("/range/0-99?{}", signed("m", "1")), &[])
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text().lines().count(), 1);
+    assert!(edge.log_text().contains("origin slice fetch failed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_origin_is_504_within_the_timeout() {
+    let origin = TestOrigin::start().await;
+    origin.add_object("m", "1", object_bytes(7, SIZE), "video/mp4");
+    origin.set_mode(Mode::Hang);
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.origin_timeout_ms = 300;
+    let edge = Edge::start(opts).await;
+    let started = std::time::Instant::now();
+    let r = edge
+        .get(&format!("/range/0-99?{}", signed("m", "1")), &[])
+        .await;
+    assert_eq!(r.status, 504);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        edge.metric("cdn_edge_origin_requests_total{result=\"timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_origin_answers_are_502_and_not_cached() {
+    for mode in [
+        Mode::IgnoreRange,
+        Mode::WrongContentRange,
+        Mode::ShortBody,
+        Mode::Status(500),
+        Mode::Status(404),
+    ] {
+        let origin = TestOrigin::start().await;
+        let bytes = object_bytes(8, SIZE);
+        origin.add_object("m", "1", bytes.clone(), "video/mp4");
+        origin.set_mode(mode);
+        let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+        let target = format!("/range/0-99?{}", signed("m", "1"));
+        assert_eq!(edge.get(&target, &[]).await.status, 502, "{mode:?}");
+        origin.set_mode(Mode::Normal);
+        let r = edge.get(&target, &[]).await;
+        assert_eq!(
+            r.status, 200,
+            "{mode:?}: the failure must not have been cached"
+        );
+        assert_eq!(r.body, bytes[..100]);
+        assert_eq!(r.header("cache-status"), Some("cdn-edge; fwd=miss"));
+        assert_eq!(origin.requests(), 2, "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_ranges_are_served_while_the_origin_is_down() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(9, SIZE);
+    origin.add_object("m", "1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    assert_eq!(
+        edge.get(&format!("/range/0-70000?{q}"), &[]).await.status,
+        200
+    );
+    origin.stop();
+    let r = edge.get(&format!("/range/10-70000?{q}"), &[]).await;
+    assert_eq!(
+        (r.status, r.header("cache-status")),
+        (200, Some("cdn-edge; hit"))
+    );
+    assert!(r.body == bytes[10..=70000]);
+    let head = edge.request("HEAD", &format!("/?{q}"), &[]).await;
+    assert_eq!(head.status, 200, "metadata is cached too");
+    assert_eq!(
+        edge.get(&format!("/range/200000-200010?{q}"), &[])
+            .await
+            .status,
+        502
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_mid_response_cuts_the_response_short() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(10, SIZE);
+    origin.add_object("m", "1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    // Slice 0 cached; slice 1 will fail.
+    assert_eq!(edge.get(&format!("/range/0-10?{q}"), &[]).await.status, 200);
+    origin.set_mode(Mode::Status(503));
+    let r = edge.get(&format!("/range/0-100000?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.complete,
+        "the body must be visibly short, never padded or wrong"
+    );
+    assert!(bytes.starts_with(&r.body));
+    assert_eq!(edge.metric("cdn_edge_stream_aborts_total").await, 1.0);
+}

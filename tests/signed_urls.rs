@@ -1,0 +1,177 @@
+//! Every way a signed URL can be refused (SPEC §2.1), end to end. A refused request
+//! never reaches the origin.
+
+mod support;
+
+use cdn_edge::auth::sign_query;
+use support::edge::{signed, unix_now, Edge, EdgeOptions, KEY1, KEY2};
+use support::origin::TestOrigin;
+
+async fn setup() -> (TestOrigin, Edge) {
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
+    let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+    (origin, edge)
+}
+
+async fn expect(edge: &Edge, query: &str, status: u16, reason_line: &str) {
+    let r = edge.get(&format!("/range/0-99?{query}"), &[]).await;
+    assert_eq!(r.status, status, "{query}: {}", r.text());
+    assert_eq!(r.text(), format!("{reason_line}\n"), "{query}");
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_signatures_from_either_active_key() {
+    let (_origin, edge) = setup().await;
+    for key in [KEY1, KEY2] {
+        let q = sign_query(key.as_bytes(), "movie", "v1", unix_now() + 60, "tok");
+        assert_eq!(edge.get(&format!("/range/0-99?{q}"), &[]).await.status, 200);
+    }
+    // Parameter order and unrelated parameters do not matter.
+    let q = signed("movie", "v1");
+    let mut parts: Vec<&str> = q.split('&').collect();
+    parts.reverse();
+    let reordered = format!("utm=1&{}&x", parts.join("&"));
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{reordered}"), &[])
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_fields_are_403() {
+    let (origin, edge) = setup().await;
+    let q = sign_query(KEY1.as_bytes(), "movie", "v1", unix_now() + 60, "tok");
+    let e = (unix_now() + 60).to_string();
+    let later = (unix_now() + 6000).to_string();
+    for tampered in [
+        q.replace("o=movie", "o=movif"),
+        q.replace("v=v1", "v=v2"),
+        q.replace(&format!("e={e}"), &format!("e={later}")),
+        q.replace("t=tok", "t=tol"),
+        format!(
+            "{}{}",
+            &q[..q.len() - 1],
+            if q.ends_with('0') { '1' } else { '0' }
+        ),
+    ] {
+        expect(&edge, &tampered, 403, "signature does not match").await;
+    }
+    assert_eq!(origin.requests(), 0);
+    assert_eq!(
+        edge.metric("cdn_edge_auth_failures_total{reason=\"bad_signature\"}")
+            .await,
+        5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_is_403() {
+    let (origin, edge) = setup().await;
+    let q = sign_query(
+        b"not-a-configured-key",
+        "movie",
+        "v1",
+        unix_now() + 60,
+        "tok",
+    );
+    expect(&edge, &q, 403, "signature does not match").await;
+    assert_eq!(origin.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_malformed_parameters_are_403() {
+    let (origin, edge) = setup().await;
+    let q = signed("movie", "v1");
+    let without = |name: &str| {
+        q.split('&')
+            .filter(|kv| !kv.starts_with(&format!("{name}=")))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    expect(&edge, &without("sc"), 403, "missing query parameter sc").await;
+    expect(&edge, &without("t"), 403, "missing query parameter t").await;
+    expect(&edge, &without("o"), 403, "missing query parameter o").await;
+    let r = edge.get("/range/0-99", &[]).await;
+    assert_eq!(r.status, 403);
+    expect(
+        &edge,
+        &format!("{q}&o=movie"),
+        403,
+        "query parameter o given twice",
+    )
+    .await;
+    for (bad, line) in [
+        (q.replace("o=movie", "o=..%2Fetc"), "malformed o"),
+        (q.replace("o=movie", "o=a/b"), "malformed o"),
+        (q.replace("o=movie", "o=.hidden"), "malformed o"),
+        (q.replace("v=v1", "v=v..1"), "malformed v"),
+        (q.replace("e=", "e=-"), "malformed e"),
+        (
+            q.replace("t=tok", &format!("t={}", "x".repeat(513))),
+            "malformed t",
+        ),
+    ] {
+        let r = edge.get(&format!("/range/0-99?{bad}"), &[]).await;
+        assert_eq!(r.status, 403, "{bad}");
+        assert!(r.text().starts_with(line), "{bad}: {}", r.text());
+        assert_eq!(r.text().lines().count(), 1);
+    }
+    let upper = format!("{}{}", &q[..q.len() - 64], q[q.len() - 64..].to_uppercase());
+    expect(
+        &edge,
+        &upper,
+        403,
+        "malformed sc: expected 64 lowercase hex characters",
+    )
+    .await;
+    assert_eq!(origin.requests(), 0, "auth is checked before anything else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_is_410_and_skew_is_honoured() {
+    let (origin, edge) = setup().await;
+    let now = unix_now();
+    let expired = sign_query(KEY1.as_bytes(), "movie", "v1", now - 120, "tok");
+    expect(&edge, &expired, 410, "signed URL has expired").await;
+    // Within clock_skew_secs (30) of expiry: still served.
+    let in_skew = sign_query(KEY1.as_bytes(), "movie", "v1", now - 5, "tok");
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{in_skew}"), &[])
+            .await
+            .status,
+        200
+    );
+    // An expired URL that is also tampered is a 403: the signature comes first.
+    expect(
+        &edge,
+        &expired.replace("o=movie", "o=other"),
+        403,
+        "signature does not match",
+    )
+    .await;
+    assert_eq!(
+        edge.metric("cdn_edge_auth_failures_total{reason=\"expired\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_checks_guard_the_whole_object_route() {
+    let (origin, edge) = setup().await;
+    let expired = sign_query(KEY1.as_bytes(), "movie", "v1", unix_now() - 120, "tok");
+    assert_eq!(
+        edge.get(&format!("/?{expired}"), &[("Range", "bytes=0-1")])
+            .await
+            .status,
+        410
+    );
+    assert_eq!(edge.get("/?o=movie&v=v1", &[]).await.status, 403);
+    assert_eq!(edge.request("HEAD", "/?o=movie", &[]).await.status, 403);
+    assert_eq!(origin.requests(), 0);
+}
