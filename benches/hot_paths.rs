@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 use cdn_edge::auth::{sign_query, Verifier};
 use cdn_edge::cache::memory::MemoryTier;
-use cdn_edge::cache::{ObjectId, SliceKey};
+use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
 use cdn_edge::config::SigningKey;
 use cdn_edge::range::{parse_range_header, parse_range_path, slice_pieces, ByteRange};
 
@@ -87,7 +87,10 @@ fn slice_lookup(c: &mut Criterion) {
         .unwrap();
     let tier = MemoryTier::new(1 << 30);
     let object = ObjectId::new("81234567", "1080p-h264");
-    let slice = Bytes::from(vec![7u8; 1 << 20]);
+    let slice = CachedSlice {
+        bytes: Bytes::from(vec![7u8; 1 << 20]),
+        meta: std::sync::Arc::new(ObjectMeta::new(&object, 256 << 20, None)),
+    };
     rt.block_on(async {
         for index in 0..256 {
             tier.cache()

@@ -44,8 +44,6 @@ pub enum OriginError {
     /// The origin says the range starts at or past the end of the object.
     #[error("range starts past the end of the {size}-byte object")]
     NotSatisfiable { size: u64 },
-    #[error("object metadata was evicted while it was being read")]
-    MetadataUnavailable,
 }
 
 impl OriginError {
@@ -61,9 +59,7 @@ impl OriginError {
 
     fn result(&self) -> OriginResult {
         match self {
-            OriginError::Unreachable { .. } | OriginError::MetadataUnavailable => {
-                OriginResult::ConnectError
-            }
+            OriginError::Unreachable { .. } => OriginResult::ConnectError,
             OriginError::Timeout { .. } => OriginResult::Timeout,
             OriginError::BadStatus { .. } => OriginResult::BadStatus,
             OriginError::Invalid { .. } => OriginResult::Invalid,

@@ -1,18 +1,18 @@
 //! Memory tier: a moka cache of slices, bounded in bytes.
 
-use bytes::Bytes;
 use moka::future::Cache;
 
-use super::SliceKey;
+use super::{CachedSlice, SliceKey};
 
 /// Per-entry bookkeeping moka cannot see (key, `Bytes` header, its own node), so the
 /// byte budget is not exceeded by many small slices.
 const ENTRY_OVERHEAD: u32 = 128;
 
-/// Slices held in RAM. Cloning a value clones a `Bytes` handle, never the bytes.
+/// Slices held in RAM. Cloning a value clones a `Bytes` handle and an `Arc`, never the
+/// bytes.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<SliceKey, Bytes>,
+    cache: Cache<SliceKey, CachedSlice>,
 }
 
 impl MemoryTier {
@@ -22,8 +22,8 @@ impl MemoryTier {
         let cache = Cache::builder()
             .name("slices")
             .max_capacity(max_bytes)
-            .weigher(|_k: &SliceKey, v: &Bytes| {
-                u32::try_from(v.len())
+            .weigher(|_k: &SliceKey, v: &CachedSlice| {
+                u32::try_from(v.bytes.len())
                     .unwrap_or(u32::MAX)
                     .saturating_add(ENTRY_OVERHEAD)
             })
@@ -31,7 +31,7 @@ impl MemoryTier {
         Self { cache }
     }
 
-    pub async fn get(&self, key: &SliceKey) -> Option<Bytes> {
+    pub async fn get(&self, key: &SliceKey) -> Option<CachedSlice> {
         self.cache.get(key).await
     }
 
@@ -40,7 +40,7 @@ impl MemoryTier {
     }
 
     /// The underlying cache, for coalesced fills (`entry().or_try_insert_with`).
-    pub fn cache(&self) -> &Cache<SliceKey, Bytes> {
+    pub fn cache(&self) -> &Cache<SliceKey, CachedSlice> {
         &self.cache
     }
 
@@ -62,7 +62,17 @@ impl MemoryTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::ObjectId;
+    use crate::cache::{ObjectId, ObjectMeta};
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    fn slice(bytes: Bytes) -> CachedSlice {
+        let id = ObjectId::new("o", "v");
+        CachedSlice {
+            meta: Arc::new(ObjectMeta::new(&id, 1 << 20, None)),
+            bytes,
+        }
+    }
 
     fn key(i: u64) -> SliceKey {
         SliceKey {
@@ -76,7 +86,7 @@ mod tests {
         let tier = MemoryTier::new(10 * 4096);
         for i in 0..100 {
             tier.cache()
-                .insert(key(i), Bytes::from(vec![0u8; 4000]))
+                .insert(key(i), slice(Bytes::from(vec![0u8; 4000])))
                 .await;
         }
         tier.sync().await;
@@ -92,10 +102,13 @@ mod tests {
     async fn budget_over_4_gib_holds_entries() {
         let tier = MemoryTier::new(8 << 30);
         tier.cache()
-            .insert(key(1), Bytes::from_static(b"abc"))
+            .insert(key(1), slice(Bytes::from_static(b"abc")))
             .await;
         tier.sync().await;
-        assert_eq!(tier.get(&key(1)).await.unwrap(), Bytes::from_static(b"abc"));
+        assert_eq!(
+            tier.get(&key(1)).await.unwrap().bytes,
+            Bytes::from_static(b"abc")
+        );
         assert!(tier.contains(&key(1)));
     }
 }

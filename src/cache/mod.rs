@@ -8,6 +8,8 @@
 //!    a different size for a known object is an origin error, not a new truth.
 //! 3. Concurrent misses for one slice share one fill (`or_try_insert_with`); a failed
 //!    fill is not cached, and every waiter gets its error.
+//! 4. Every cached slice carries its object's metadata, so an object with any slice
+//!    cached can be answered without the origin even if the metadata cache forgot it.
 
 pub mod memory;
 
@@ -83,7 +85,7 @@ pub struct ObjectMeta {
 const DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/octet-stream");
 
 impl ObjectMeta {
-    fn new(id: &ObjectId, size: u64, content_type: Option<HeaderValue>) -> Self {
+    pub fn new(id: &ObjectId, size: u64, content_type: Option<HeaderValue>) -> Self {
         let etag = format!("\"{}\"", hex::encode(&id.as_bytes()[..16]));
         Self {
             size,
@@ -104,9 +106,17 @@ pub enum Source {
     Coalesced,
 }
 
+/// A slice as the tiers hold it: its bytes and what they belong to.
+#[derive(Debug, Clone)]
+pub struct CachedSlice {
+    pub bytes: Bytes,
+    pub meta: Arc<ObjectMeta>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Slice {
     pub bytes: Bytes,
+    pub meta: Arc<ObjectMeta>,
     pub source: Source,
 }
 
@@ -169,10 +179,11 @@ impl SliceStore {
             object: obj.id,
             index,
         };
-        if let Some(bytes) = self.memory.get(&key).await {
+        if let Some(cached) = self.memory.get(&key).await {
             self.metrics.memory.hits.inc();
             return Ok(Slice {
-                bytes,
+                bytes: cached.bytes,
+                meta: cached.meta,
                 source: Source::Memory,
             });
         }
@@ -189,8 +200,10 @@ impl SliceStore {
             self.metrics.coalesced_waits.inc();
             Source::Coalesced
         };
+        let cached = entry.into_value();
         Ok(Slice {
-            bytes: entry.into_value(),
+            bytes: cached.bytes,
+            meta: cached.meta,
             source,
         })
     }
@@ -208,23 +221,28 @@ impl SliceStore {
                 fetched: false,
             });
         }
-        if let Err(e) = self.slice(obj, hint_index).await {
-            if !matches!(*e, OriginError::NotSatisfiable { .. }) {
-                return Err(e);
+        match self.slice(obj, hint_index).await {
+            Ok(slice) => {
+                if slice.source == Source::Memory {
+                    self.meta.insert(obj.id, slice.meta.clone()).await;
+                }
+                Ok(MetaLookup {
+                    fetched: slice.source != Source::Memory,
+                    meta: slice.meta,
+                })
             }
-        }
-        // The fill recorded the metadata on success and on 416 alike.
-        match self.meta.get(&obj.id).await {
-            Some(meta) => Ok(MetaLookup {
-                meta,
-                fetched: true,
-            }),
-            None => Err(Arc::new(OriginError::MetadataUnavailable)),
+            Err(e) => match *e {
+                OriginError::NotSatisfiable { size } => Ok(MetaLookup {
+                    meta: Arc::new(ObjectMeta::new(&obj.id, size, None)),
+                    fetched: true,
+                }),
+                _ => Err(e),
+            },
         }
     }
 
     /// One origin fetch of a slice; runs once per cold slice however many wait on it.
-    async fn fill(&self, obj: &ObjectRef<'_>, index: u64) -> Result<Bytes, OriginError> {
+    async fn fill(&self, obj: &ObjectRef<'_>, index: u64) -> Result<CachedSlice, OriginError> {
         let known = self.meta.get(&obj.id).await;
         let expected_size = known.as_ref().map(|m| m.size);
         let range = slice_bounds(index, self.slice_bytes);
@@ -234,11 +252,18 @@ impl SliceStore {
             .await
         {
             Ok(body) => {
-                if known.as_ref().is_none_or(|m| !m.content_type_known) {
-                    let meta = ObjectMeta::new(&obj.id, body.total, body.content_type);
-                    self.meta.insert(obj.id, Arc::new(meta)).await;
-                }
-                Ok(body.bytes)
+                let meta = match known {
+                    Some(m) if m.content_type_known => m,
+                    _ => {
+                        let m = Arc::new(ObjectMeta::new(&obj.id, body.total, body.content_type));
+                        self.meta.insert(obj.id, m.clone()).await;
+                        m
+                    }
+                };
+                Ok(CachedSlice {
+                    bytes: body.bytes,
+                    meta,
+                })
             }
             Err(OriginError::NotSatisfiable { size }) => {
                 if known.is_none() {
