@@ -83,7 +83,8 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         Ok(l) => l,
         Err(e) => return origin_failure(session, &e).await,
     };
-    let meta = &*lookup.meta;
+    let meta = lookup.meta.clone();
+    let meta = &*meta;
 
     let (status, range) = match want {
         Want::Path(start, end) => match resolve_range_path(start, end, meta.size) {
@@ -135,9 +136,12 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
 
     let mut pieces = slice_pieces(range, slice_bytes);
     let mut piece = pieces.next().expect("a range covers at least one slice");
-    let mut current = match state.store.slice(&obj, piece.index).await {
-        Ok(s) => s.bytes,
-        Err(e) => return origin_failure(session, &e).await,
+    let mut current = match lookup.slice {
+        Some((index, bytes)) if index == piece.index => bytes,
+        _ => match state.store.slice(&obj, piece.index).await {
+            Ok(s) => s.bytes,
+            Err(e) => return origin_failure(session, &e).await,
+        },
     };
     session.write_response_header(Box::new(resp), false).await?;
     let mut written = 0u64;

@@ -120,11 +120,13 @@ pub struct Slice {
     pub source: Source,
 }
 
-/// Metadata lookup result: whether it needed an origin fetch.
+/// Metadata lookup result: whether it needed an origin fetch, and the slice that was
+/// looked up to learn it (so the caller need not look it up again).
 #[derive(Debug, Clone)]
 pub struct MetaLookup {
     pub meta: Arc<ObjectMeta>,
     pub fetched: bool,
+    pub slice: Option<(u64, Bytes)>,
 }
 
 /// Point-in-time sizes of the cache, for `/status` and gauges.
@@ -219,6 +221,7 @@ impl SliceStore {
             return Ok(MetaLookup {
                 meta,
                 fetched: false,
+                slice: None,
             });
         }
         match self.slice(obj, hint_index).await {
@@ -229,12 +232,14 @@ impl SliceStore {
                 Ok(MetaLookup {
                     fetched: slice.source != Source::Memory,
                     meta: slice.meta,
+                    slice: Some((hint_index, slice.bytes)),
                 })
             }
             Err(e) => match *e {
                 OriginError::NotSatisfiable { size } => Ok(MetaLookup {
                     meta: Arc::new(ObjectMeta::new(&obj.id, size, None)),
                     fetched: true,
+                    slice: None,
                 }),
                 _ => Err(e),
             },
