@@ -36,10 +36,10 @@ pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 256;
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the file: {source}")]
+    #[error("{path}: cannot read the file: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {key}: {message}")]
     Parse {
@@ -240,9 +240,9 @@ pub struct Server {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { key, message, .. } => ConfigError::Parse {

@@ -212,10 +212,10 @@ pub fn instructions(addrs: &DemoAddrs, now: u64) -> String {
 pub fn build(addrs: &DemoAddrs) -> Result<EdgeServer, StartError> {
     std::net::TcpListener::bind(addrs.origin)
         .map(drop)
-        .map_err(|source| StartError::Bind {
+        .map_err(|error| StartError::Bind {
             key: "demo origin",
             addr: addrs.origin,
-            source,
+            error,
         })?;
     let mut edge = EdgeServer::build(&demo_config(addrs))?;
     let mut origin = Service::new(

@@ -18,11 +18,11 @@ use crate::origin::ResolveError;
 pub enum StartError {
     #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("{key} {addr}: cannot listen: {source}")]
+    #[error("{key} {addr}: cannot listen: {error}")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("listen.https is not supported yet; remove it to serve plain HTTP")]
     HttpsUnsupported,
@@ -85,5 +85,5 @@ fn server_conf(config: &Config) -> ServerConf {
 fn check_bindable(key: &'static str, addr: SocketAddr) -> Result<(), StartError> {
     TcpListener::bind(addr)
         .map(drop)
-        .map_err(|source| StartError::Bind { key, addr, source })
+        .map_err(|error| StartError::Bind { key, addr, error })
 }

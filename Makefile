@@ -1,0 +1,20 @@
+# Thin wrappers around ./dev, which installs its own prerequisites.
+.PHONY: setup demo test bench release check-config
+
+setup:
+	./dev setup
+
+demo:
+	./dev demo
+
+test:
+	./dev test
+
+bench:
+	./dev bench
+
+release:
+	cargo build --release
+
+check-config:
+	cargo run -- check-config conf/edge.toml
