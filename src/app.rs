@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::auth::Verifier;
+use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::SliceStore;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -22,17 +23,33 @@ pub struct AppState {
     pub started: Instant,
 }
 
+/// Why the shared state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Disk(#[from] DiskOpenError),
+}
+
 impl AppState {
-    pub fn new(config: &Config) -> Result<Arc<Self>, ResolveError> {
+    pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {
         let metrics = Arc::new(Metrics::new());
         let origin = Arc::new(OriginClient::new(
             &config.origin,
             config.server.upstream_keepalive_pool,
             metrics.clone(),
         )?);
+        let disk = config
+            .cache
+            .disk
+            .as_ref()
+            .map(|d| DiskTier::open(d, metrics.clone()))
+            .transpose()?;
         let store = SliceStore::new(
             config.cache.slice_bytes,
             config.cache.memory_bytes,
+            disk,
             origin.clone(),
             metrics.clone(),
         );
@@ -58,5 +75,9 @@ impl AppState {
         self.metrics.memory.bytes.set(s.memory_bytes as i64);
         self.metrics.memory.entries.set(s.memory_entries as i64);
         self.metrics.metadata_entries.set(s.metadata_entries as i64);
+        if let Some(d) = s.disk {
+            self.metrics.disk.bytes.set(d.bytes as i64);
+            self.metrics.disk.entries.set(d.entries as i64);
+        }
     }
 }

@@ -114,7 +114,16 @@ pub struct Metrics {
     requests: IntCounterVec,
     routes: Vec<RouteMetrics>,
     pub memory: TierMetrics,
+    pub disk: TierMetrics,
     pub metadata_entries: IntGauge,
+    pub disk_writes: IntCounter,
+    pub disk_writes_dropped: IntCounter,
+    pub disk_write_errors_no_space: IntCounter,
+    pub disk_write_errors_io: IntCounter,
+    pub disk_evictions: IntCounter,
+    pub cache_corrupt: IntCounter,
+    pub disk_index_ready: IntGauge,
+    pub disk_index_rebuild_seconds: prometheus::Gauge,
     pub coalesced_waits: IntCounter,
     origin_requests: Vec<IntCounter>,
     pub origin_bytes: IntCounter,
@@ -214,6 +223,55 @@ impl Metrics {
             entries: cache_entries.with_label_values(&[t.label()]),
         };
         let memory = tier(Tier::Memory);
+        let disk = tier(Tier::Disk);
+        let counter = |name: &str, help: &str| {
+            registered(r, IntCounter::new(name, help).expect("valid metric"))
+        };
+        let disk_writes = counter(
+            "cdn_edge_disk_writes_total",
+            "Slices written to the disk tier.",
+        );
+        let disk_writes_dropped = counter(
+            "cdn_edge_disk_writes_dropped_total",
+            "Slices not written to disk because the write queue was full or writes were paused.",
+        );
+        let write_errors = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_disk_write_errors_total",
+                    "Failed slice writes, by reason (no_space pauses writes for a while).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let disk_write_errors_no_space = write_errors.with_label_values(&["no_space"]);
+        let disk_write_errors_io = write_errors.with_label_values(&["io"]);
+        let disk_evictions = counter(
+            "cdn_edge_disk_evictions_total",
+            "Slice files deleted to keep the disk tier within cache.disk.max_bytes.",
+        );
+        let cache_corrupt = counter(
+            "cdn_edge_cache_corrupt_total",
+            "Slice files that failed their checks (checksum, length, key); deleted and refetched, never served.",
+        );
+        let disk_index_ready = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_disk_index_ready",
+                "1 once the disk index has been rebuilt from the cache directory after start.",
+            )
+            .expect("valid metric"),
+        );
+        let disk_index_rebuild_seconds = registered(
+            r,
+            prometheus::Gauge::new(
+                "cdn_edge_disk_index_rebuild_seconds",
+                "How long the last disk index rebuild took.",
+            )
+            .expect("valid metric"),
+        );
         let metadata_entries = registered(
             r,
             IntGauge::new(
@@ -317,7 +375,16 @@ impl Metrics {
             requests,
             routes,
             memory,
+            disk,
             metadata_entries,
+            disk_writes,
+            disk_writes_dropped,
+            disk_write_errors_no_space,
+            disk_write_errors_io,
+            disk_evictions,
+            cache_corrupt,
+            disk_index_ready,
+            disk_index_rebuild_seconds,
             coalesced_waits,
             origin_requests,
             origin_bytes,

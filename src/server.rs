@@ -9,15 +9,15 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::app::AppState;
+use crate::app::StateError;
 use crate::config::Config;
 use crate::edge::Edge;
-use crate::origin::ResolveError;
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Resolve(#[from] ResolveError),
+    State(#[from] StateError),
     #[error("{key} {addr}: cannot listen: {error}")]
     Bind {
         key: &'static str,

@@ -1,5 +1,5 @@
 //! The slice cache: objects cut into aligned slices of `cache.slice_bytes`, looked up
-//! memory → origin, with one origin fetch per cold slice however many requests want it.
+//! memory → disk → origin, with one origin fetch per cold slice however many requests want it.
 //!
 //! Invariants:
 //! 1. A slice in the cache is exactly the origin's bytes for `[i*S, min((i+1)*S, size))`:
@@ -11,8 +11,10 @@
 //! 4. Every cached slice carries its object's metadata, so an object with any slice
 //!    cached can be answered without the origin even if the metadata cache forgot it.
 
+pub mod disk;
 pub mod memory;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::origin::{OriginClient, OriginError};
 use crate::range::slice_bounds;
 
+use disk::{DiskStats, DiskTier};
 use memory::MemoryTier;
 
 /// Most objects whose metadata is remembered.
@@ -43,6 +46,11 @@ impl ObjectId {
 
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// Rebuilds an id read back from storage.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
     }
 }
 
@@ -94,12 +102,19 @@ impl ObjectMeta {
             etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
         }
     }
+
+    /// False when the type was not known (learnt from a 416, or the origin sent none).
+    pub fn content_type_known(&self) -> bool {
+        self.content_type_known
+    }
 }
 
 /// Where a slice came from, for `Cache-Status` and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Memory,
+    /// Read from the disk tier by this request.
+    Disk,
     /// This request fetched it from the origin.
     Origin,
     /// Another request's origin fetch, which this one waited for.
@@ -130,17 +145,20 @@ pub struct MetaLookup {
 }
 
 /// Point-in-time sizes of the cache, for `/status` and gauges.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct CacheStats {
     pub memory_bytes: u64,
     pub memory_entries: u64,
     pub metadata_entries: u64,
+    /// `null` when no disk tier is configured.
+    pub disk: Option<DiskStats>,
 }
 
 /// The tiered slice store. Shared by every request of the process.
 pub struct SliceStore {
     slice_bytes: u64,
     memory: MemoryTier,
+    disk: Option<DiskTier>,
     meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
     origin: Arc<OriginClient>,
     metrics: Arc<Metrics>,
@@ -150,12 +168,14 @@ impl SliceStore {
     pub fn new(
         slice_bytes: u64,
         memory_bytes: u64,
+        disk: Option<DiskTier>,
         origin: Arc<OriginClient>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             slice_bytes,
             memory: MemoryTier::new(memory_bytes),
+            disk,
             meta: moka::future::Cache::builder()
                 .name("object-metadata")
                 .max_capacity(METADATA_ENTRIES)
@@ -172,10 +192,12 @@ impl SliceStore {
     /// Whether slice `index` of `object` is held by a tier right now (no I/O). Used to
     /// decide `Cache-Status` before the response header is written.
     pub fn contains(&self, object: ObjectId, index: u64) -> bool {
-        self.memory.contains(&SliceKey { object, index })
+        let key = SliceKey { object, index };
+        self.memory.contains(&key) || self.disk.as_ref().is_some_and(|d| d.contains(&key))
     }
 
-    /// Returns slice `index` of `obj`, from memory or from the origin.
+    /// Returns slice `index` of `obj`: memory → disk → origin. A disk or origin result is
+    /// put in memory; an origin result is also queued for the disk.
     pub async fn slice(&self, obj: &ObjectRef<'_>, index: u64) -> Result<Slice, Arc<OriginError>> {
         let key = SliceKey {
             object: obj.id,
@@ -190,17 +212,20 @@ impl SliceStore {
             });
         }
         self.metrics.memory.misses.inc();
+        let from_disk = AtomicBool::new(false);
         let entry = self
             .memory
             .cache()
             .entry(key)
-            .or_try_insert_with(self.fill(obj, index))
+            .or_try_insert_with(self.fill(obj, key, &from_disk))
             .await?;
-        let source = if entry.is_fresh() {
-            Source::Origin
-        } else {
-            self.metrics.coalesced_waits.inc();
-            Source::Coalesced
+        let source = match (entry.is_fresh(), from_disk.load(Ordering::Relaxed)) {
+            (true, true) => Source::Disk,
+            (true, false) => Source::Origin,
+            (false, _) => {
+                self.metrics.coalesced_waits.inc();
+                Source::Coalesced
+            }
         };
         let cached = entry.into_value();
         Ok(Slice {
@@ -210,7 +235,7 @@ impl SliceStore {
         })
     }
 
-    /// Returns the object's metadata, fetching slice `hint_index` (the one the request
+    /// Returns the object's metadata, reading slice `hint_index` (the one the request
     /// will need first) when it is not known yet.
     pub async fn meta(
         &self,
@@ -226,11 +251,12 @@ impl SliceStore {
         }
         match self.slice(obj, hint_index).await {
             Ok(slice) => {
-                if slice.source == Source::Memory {
+                let cached = matches!(slice.source, Source::Memory | Source::Disk);
+                if cached {
                     self.meta.insert(obj.id, slice.meta.clone()).await;
                 }
                 Ok(MetaLookup {
-                    fetched: slice.source != Source::Memory,
+                    fetched: !cached,
                     meta: slice.meta,
                     slice: Some((hint_index, slice.bytes)),
                 })
@@ -246,11 +272,23 @@ impl SliceStore {
         }
     }
 
-    /// One origin fetch of a slice; runs once per cold slice however many wait on it.
-    async fn fill(&self, obj: &ObjectRef<'_>, index: u64) -> Result<CachedSlice, OriginError> {
+    /// Fills one memory miss from disk or origin; runs once per cold slice however many
+    /// requests wait on it. Sets `from_disk` when the disk answered.
+    async fn fill(
+        &self,
+        obj: &ObjectRef<'_>,
+        key: SliceKey,
+        from_disk: &AtomicBool,
+    ) -> Result<CachedSlice, OriginError> {
+        if let Some(disk) = &self.disk {
+            if let Some(cached) = disk.read(&key).await {
+                from_disk.store(true, Ordering::Relaxed);
+                return Ok(cached);
+            }
+        }
         let known = self.meta.get(&obj.id).await;
         let expected_size = known.as_ref().map(|m| m.size);
-        let range = slice_bounds(index, self.slice_bytes);
+        let range = slice_bounds(key.index, self.slice_bytes);
         match self
             .origin
             .fetch_slice(obj.o, obj.v, range, expected_size)
@@ -265,10 +303,14 @@ impl SliceStore {
                         m
                     }
                 };
-                Ok(CachedSlice {
+                let cached = CachedSlice {
                     bytes: body.bytes,
                     meta,
-                })
+                };
+                if let Some(disk) = &self.disk {
+                    disk.store(key, &cached);
+                }
+                Ok(cached)
             }
             Err(OriginError::NotSatisfiable { size }) => {
                 if known.is_none() {
@@ -287,6 +329,7 @@ impl SliceStore {
             memory_bytes: self.memory.weighted_bytes(),
             memory_entries: self.memory.entries(),
             metadata_entries: self.meta.entry_count(),
+            disk: self.disk.as_ref().map(DiskTier::stats),
         }
     }
 
@@ -294,5 +337,10 @@ impl SliceStore {
     pub async fn sync(&self) {
         self.memory.sync().await;
         self.meta.run_pending_tasks().await;
+        if let Some(disk) = &self.disk {
+            let shared = disk.shared();
+            // Disk index maintenance may delete evicted files: not on the async runtime.
+            let _ = tokio::task::spawn_blocking(move || shared.sync_blocking()).await;
+        }
     }
 }

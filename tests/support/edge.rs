@@ -19,6 +19,8 @@ pub struct EdgeOptions {
     pub origin_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub clock_skew_secs: u64,
+    /// `[cache.disk]`: directory and byte budget.
+    pub disk: Option<(PathBuf, u64)>,
 }
 
 impl EdgeOptions {
@@ -30,6 +32,7 @@ impl EdgeOptions {
             origin_timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
             clock_skew_secs: 30,
+            disk: None,
         }
     }
 }
@@ -62,6 +65,13 @@ impl Edge {
         let dir = tempfile::tempdir().unwrap();
         let (http, admin) = (free_addr(), free_addr());
         let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
+        let disk = match &opts.disk {
+            Some((path, max)) => format!(
+                "[cache.disk]\npath = {:?}\nmax_bytes = {max}\n",
+                path.display().to_string()
+            ),
+            None => String::new(),
+        };
         let conf = format!(
             r#"
 [listen]
@@ -80,7 +90,7 @@ secret_env = "CDN_EDGE_TEST_KEY2"
 [cache]
 slice_bytes = {slice}
 memory_bytes = {memory}
-
+{disk}
 [origin]
 urls = [{origins}]
 path = "/objects/{{o}}/{{v}}"

@@ -1,0 +1,392 @@
+//! Disk tier: slices persisted under `cache.disk.path`, surviving restarts.
+//!
+//! # Design constraints
+//! 1. A slice file is written once, to `tmp/`, then renamed into place: its name never
+//!    points at a partial file. Files are not fsynced: after a power loss a torn file
+//!    fails its checksum and is refetched, which is cheaper than an fsync per slice.
+//! 2. Every file carries its key, lengths and CRC-32s of header and payload
+//!    ([`format`]). A file that fails any check is never served: it is deleted, counted
+//!    in `cdn_edge_cache_corrupt_total`, and the slice is refetched from the origin.
+//! 3. Requests never wait on a disk write: fills are queued to one writer thread
+//!    ([`writer`]); a full queue drops the write (counted), the slice is still served.
+//! 4. Requests never block on a disk read: reads run on the blocking pool, at most
+//!    [`MAX_CONCURRENT_READS`] at a time.
+//! 5. The index (moka, LRU, weighed by file length) bounds the directory at
+//!    `cache.disk.max_bytes`; its eviction listener deletes evicted files.
+//! 6. At start the index is rebuilt from file headers in the background
+//!    ([`rebuild`]); until it is done, a slice missing from the index is looked for at
+//!    its path before going to the origin. Leftover `tmp/` files are removed first.
+//! 7. On a full file system writes pause and reads go on.
+//!
+//! # On-disk layout
+//! ```text
+//! <path>/slices/<h0h1>/<h2h3>/<object id hex>-<index hex>   one file per slice
+//! <path>/tmp/<pid>-<seq>.part                                 being written
+//! ```
+//! `h0..h3` are the first hex digits of the object id; the file format is in [`format`].
+
+pub mod format;
+pub mod rebuild;
+pub mod writer;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::policy::EvictionPolicy;
+use tokio::sync::Semaphore;
+
+use super::{CachedSlice, ObjectMeta, SliceKey};
+use crate::config::DiskCache;
+use crate::metrics::Metrics;
+use format::{decode_file, slice_path, SLICES_DIR, TMP_DIR};
+use writer::{FsStorage, SliceStorage, WriteJob};
+
+/// Disk reads in flight at once; more wait for a permit.
+pub const MAX_CONCURRENT_READS: usize = 32;
+/// Slices queued for writing at most (each holds a `Bytes` of the slice).
+pub const WRITE_QUEUE: usize = 64;
+
+/// Why the disk tier could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cache.disk.path {path}: {error}")]
+pub struct DiskOpenError {
+    path: PathBuf,
+    error: io::Error,
+}
+
+/// State shared by the tier, its writer and its rebuild thread.
+pub struct Shared {
+    root: PathBuf,
+    index: moka::sync::Cache<SliceKey, u32>,
+    rebuilt: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+/// The disk tier. One per process.
+pub struct DiskTier {
+    shared: Arc<Shared>,
+    jobs: SyncSender<WriteJob>,
+    reads: Arc<Semaphore>,
+    max_bytes: u64,
+}
+
+/// Point-in-time state of the disk tier, for `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskStats {
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub bytes: u64,
+    pub entries: u64,
+    pub index_ready: bool,
+}
+
+impl DiskTier {
+    /// Opens (creating if needed) the cache directory, removes leftover temporary files,
+    /// and starts the writer and the background index rebuild.
+    pub fn open(cfg: &DiskCache, metrics: Arc<Metrics>) -> Result<Self, DiskOpenError> {
+        Self::open_with_storage(cfg, metrics, Box::new(FsStorage))
+    }
+
+    /// [`DiskTier::open`] with another write path (tests inject failing storage).
+    pub fn open_with_storage(
+        cfg: &DiskCache,
+        metrics: Arc<Metrics>,
+        storage: Box<dyn SliceStorage>,
+    ) -> Result<Self, DiskOpenError> {
+        let root = cfg.path.clone();
+        let err = |error| DiskOpenError {
+            path: root.clone(),
+            error,
+        };
+        std::fs::create_dir_all(root.join(SLICES_DIR)).map_err(err)?;
+        let tmp = root.join(TMP_DIR);
+        std::fs::create_dir_all(&tmp).map_err(err)?;
+        let removed = remove_leftovers(&tmp).map_err(err)?;
+        if removed > 0 {
+            tracing::info!(path = %tmp.display(), files = removed, "removed unfinished slice writes");
+        }
+
+        let evict_root = root.clone();
+        let evict_metrics = metrics.clone();
+        let index = moka::sync::Cache::builder()
+            .name("disk-index")
+            .eviction_policy(EvictionPolicy::lru())
+            .max_capacity(cfg.max_bytes)
+            .weigher(|_k: &SliceKey, len: &u32| *len)
+            .eviction_listener(move |key: Arc<SliceKey>, _len, cause| {
+                if cause.was_evicted() {
+                    let _ = std::fs::remove_file(slice_path(&evict_root, &key));
+                    evict_metrics.disk_evictions.inc();
+                }
+            })
+            .build();
+        let shared = Arc::new(Shared {
+            root: root.clone(),
+            index,
+            rebuilt: AtomicBool::new(false),
+            metrics,
+        });
+        shared.metrics.disk_index_ready.set(0);
+
+        let (jobs, rx) = sync_channel(WRITE_QUEUE);
+        let w = shared.clone();
+        std::thread::Builder::new()
+            .name("cdn-edge disk writer".into())
+            .spawn(move || writer::run(w, rx, storage))
+            .map_err(err)?;
+        let r = shared.clone();
+        std::thread::Builder::new()
+            .name("cdn-edge disk index".into())
+            .spawn(move || rebuild::run(r))
+            .map_err(err)?;
+
+        Ok(Self {
+            shared,
+            jobs,
+            reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            max_bytes: cfg.max_bytes,
+        })
+    }
+
+    /// Whether the index lists this slice (no I/O).
+    pub fn contains(&self, key: &SliceKey) -> bool {
+        self.shared.index.contains_key(key)
+    }
+
+    /// Reads and checks a slice; `None` is a miss (absent, unreadable or corrupt).
+    pub async fn read(&self, key: &SliceKey) -> Option<CachedSlice> {
+        let listed = self.shared.index.contains_key(key);
+        if !listed && self.shared.rebuilt.load(Ordering::Acquire) {
+            self.shared.metrics.disk.misses.inc();
+            return None;
+        }
+        let permit = self.reads.clone().acquire_owned().await.ok()?;
+        let shared = self.shared.clone();
+        let key = *key;
+        let found = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            shared.read_blocking(&key)
+        })
+        .await
+        .ok()
+        .flatten();
+        match found {
+            Some(_) => self.shared.metrics.disk.hits.inc(),
+            None => self.shared.metrics.disk.misses.inc(),
+        }
+        found
+    }
+
+    /// Queues a slice fetched from the origin for writing; never waits.
+    pub fn store(&self, key: SliceKey, slice: &CachedSlice) {
+        let job = WriteJob {
+            key,
+            payload: slice.bytes.clone(),
+            object_size: slice.meta.size,
+            content_type: if slice.meta.content_type_known() {
+                Bytes::copy_from_slice(slice.meta.content_type.as_bytes())
+            } else {
+                Bytes::new()
+            },
+        };
+        match self.jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.metrics.disk_writes_dropped.inc();
+            }
+        }
+    }
+
+    /// Applies pending index maintenance (evictions) so [`DiskTier::stats`] is exact.
+    /// Blocking: may delete files.
+    pub fn sync_blocking(&self) {
+        self.shared.index.run_pending_tasks();
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        DiskStats {
+            path: self.shared.root.clone(),
+            capacity_bytes: self.max_bytes,
+            bytes: self.shared.index.weighted_size(),
+            entries: self.shared.index.entry_count(),
+            index_ready: self.shared.rebuilt.load(Ordering::Acquire),
+        }
+    }
+
+    /// A handle for blocking maintenance off the async runtime.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+}
+
+impl Shared {
+    fn read_blocking(&self, key: &SliceKey) -> Option<CachedSlice> {
+        let path = slice_path(&self.root, key);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "disk cache read failed");
+                }
+                self.index.invalidate(key);
+                return None;
+            }
+        };
+        match decode_file(Bytes::from(data), key) {
+            Ok((header, payload)) => {
+                if self.index.get(key).is_none() {
+                    // Found before the rebuild reached it.
+                    self.index.insert(*key, header.file_len() as u32);
+                }
+                let content_type = HeaderValue::from_bytes(&header.content_type)
+                    .ok()
+                    .filter(|v| !v.is_empty());
+                Some(CachedSlice {
+                    bytes: payload,
+                    meta: Arc::new(ObjectMeta::new(
+                        &key.object,
+                        header.object_size,
+                        content_type,
+                    )),
+                })
+            }
+            Err(e) => {
+                self.metrics.cache_corrupt.inc();
+                tracing::warn!(path = %path.display(), error = %e, "corrupt slice file removed; refetching");
+                self.index.invalidate(key);
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Blocking index maintenance; see [`DiskTier::sync_blocking`].
+    pub fn sync_blocking(&self) {
+        self.index.run_pending_tasks();
+    }
+}
+
+fn remove_leftovers(tmp: &Path) -> io::Result<u64> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(tmp)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "part") && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::cache::ObjectId;
+
+    /// Real writes until `left` runs out, then ENOSPC.
+    struct FillsUp {
+        left: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl SliceStorage for FillsUp {
+        fn write_new(&self, path: &Path, header: &[u8], payload: &[u8]) -> io::Result<()> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.left.fetch_sub(1, Ordering::SeqCst) == 0 {
+                self.left.store(0, Ordering::SeqCst);
+                return Err(io::Error::from_raw_os_error(28));
+            }
+            FsStorage.write_new(path, header, payload)
+        }
+    }
+
+    fn slice(n: u8) -> (SliceKey, CachedSlice) {
+        let object = ObjectId::new("o", "v");
+        let key = SliceKey {
+            object,
+            index: u64::from(n),
+        };
+        let meta = Arc::new(ObjectMeta::new(&object, 1 << 20, None));
+        (
+            key,
+            CachedSlice {
+                bytes: Bytes::from(vec![n; 4096]),
+                meta,
+            },
+        )
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_pauses_writes_and_reads_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let storage = FillsUp {
+            left: Arc::new(AtomicUsize::new(1)),
+            calls: calls.clone(),
+        };
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let tier = DiskTier::open_with_storage(&cfg, metrics.clone(), Box::new(storage)).unwrap();
+        until("index rebuild", || tier.stats().index_ready).await;
+
+        let (a, sa) = slice(1);
+        tier.store(a, &sa);
+        until("first write", || metrics.disk_writes.get() == 1).await;
+        let (b, sb) = slice(2);
+        tier.store(b, &sb);
+        until("ENOSPC", || metrics.disk_write_errors_no_space.get() == 1).await;
+        let (c, sc) = slice(3);
+        tier.store(c, &sc);
+        until("dropped while paused", || {
+            metrics.disk_writes_dropped.get() == 1
+        })
+        .await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "no write is attempted while paused"
+        );
+
+        let got = tier
+            .read(&a)
+            .await
+            .expect("reads go on while writes are paused");
+        assert_eq!(got.bytes, sa.bytes);
+        assert_eq!(got.meta.size, 1 << 20);
+        assert!(tier.read(&b).await.is_none());
+        assert!(tier.read(&c).await.is_none());
+        let leftovers = std::fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count();
+        assert_eq!(leftovers, 0, "a failed write leaves no temp file");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_missing_directory_that_cannot_be_created_is_a_clear_error() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let cfg = DiskCache {
+            path: file.path().join("cache"),
+            max_bytes: 1 << 20,
+        };
+        let err = DiskTier::open(&cfg, Arc::new(Metrics::new()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("cache.disk.path "), "{err}");
+    }
+}

@@ -1,0 +1,78 @@
+//! Rebuilds the disk index from the slice files at start, in the background.
+//!
+//! Only headers are read (the payload checksum is checked when a slice is served), so a
+//! large cache is indexed at the speed of opening files, not of reading them.
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::format::{decode_header, parse_file_name, FIXED_HEADER, MAX_CONTENT_TYPE, SLICES_DIR};
+use super::Shared;
+
+/// Walks `slices/*/*/*`, indexes every valid file and deletes the invalid ones.
+pub fn run(shared: Arc<Shared>) {
+    let started = Instant::now();
+    let mut indexed = 0u64;
+    let top = shared.root.join(SLICES_DIR);
+    for level1 in dir_entries(&top) {
+        for level2 in dir_entries(&level1) {
+            for file in dir_entries(&level2) {
+                if index_file(&shared, &file) {
+                    indexed += 1;
+                }
+            }
+        }
+    }
+    shared.index.run_pending_tasks();
+    let secs = started.elapsed().as_secs_f64();
+    shared.metrics.disk_index_rebuild_seconds.set(secs);
+    shared.metrics.disk_index_ready.set(1);
+    shared.rebuilt.store(true, Ordering::Release);
+    tracing::info!(path = %shared.root.display(), slices = indexed, seconds = secs, "disk cache index rebuilt");
+}
+
+fn dir_entries(dir: &Path) -> impl Iterator<Item = std::path::PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+}
+
+/// Indexes one file; deletes it if it cannot be a valid slice. True if indexed.
+fn index_file(shared: &Shared, path: &Path) -> bool {
+    let Some(key) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_file_name)
+    else {
+        return false; // not ours (e.g. a directory an operator made): leave it
+    };
+    let check = || -> Option<u32> {
+        let mut f = fs::File::open(path).ok()?;
+        let len = f.metadata().ok()?.len();
+        let mut head = Vec::with_capacity(FIXED_HEADER + MAX_CONTENT_TYPE);
+        f.by_ref()
+            .take((FIXED_HEADER + MAX_CONTENT_TYPE) as u64)
+            .read_to_end(&mut head)
+            .ok()?;
+        let header = decode_header(&head).ok()?;
+        (header.key == key && header.file_len() == len).then_some(len as u32)
+    };
+    match check() {
+        Some(len) => {
+            // A slice written since start is newer; keep its entry.
+            shared.index.entry(key).or_insert(len);
+            true
+        }
+        None => {
+            shared.metrics.cache_corrupt.inc();
+            tracing::warn!(path = %path.display(), "removing an invalid slice file found at start");
+            let _ = fs::remove_file(path);
+            false
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The disk writer: one thread that turns queued slices into files, off the request path.
+//!
+//! Each slice is written to `tmp/`, then renamed to its place, then indexed: a reader
+//! never sees a partial file under a slice's name. When the file system is full the
+//! writer stops writing for [`NO_SPACE_PAUSE`] (reads go on) and drops what is queued
+//! meanwhile, counting it.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::format::{encode_header, slice_path, TMP_DIR};
+use super::Shared;
+use crate::cache::SliceKey;
+
+/// How long writes stop after the file system reported it is full.
+pub const NO_SPACE_PAUSE: Duration = Duration::from_secs(10);
+
+/// One slice to persist.
+pub struct WriteJob {
+    pub key: SliceKey,
+    pub payload: Bytes,
+    pub object_size: u64,
+    pub content_type: Bytes,
+}
+
+/// The one I/O call whose failures matter for the write path; a seam for tests that
+/// need a full disk or a failing device.
+pub trait SliceStorage: Send + 'static {
+    /// Creates `path` and writes `header` then `payload` to it.
+    fn write_new(&self, path: &Path, header: &[u8], payload: &[u8]) -> io::Result<()>;
+}
+
+/// The real file system.
+pub struct FsStorage;
+
+impl SliceStorage for FsStorage {
+    fn write_new(&self, path: &Path, header: &[u8], payload: &[u8]) -> io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.write_all(header)?;
+        f.write_all(payload)
+    }
+}
+
+/// Runs until every sender is gone.
+pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn SliceStorage>) {
+    let tmp_dir = shared.root.join(TMP_DIR);
+    let mut made_dirs: HashSet<[u8; 2]> = HashSet::new();
+    let mut paused_until: Option<Instant> = None;
+    let pid = std::process::id();
+    for (seq, job) in jobs.into_iter().enumerate() {
+        if paused_until.is_some_and(|t| Instant::now() < t) {
+            shared.metrics.disk_writes_dropped.inc();
+            continue;
+        }
+        paused_until = None;
+        let tmp = tmp_dir.join(format!("{pid}-{seq}.part"));
+        let dst = slice_path(&shared.root, &job.key);
+        let header = encode_header(&job.key, job.object_size, &job.content_type, &job.payload);
+        let written = storage
+            .write_new(&tmp, &header, &job.payload)
+            .and_then(|()| {
+                let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
+                if made_dirs.insert(bucket) {
+                    std::fs::create_dir_all(dst.parent().expect("slice paths have a parent"))?;
+                }
+                std::fs::rename(&tmp, &dst)
+            });
+        match written {
+            Ok(()) => {
+                let len = (header.len() + job.payload.len()) as u32;
+                shared.index.insert(job.key, len);
+                // Evict now, so the directory is back under its budget before the next write.
+                shared.index.run_pending_tasks();
+                shared.metrics.disk_writes.inc();
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                if e.raw_os_error() == Some(libc_enospc()) {
+                    shared.metrics.disk_write_errors_no_space.inc();
+                    paused_until = Some(Instant::now() + NO_SPACE_PAUSE);
+                    tracing::warn!(path = %shared.root.display(), "disk cache is full; pausing writes");
+                } else {
+                    shared.metrics.disk_write_errors_io.inc();
+                    tracing::warn!(path = %dst.display(), error = %e, "disk cache write failed");
+                }
+            }
+        }
+    }
+}
+
+/// ENOSPC on Linux and the BSDs alike.
+const fn libc_enospc() -> i32 {
+    28
+}

@@ -1,0 +1,247 @@
+//! The disk tier (SPEC §2.3, `[cache.disk]`): survives restarts, stays within its budget,
+//! and never serves a corrupt byte.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use support::edge::{signed, Edge, EdgeOptions};
+use support::object_bytes;
+use support::origin::TestOrigin;
+
+const SLICE: u64 = 64 * 1024;
+const SIZE: usize = 1_000_003; // 16 slices
+const WRITES: &str = "cdn_edge_disk_writes_total";
+const CORRUPT: &str = "cdn_edge_cache_corrupt_total";
+
+fn opts(origin: &TestOrigin, dir: &Path, max_bytes: u64) -> EdgeOptions {
+    let mut o = EdgeOptions::new(vec![origin.url()]);
+    o.disk = Some((dir.to_path_buf(), max_bytes));
+    o
+}
+
+/// Memory too small to hold a single slice: every hit comes from disk.
+fn disk_only(origin: &TestOrigin, dir: &Path) -> EdgeOptions {
+    let mut o = opts(origin, dir, 1 << 30);
+    o.memory_bytes = SLICE;
+    o
+}
+
+fn slice_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("slices")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The file of slice `index` (names end in the index as 16 hex digits).
+fn file_of(dir: &Path, index: u64) -> PathBuf {
+    let suffix = format!("-{index:016x}");
+    slice_files(dir)
+        .into_iter()
+        .find(|p| p.to_str().unwrap().ends_with(&suffix))
+        .unwrap()
+}
+
+async fn fill_all(edge: &Edge, bytes: &[u8]) {
+    let r = edge.get(&format!("/?{}", signed("movie", "v1")), &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body == bytes);
+    edge.wait_for_metric(WRITES, 16.0).await;
+}
+
+async fn check_ranges(edge: &Edge, bytes: &[u8]) {
+    let q = signed("movie", "v1");
+    for (a, b) in [
+        (0usize, SIZE - 1),
+        (65535, 65537),
+        (300_000, 700_000),
+        (SIZE - 5, SIZE - 1),
+    ] {
+        let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+        assert_eq!(r.status, 200, "/range/{a}-{b}");
+        assert!(
+            r.complete && r.body == bytes[a..=b],
+            "/range/{a}-{b}: wrong bytes"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_restart_with_the_origin_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(21, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    fill_all(&edge, &bytes).await;
+    assert_eq!(slice_files(dir.path()).len(), 16);
+    drop(edge); // SIGKILL
+    origin.stop();
+    let before = origin.requests();
+
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    let first = edge
+        .get(&format!("/range/100-200?{}", signed("movie", "v1")), &[])
+        .await;
+    assert_eq!(first.status, 200);
+    // Until the index is rebuilt the header may say fwd=miss; the bytes still come from disk.
+    assert!(first
+        .header("cache-status")
+        .unwrap()
+        .starts_with("cdn-edge; "));
+    assert_eq!(
+        first.header("content-type"),
+        Some("video/mp4"),
+        "metadata comes back from disk too"
+    );
+    check_ranges(&edge, &bytes).await;
+    edge.wait_for_metric("cdn_edge_disk_index_ready", 1.0).await;
+    let again = edge
+        .get(&format!("/range/0-1000000?{}", signed("movie", "v1")), &[])
+        .await;
+    assert_eq!(again.header("cache-status"), Some("cdn-edge; hit"));
+    assert_eq!(
+        origin.requests(),
+        before,
+        "nothing may reach the (stopped) origin"
+    );
+    assert!(
+        edge.metric("cdn_edge_cache_lookups_total{result=\"hit\",tier=\"disk\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(edge.metric(CORRUPT).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_damaged_while_stopped_are_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(22, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    fill_all(&edge, &bytes).await;
+    drop(edge);
+
+    flip_byte(&file_of(dir.path(), 1), 1000); // payload
+    flip_byte(&file_of(dir.path(), 2), 20); // header
+    truncate(&file_of(dir.path(), 3), 5000);
+    std::fs::remove_file(file_of(dir.path(), 4)).unwrap();
+    std::fs::write(file_of(dir.path(), 5), b"garbage").unwrap();
+
+    let before = origin.requests();
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    check_ranges(&edge, &bytes).await;
+    assert_eq!(
+        origin.requests() - before,
+        5,
+        "exactly the five damaged or missing slices are refetched"
+    );
+    assert_eq!(edge.metric(CORRUPT).await, 4.0);
+    // The refetched slices are written again.
+    edge.wait_for_metric(WRITES, 5.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_damaged_while_running_are_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(23, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(disk_only(&origin, dir.path())).await;
+    fill_all(&edge, &bytes).await;
+    edge.wait_for_metric("cdn_edge_disk_index_ready", 1.0).await;
+    let q = signed("movie", "v1");
+
+    // A clean disk hit first.
+    let before = origin.requests();
+    let r = edge.get(&format!("/range/70000-80000?{q}"), &[]).await;
+    assert!(r.body == bytes[70000..=80000]);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+    assert_eq!(origin.requests(), before);
+
+    flip_byte(&file_of(dir.path(), 6), 4000);
+    truncate(&file_of(dir.path(), 7), 100);
+    std::fs::remove_file(file_of(dir.path(), 8)).unwrap();
+    for index in [6u64, 7, 8] {
+        let a = (index * SLICE) as usize + 10;
+        let r = edge
+            .get(&format!("/range/{a}-{}?{q}", a + 20_000), &[])
+            .await;
+        assert_eq!(r.status, 200);
+        assert!(
+            r.body == bytes[a..=a + 20_000],
+            "slice {index}: wrong bytes"
+        );
+    }
+    assert_eq!(origin.requests() - before, 3);
+    assert_eq!(edge.metric(CORRUPT).await, 2.0);
+    check_ranges(&edge, &bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_the_directory_within_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(24, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let max = 10 * SLICE + 10 * 100; // room for ten slice files
+    let edge = Edge::start(opts(&origin, dir.path(), max)).await;
+    fill_all(&edge, &bytes).await;
+    let files = slice_files(dir.path());
+    let total: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+    assert!(total <= max, "{total} bytes on disk, budget {max}");
+    assert!(files.len() <= 10, "{} files", files.len());
+    assert!(edge.metric("cdn_edge_disk_evictions_total").await >= 6.0);
+    let status: serde_json::Value =
+        serde_json::from_slice(&support::client::get(edge.admin, "/status", &[]).await.body)
+            .unwrap();
+    assert!(status["cache"]["disk"]["bytes"].as_u64().unwrap() <= max);
+    assert_eq!(
+        status["cache"]["disk"]["entries"].as_u64().unwrap(),
+        files.len() as u64
+    );
+    // Evicted slices come back from the origin, correctly.
+    check_ranges(&edge, &bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_writes_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+    let leftover = dir.path().join("tmp/4242-7.part");
+    std::fs::write(&leftover, vec![1u8; 30_000]).unwrap();
+    let origin = TestOrigin::start().await;
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    assert!(
+        !leftover.exists(),
+        "a temp file from a killed write must be removed"
+    );
+    assert!(edge.log_text().contains("removed unfinished slice writes"));
+}
+
+fn flip_byte(path: &Path, at: usize) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at] ^= 0x01;
+    std::fs::write(path, data).unwrap();
+}
+
+fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
