@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -19,12 +20,30 @@ use crate::server::{EdgeServer, StartError};
 /// Signing secret of the demo; printed URLs are signed with it.
 pub const DEMO_SECRET: &str = "demo-secret-not-for-production";
 
-/// Addresses the demo listens on.
+/// Where the demo listens and how big its caches are.
 #[derive(Debug, Clone)]
-pub struct DemoAddrs {
+pub struct DemoOptions {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub origin: SocketAddr,
+    pub memory_bytes: u64,
+    /// Directory of a disk tier; none by default.
+    pub disk: Option<PathBuf>,
+    pub disk_bytes: u64,
+}
+
+impl DemoOptions {
+    /// The default loopback addresses and a 256 MiB memory tier.
+    pub fn loopback() -> Self {
+        Self {
+            http: "127.0.0.1:8080".parse().expect("valid address"),
+            admin: "127.0.0.1:9090".parse().expect("valid address"),
+            origin: "127.0.0.1:9000".parse().expect("valid address"),
+            memory_bytes: 256 << 20,
+            disk: None,
+            disk_bytes: 1 << 30,
+        }
+    }
 }
 
 /// A sample object of the built-in origin.
@@ -141,7 +160,7 @@ impl ServeHttp for SampleOrigin {
 }
 
 /// The configuration the demo runs with.
-pub fn demo_config(addrs: &DemoAddrs) -> Config {
+pub fn demo_config(addrs: &DemoOptions) -> Result<Config, crate::config::ConfigError> {
     let text = format!(
         r#"
 [listen]
@@ -156,8 +175,8 @@ secret = "{DEMO_SECRET}"
 
 [cache]
 slice_bytes = 1048576
-memory_bytes = 268435456
-
+memory_bytes = {memory}
+{disk}
 [origin]
 urls = ["http://{origin}"]
 path = "/objects/{{o}}/{{v}}"
@@ -171,12 +190,21 @@ shutdown_timeout_secs = 1
         http = addrs.http,
         admin = addrs.admin,
         origin = addrs.origin,
+        memory = addrs.memory_bytes,
+        disk = match &addrs.disk {
+            Some(path) => format!(
+                "[cache.disk]\npath = {:?}\nmax_bytes = {}\n",
+                path.display().to_string(),
+                addrs.disk_bytes
+            ),
+            None => String::new(),
+        },
     );
-    Config::from_toml(&text).expect("the demo configuration is valid")
+    Config::from_toml(&text)
 }
 
 /// The text printed when the demo starts.
-pub fn instructions(addrs: &DemoAddrs, now: u64) -> String {
+pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
     let q = sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now + 3600, "demo");
     let t = sign_query(DEMO_SECRET.as_bytes(), "trailer", "2", now + 3600, "demo");
     let expired = sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now - 3600, "demo");
@@ -209,7 +237,7 @@ pub fn instructions(addrs: &DemoAddrs, now: u64) -> String {
 }
 
 /// Builds the demo: the edge plus the sample origin, in one process.
-pub fn build(addrs: &DemoAddrs) -> Result<EdgeServer, StartError> {
+pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
     std::net::TcpListener::bind(addrs.origin)
         .map(drop)
         .map_err(|error| StartError::Bind {
@@ -217,7 +245,8 @@ pub fn build(addrs: &DemoAddrs) -> Result<EdgeServer, StartError> {
             addr: addrs.origin,
             error,
         })?;
-    let mut edge = EdgeServer::build(&demo_config(addrs))?;
+    let config = demo_config(addrs).map_err(StartError::Config)?;
+    let mut edge = EdgeServer::build(&config)?;
     let mut origin = Service::new(
         "cdn-edge demo origin".to_string(),
         SampleOrigin::new(sample_objects()),
@@ -248,12 +277,8 @@ mod tests {
 
     #[test]
     fn demo_config_is_valid_and_instructions_are_signed() {
-        let addrs = DemoAddrs {
-            http: "127.0.0.1:8080".parse().unwrap(),
-            admin: "127.0.0.1:9090".parse().unwrap(),
-            origin: "127.0.0.1:9000".parse().unwrap(),
-        };
-        let c = demo_config(&addrs);
+        let addrs = DemoOptions::loopback();
+        let c = demo_config(&addrs).unwrap();
         let v = crate::auth::Verifier::new(&c.signing.keys, 30);
         let text = instructions(&addrs, 1_800_000_000);
         let q = text

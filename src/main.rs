@@ -66,6 +66,15 @@ enum Command {
         admin: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9000")]
         origin: SocketAddr,
+        /// Memory tier budget in bytes.
+        #[arg(long, default_value_t = 256 << 20)]
+        memory_bytes: u64,
+        /// Directory for a disk tier (none by default).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// Disk tier budget in bytes.
+        #[arg(long, default_value_t = 1 << 30)]
+        disk_bytes: u64,
     },
 }
 
@@ -131,11 +140,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http,
             admin,
             origin,
+            memory_bytes,
+            disk,
+            disk_bytes,
         } => {
-            let addrs = demo::DemoAddrs {
+            let addrs = demo::DemoOptions {
                 http,
                 admin,
                 origin,
+                memory_bytes,
+                disk,
+                disk_bytes,
             };
             let edge = demo::build(&addrs).context("cannot start the demo")?;
             println!("{}", demo::instructions(&addrs, demo::unix_now()));

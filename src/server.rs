@@ -18,6 +18,8 @@ use crate::edge::Edge;
 pub enum StartError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Config(crate::config::ConfigError),
     #[error("{key} {addr}: cannot listen: {error}")]
     Bind {
         key: &'static str,
