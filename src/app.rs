@@ -7,14 +7,20 @@ use crate::auth::Verifier;
 use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::SliceStore;
 use crate::config::Config;
+use crate::cors::Cors;
+use crate::dictionary::store::DictionaryStore;
 use crate::metrics::Metrics;
-use crate::origin::{OriginClient, ResolveError};
+use crate::origin::OriginClient;
 use crate::routes::Router;
+use crate::upstream::ResolveError;
 
 /// Everything a request handler needs. Immutable after start; interior state (caches,
 /// counters, pools) synchronises itself.
 pub struct AppState {
     pub verifier: Verifier,
+    pub dictionary: Option<DictionaryStore>,
+    pub dictionary_capacity: u64,
+    pub cors: Cors,
     pub router: Router,
     pub store: SliceStore,
     pub origin: Arc<OriginClient>,
@@ -58,7 +64,17 @@ impl AppState {
             .as_ref()
             .map(|d| d.paths.clone())
             .unwrap_or_default();
+        let dictionary = config
+            .dictionary
+            .as_ref()
+            .map(|d| {
+                DictionaryStore::new(d, config.server.upstream_keepalive_pool, metrics.clone())
+            })
+            .transpose()?;
         Ok(Arc::new(Self {
+            dictionary,
+            dictionary_capacity: config.dictionary.as_ref().map_or(0, |d| d.memory_bytes),
+            cors: Cors::new(&config.cors.allow_origins),
             verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs),
             router: Router::new(dictionary_paths),
             store,

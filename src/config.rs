@@ -208,6 +208,7 @@ pub struct Dictionary {
     pub negative_ttl_secs: u64,
     pub stale_if_error_secs: u64,
     pub memory_bytes: u64,
+    pub connect_timeout: Duration,
     pub timeout: Duration,
 }
 
@@ -403,7 +404,9 @@ mod file {
         pub stale_if_error_secs: u64,
         #[serde(default = "default_dictionary_memory")]
         pub memory_bytes: u64,
-        #[serde(default = "default_origin_timeout")]
+        #[serde(default = "default_connect_timeout")]
+        pub connect_timeout_ms: u64,
+        #[serde(default = "default_dictionary_timeout")]
         pub timeout_ms: u64,
     }
 
@@ -421,6 +424,9 @@ mod file {
     }
     fn default_dictionary_memory() -> u64 {
         64 << 20
+    }
+    fn default_dictionary_timeout() -> u64 {
+        2_000
     }
 
     #[derive(Deserialize, Default)]
@@ -657,6 +663,12 @@ fn validate_dictionary(raw: file::Dictionary) -> Result<Dictionary, ConfigError>
             ));
         }
     }
+    if raw.memory_bytes < 1 << 20 {
+        return Err(invalid(
+            "dictionary.memory_bytes",
+            "must be at least 1048576 (1 MiB)",
+        ));
+    }
     Ok(Dictionary {
         paths: raw.paths,
         upstream: parse_upstream_url("dictionary.upstream", &raw.upstream)?,
@@ -664,6 +676,7 @@ fn validate_dictionary(raw: file::Dictionary) -> Result<Dictionary, ConfigError>
         negative_ttl_secs: raw.negative_ttl_secs,
         stale_if_error_secs: raw.stale_if_error_secs,
         memory_bytes: raw.memory_bytes,
+        connect_timeout: positive_ms("dictionary.connect_timeout_ms", raw.connect_timeout_ms)?,
         timeout: positive_ms("dictionary.timeout_ms", raw.timeout_ms)?,
     })
 }

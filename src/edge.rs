@@ -11,6 +11,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
+use crate::dictionary;
 use crate::respond;
 use crate::routes::Route;
 use crate::video;
@@ -66,7 +67,8 @@ impl ProxyHttp for Edge {
         ctx.body_bytes = match ctx.route {
             Route::Range | Route::Object => video::serve(&self.state, session, ctx.route).await?,
             Route::NotFound => respond::plain(session, 404, "not found").await?,
-            Route::Dictionary | Route::Event | Route::LogBlob | Route::Stats => {
+            Route::Dictionary => dictionary::serve(&self.state, session).await?,
+            Route::Event | Route::LogBlob | Route::Stats => {
                 respond::plain(session, 501, "route not enabled on this edge").await?
             }
         };

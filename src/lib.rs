@@ -8,7 +8,9 @@ pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)
 pub mod cache; // slice cache tiers and coalesced fills
 pub mod config; // typed, validated configuration
+pub mod cors; // CORS allow-list and preflight constants
 pub mod demo; // `cdn-edge demo`: sample origin and instructions
+pub mod dictionary; // dictionary lookup cache
 pub mod edge; // ProxyHttp: route → handler, metrics in logging
 pub mod metrics; // every metric, registered once
 pub mod origin; // origin client: slice fetch, validation, failover
@@ -16,4 +18,5 @@ pub mod range; // range parsing and slice arithmetic (pure)
 pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)
 pub mod server; // Pingora server and services from config
+pub mod upstream; // upstream resolution and whole-body exchanges
 pub mod video; // the signed video routes

@@ -91,6 +91,42 @@ impl OriginResult {
     }
 }
 
+/// How a dictionary lookup was answered, the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DictionaryResult {
+    Hit,
+    NegativeHit,
+    Miss,
+    Refreshed,
+    Stale,
+    Error,
+}
+
+impl DictionaryResult {
+    pub const ALL: [DictionaryResult; 6] = [
+        DictionaryResult::Hit,
+        DictionaryResult::NegativeHit,
+        DictionaryResult::Miss,
+        DictionaryResult::Refreshed,
+        DictionaryResult::Stale,
+        DictionaryResult::Error,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            DictionaryResult::Hit => "hit",
+            DictionaryResult::NegativeHit => "negative_hit",
+            DictionaryResult::Miss => "miss",
+            DictionaryResult::Refreshed => "refreshed",
+            DictionaryResult::Stale => "stale",
+            DictionaryResult::Error => "error",
+        }
+    }
+}
+
+/// Results of dictionary upstream requests, the `result` label.
+const DICTIONARY_UPSTREAM_RESULTS: [&str; 4] = ["ok", "server_error", "timeout", "error"];
+
 /// Counters of one route. Status counters are bound on first use, so only statuses
 /// that happened show up in the exposition.
 pub struct RouteMetrics {
@@ -131,6 +167,11 @@ pub struct Metrics {
     pub origin_failovers: IntCounter,
     auth_failures: Vec<IntCounter>,
     pub stream_aborts: IntCounter,
+    dictionary_lookups: Vec<IntCounter>,
+    dictionary_upstream: Vec<IntCounter>,
+    pub dictionary_upstream_duration: Histogram,
+    pub dictionary_entries: IntGauge,
+    pub dictionary_bytes: IntGauge,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -355,6 +396,63 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let dict_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_dictionary_lookups_total",
+                    "Dictionary lookups, by how they were answered.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let dictionary_lookups = DictionaryResult::ALL
+            .iter()
+            .map(|res| dict_vec.with_label_values(&[res.label()]))
+            .collect();
+        let dict_up_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_dictionary_upstream_requests_total",
+                    "Dictionary upstream requests, by result (server_error is a 5xx answer).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let dictionary_upstream = DICTIONARY_UPSTREAM_RESULTS
+            .iter()
+            .map(|res| dict_up_vec.with_label_values(&[res]))
+            .collect();
+        let dictionary_upstream_duration = registered(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "cdn_edge_dictionary_upstream_duration_seconds",
+                    "Time of one dictionary upstream request, successful or not.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        let dictionary_entries = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_dictionary_entries",
+                "Dictionary answers held in cache.",
+            )
+            .expect("valid metric"),
+        );
+        let dictionary_bytes = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_dictionary_bytes",
+                "Bytes weighed by the dictionary cache (keys, bodies, room for encodings).",
+            )
+            .expect("valid metric"),
+        );
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -392,6 +490,11 @@ impl Metrics {
             origin_failovers,
             auth_failures,
             stream_aborts,
+            dictionary_lookups,
+            dictionary_upstream,
+            dictionary_upstream_duration,
+            dictionary_entries,
+            dictionary_bytes,
         }
     }
 
@@ -431,6 +534,24 @@ impl Metrics {
             .position(|r| *r == result)
             .expect("every result is registered");
         self.origin_requests[i].inc();
+    }
+
+    pub fn record_dictionary(&self, result: DictionaryResult) {
+        let i = DictionaryResult::ALL
+            .iter()
+            .position(|r| *r == result)
+            .expect("every result is registered");
+        self.dictionary_lookups[i].inc();
+    }
+
+    /// `result` is one of "ok", "server_error", "timeout", "error".
+    pub fn record_dictionary_upstream(&self, result: &'static str) {
+        if let Some(i) = DICTIONARY_UPSTREAM_RESULTS
+            .iter()
+            .position(|r| *r == result)
+        {
+            self.dictionary_upstream[i].inc();
+        }
     }
 
     /// Prometheus text exposition of every metric.

@@ -6,7 +6,6 @@
 //! whose body has exactly that many bytes. Anything else is an [`OriginError`], and
 //! errors are never cached.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,14 +20,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use std::sync::Arc;
 
-use crate::config::{self, PathTemplate, UpstreamUrl};
+use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
 use crate::range::ByteRange;
+use crate::upstream::{self, ResolveError, POOL_IDLE};
 
 /// Consecutive failures after which an origin is tried after the healthy ones.
 const UNHEALTHY_AFTER: u32 = 3;
-/// How long an idle pooled origin connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(60);
 
 /// Why a slice could not be had from the origins.
 #[derive(Debug, thiserror::Error)]
@@ -66,16 +64,6 @@ impl OriginError {
             OriginError::NotSatisfiable { .. } => OriginResult::NotSatisfiable,
         }
     }
-}
-
-/// Why the origin client could not be built.
-#[derive(Debug, thiserror::Error)]
-#[error("origin {url}: cannot resolve {host}:{port}: {detail}")]
-pub struct ResolveError {
-    url: String,
-    host: String,
-    port: u16,
-    detail: String,
 }
 
 /// A validated slice body with what it says about the object.
@@ -131,25 +119,11 @@ impl OriginClient {
             .urls
             .iter()
             .map(|u| {
-                let addr = resolve(u)?;
-                let mut peer = HttpPeer::new(addr, u.tls, u.host.clone());
-                peer.options.connection_timeout = Some(cfg.connect_timeout);
-                peer.options.total_connection_timeout = Some(cfg.connect_timeout);
-                peer.options.read_timeout = Some(cfg.timeout);
-                peer.options.write_timeout = Some(cfg.timeout);
-                peer.options.idle_timeout = Some(POOL_IDLE);
-                let default_port = if u.tls { 443 } else { 80 };
-                let host_header = if u.port == default_port {
-                    u.host.clone()
-                } else if u.host.contains(':') {
-                    format!("[{}]:{}", u.host, u.port)
-                } else {
-                    format!("{}:{}", u.host, u.port)
-                };
+                let addr = upstream::resolve(u)?;
                 Ok(Origin {
                     url: u.url.clone(),
-                    peer,
-                    host_header,
+                    peer: upstream::peer(u, addr, cfg.connect_timeout, cfg.timeout),
+                    host_header: upstream::host_header(u),
                     consecutive_failures: AtomicU32::new(0),
                     last_error: Mutex::new(None),
                 })
@@ -272,20 +246,6 @@ impl OriginClient {
         }
         unreachable!("the second attempt always returns")
     }
-}
-
-fn resolve(u: &UpstreamUrl) -> Result<SocketAddr, ResolveError> {
-    let err = |detail: String| ResolveError {
-        url: u.url.clone(),
-        host: u.host.clone(),
-        port: u.port,
-        detail,
-    };
-    (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| err(e.to_string()))?
-        .next()
-        .ok_or_else(|| err("no address".into()))
 }
 
 fn transport_error(origin: &Origin, e: &pingora::Error, timeout: Duration) -> OriginError {

@@ -1,0 +1,167 @@
+//! Canonical dictionary keys (SPEC §2.4): path + every query parameter, percent-decoded,
+//! Unicode NFC-normalised, sorted. Pure.
+//!
+//! `form=%EC%96%B4` (NFC) and the same word typed as conjoining jamo (NFD) are one key.
+//! The query is read as `application/x-www-form-urlencoded`: `+` is a space.
+
+use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use unicode_normalization::UnicodeNormalization;
+
+/// Characters left as they are when the canonical query is written: RFC 3986 unreserved.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Most parameters in one lookup.
+pub const MAX_PARAMS: usize = 64;
+
+/// Why a query cannot be a dictionary key: a 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("malformed percent-encoding in the query")]
+    BadPercentEncoding,
+    #[error("query is not valid UTF-8 once decoded")]
+    NotUtf8,
+    #[error("too many query parameters")]
+    TooManyParams,
+}
+
+/// Builds the canonical `path?query` for a lookup; it is both the cache key and the
+/// upstream request target.
+pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, KeyError> {
+    let mut params: Vec<(String, String)> = Vec::new();
+    if let Some(q) = raw_query {
+        for pair in q.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+            if params.len() == MAX_PARAMS {
+                return Err(KeyError::TooManyParams);
+            }
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &[][..]),
+            };
+            params.push((decode(k)?, decode(v)?));
+        }
+    }
+    params.sort_unstable();
+    let mut out = String::with_capacity(path.len() + 64);
+    out.push_str(path);
+    for (i, (k, v)) in params.iter().enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        out.extend(utf8_percent_encode(k, UNRESERVED));
+        out.push('=');
+        out.extend(utf8_percent_encode(v, UNRESERVED));
+    }
+    Ok(out)
+}
+
+/// Percent-decodes (strictly: `%` must start two hex digits), checks UTF-8, applies NFC.
+fn decode(raw: &[u8]) -> Result<String, KeyError> {
+    for (i, &b) in raw.iter().enumerate() {
+        if b == b'%'
+            && !(raw.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && raw.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        {
+            return Err(KeyError::BadPercentEncoding);
+        }
+    }
+    let plus_as_space: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    let bytes: Vec<u8> = percent_decode(&plus_as_space).collect();
+    let text = String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?;
+    Ok(text.nfc().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/base_dict_getHoverDict_8";
+
+    fn key(q: &str) -> Result<String, KeyError> {
+        canonical_target(P, Some(q.as_bytes()))
+    }
+
+    #[test]
+    fn the_players_lookup() {
+        let k = key("form=%EC%96%B4&lemma=&sl=ko&tl=en&pos=NOUN&pow=n").unwrap();
+        assert_eq!(
+            k,
+            "/base_dict_getHoverDict_8?form=%EC%96%B4&lemma=&pos=NOUN&pow=n&sl=ko&tl=en"
+        );
+    }
+
+    #[test]
+    fn parameter_order_does_not_matter() {
+        assert_eq!(
+            key("sl=ko&tl=en&form=a").unwrap(),
+            key("form=a&tl=en&sl=ko").unwrap()
+        );
+    }
+
+    #[test]
+    fn nfd_and_nfc_are_one_key() {
+        // 어 as one precomposed syllable (NFC) and as two conjoining jamo (NFD).
+        let nfc = key("form=%EC%96%B4&sl=ko").unwrap();
+        let nfd = key("form=%E1%84%8B%E1%85%A5&sl=ko").unwrap();
+        assert_eq!(nfc, nfd);
+        let raw_nfd = format!("form={}&sl=ko", "\u{110B}\u{1165}");
+        assert_eq!(canonical_target(P, Some(raw_nfd.as_bytes())).unwrap(), nfc);
+    }
+
+    #[test]
+    fn encodings_of_the_same_text_are_one_key() {
+        assert_eq!(key("form=a%20b").unwrap(), key("form=a+b").unwrap());
+        assert_eq!(key("form=%41").unwrap(), key("form=A").unwrap());
+        assert_eq!(
+            key("form=%e3%81%82").unwrap(),
+            key("form=%E3%81%82").unwrap()
+        );
+    }
+
+    #[test]
+    fn every_parameter_splits_the_key() {
+        let base = key("form=a&pos=NOUN&sl=ko&tl=en").unwrap();
+        for other in [
+            "form=a&pos=VERB&sl=ko&tl=en",
+            "form=a&pos=NOUN&sl=ja&tl=en",
+            "form=a&pos=NOUN&sl=ko&tl=fr",
+            "form=a&pos=NOUN&sl=ko&tl=en&x=1",
+        ] {
+            assert_ne!(key(other).unwrap(), base, "{other}");
+        }
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert_eq!(key("form=%"), Err(KeyError::BadPercentEncoding));
+        assert_eq!(key("form=%E"), Err(KeyError::BadPercentEncoding));
+        assert_eq!(key("form=%ZZ"), Err(KeyError::BadPercentEncoding));
+        assert_eq!(key("form=%FF%FE"), Err(KeyError::NotUtf8));
+        assert_eq!(
+            canonical_target(P, Some(b"form=\xff")),
+            Err(KeyError::NotUtf8)
+        );
+        let many = vec!["a=1"; MAX_PARAMS + 1].join("&");
+        assert_eq!(key(&many), Err(KeyError::TooManyParams));
+    }
+
+    #[test]
+    fn empty_and_valueless_parameters() {
+        assert_eq!(canonical_target(P, None).unwrap(), P);
+        assert_eq!(key("").unwrap(), P);
+        assert_eq!(key("&&a&b=").unwrap(), format!("{P}?a=&b="));
+    }
+
+    #[test]
+    fn reserved_characters_are_re_encoded() {
+        assert_eq!(
+            key("form=a%26b%3Dc").unwrap(),
+            format!("{P}?form=a%26b%3Dc")
+        );
+        assert_eq!(key("form=a/b").unwrap(), format!("{P}?form=a%2Fb"));
+    }
+}

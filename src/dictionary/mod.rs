@@ -1,0 +1,125 @@
+//! Dictionary lookups (SPEC §2.4): small JSON GETs from the player's subtitle hover,
+//! answered from a cache keyed by the canonical query.
+//!
+//! Order of work: method (OPTIONS is a CORS preflight) → canonical key (400 on bad
+//! encoding) → cache or upstream → the answer with `Cache-Status`, `Age`, CORS headers
+//! and, for larger bodies, the encoding the client prefers.
+
+pub mod encoding;
+pub mod key;
+pub mod policy;
+pub mod store;
+
+use std::time::Instant;
+
+use http::{header, HeaderValue, Method};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+use crate::app::AppState;
+use crate::cors::{ALLOWED_METHODS, PREFLIGHT_MAX_AGE};
+use crate::respond;
+use store::Outcome;
+
+const VARY: HeaderValue = HeaderValue::from_static("Origin, Accept-Encoding");
+
+fn cache_status(outcome: Outcome) -> HeaderValue {
+    HeaderValue::from_static(match outcome {
+        Outcome::Hit => "cdn-edge; hit",
+        Outcome::Miss => "cdn-edge; fwd=miss",
+        Outcome::Refreshed => "cdn-edge; fwd=stale",
+        Outcome::Stale => "cdn-edge; hit; fwd=stale; detail=stale-if-error",
+    })
+}
+
+/// Serves a dictionary request; returns the body bytes written.
+pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u64> {
+    let Some(store) = state.dictionary.as_ref() else {
+        return respond::plain(session, 404, "not found").await;
+    };
+    let req = session.req_header();
+    let allow_origin = state.cors.allow(req.headers.get(header::ORIGIN));
+    match req.method {
+        Method::OPTIONS => return preflight(session, allow_origin).await,
+        Method::GET | Method::HEAD => {}
+        _ => return respond::method_not_allowed(session, "GET, HEAD, OPTIONS").await,
+    }
+    let target = match key::canonical_target(req.uri.path(), req.uri.query().map(str::as_bytes)) {
+        Ok(t) => t,
+        Err(e) => return respond::plain(session, 400, &e.to_string()).await,
+    };
+    let wanted = encoding::negotiate(
+        req.headers
+            .get(header::ACCEPT_ENCODING)
+            .map(|v| v.as_bytes()),
+    );
+    let head = req.method == Method::HEAD;
+
+    let (entry, outcome) = match store.lookup(&target).await {
+        Ok(found) => found,
+        Err(e) => {
+            let status = e.status();
+            return respond::plain(
+                session,
+                status,
+                if status == 504 {
+                    "gateway timeout: the dictionary upstream did not answer in time"
+                } else {
+                    "bad gateway: the dictionary upstream failed"
+                },
+            )
+            .await;
+        }
+    };
+    let (enc, body) = entry.body_for(wanted);
+    let mut resp = ResponseHeader::build(entry.status, Some(10))?;
+    resp.insert_header(header::CONTENT_TYPE, entry.content_type.clone())?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header("Cache-Status", cache_status(outcome))?;
+    resp.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
+    resp.insert_header(header::VARY, VARY)?;
+    if enc != encoding::Encoding::Identity {
+        resp.insert_header(header::CONTENT_ENCODING, enc.token())?;
+    }
+    if let Some(origin) = allow_origin {
+        resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+    }
+    if head || body.is_empty() {
+        session.write_response_header(Box::new(resp), true).await?;
+        return Ok(0);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    let len = body.len() as u64;
+    session.write_response_body(Some(body), true).await?;
+    Ok(len)
+}
+
+/// Answers a CORS preflight without touching the upstream: 204 with the CORS headers
+/// for an allowed origin, 403 for any other.
+async fn preflight(
+    session: &mut Session,
+    allow_origin: Option<HeaderValue>,
+) -> pingora::Result<u64> {
+    let Some(origin) = allow_origin else {
+        return respond::plain(session, 403, "origin not allowed").await;
+    };
+    let requested_headers = session
+        .req_header()
+        .headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .cloned();
+    let mut resp = ResponseHeader::build(204, Some(6))?;
+    resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+    resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS)?;
+    if let Some(h) = requested_headers {
+        resp.insert_header(header::ACCESS_CONTROL_ALLOW_HEADERS, h)?;
+    }
+    resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, PREFLIGHT_MAX_AGE)?;
+    resp.insert_header(
+        header::VARY,
+        "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+    )?;
+    resp.insert_header(header::CONTENT_LENGTH, 0)?;
+    session.write_response_header(Box::new(resp), true).await?;
+    Ok(0)
+}

@@ -1,0 +1,275 @@
+//! The dictionary cache: entries by canonical key, bounded in bytes, each with its own
+//! freshness; one upstream request per key at a time; stale-if-error.
+//!
+//! An entry is fresh until `fresh_until`. After that the next lookup asks the upstream
+//! (every concurrent lookup of the key waits for that one request). If the upstream
+//! fails (unreachable, timeout or 5xx), a 200 entry is still served until
+//! `stale_until = fresh_until + stale_if_error_secs`; moka drops it after that.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::Expiry;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+
+use super::encoding::{self, Encoding};
+use super::policy::{storable, Storable};
+use crate::config::Dictionary as DictionaryConfig;
+use crate::metrics::{DictionaryResult, Metrics};
+use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
+
+/// Largest upstream answer accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Per-entry bookkeeping counted against `dictionary.memory_bytes`.
+const ENTRY_OVERHEAD: u32 = 256;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// One stored (or passed-through) upstream answer.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: u16,
+    pub body: Bytes,
+    pub content_type: HeaderValue,
+    pub stored: Instant,
+    pub fresh_until: Instant,
+    pub stale_until: Instant,
+    encoded: [OnceLock<Bytes>; 3],
+}
+
+impl Entry {
+    /// The body in `enc`, compressed on first use and kept for later hits. Small bodies
+    /// are always sent as they are.
+    pub fn body_for(&self, enc: Encoding) -> (Encoding, Bytes) {
+        match enc.slot() {
+            Some(slot) if self.body.len() >= encoding::MIN_COMPRESS_BYTES => {
+                let b = self.encoded[slot].get_or_init(|| encoding::compress(enc, &self.body));
+                (enc, b.clone())
+            }
+            _ => (Encoding::Identity, self.body.clone()),
+        }
+    }
+
+    /// Whole seconds since the answer was received.
+    pub fn age_secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.stored).as_secs()
+    }
+}
+
+/// How a lookup was answered, for `Cache-Status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Fresh entry.
+    Hit,
+    /// No entry: fetched (and stored if storable).
+    Miss,
+    /// Expired entry replaced by a new upstream answer.
+    Refreshed,
+    /// Expired entry served because the upstream failed.
+    Stale,
+}
+
+/// Why a lookup has no answer to give.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct LookupError(#[from] pub ExchangeError);
+
+impl LookupError {
+    pub fn status(&self) -> u16 {
+        match self.0 {
+            ExchangeError::Timeout { .. } => 504,
+            _ => 502,
+        }
+    }
+}
+
+struct Lifetime;
+
+impl Expiry<Arc<str>, Arc<Entry>> for Lifetime {
+    fn expire_after_create(&self, _k: &Arc<str>, v: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(v.stale_until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &Arc<str>,
+        v: &Arc<Entry>,
+        now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.stale_until.saturating_duration_since(now))
+    }
+}
+
+/// Dictionary cache and its upstream. One per process.
+pub struct DictionaryStore {
+    entries: moka::future::Cache<Arc<str>, Arc<Entry>>,
+    inflight: moka::future::Cache<Arc<str>, Arc<Entry>>,
+    upstream: HttpUpstream,
+    connector: Connector,
+    ttl: Duration,
+    negative_ttl: Duration,
+    stale_if_error: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Point-in-time size, for `/status` and gauges.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct DictionaryStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+impl DictionaryStore {
+    pub fn new(
+        cfg: &DictionaryConfig,
+        keepalive_pool: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ResolveError> {
+        let upstream = HttpUpstream::new(&cfg.upstream, cfg.connect_timeout, cfg.timeout)?;
+        let entries = moka::future::Cache::builder()
+            .name("dictionary")
+            .max_capacity(cfg.memory_bytes)
+            .weigher(|k: &Arc<str>, v: &Arc<Entry>| {
+                // Room for the encoded variants too (each at most about the body).
+                let n = k.len() + 2 * v.body.len();
+                u32::try_from(n)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(ENTRY_OVERHEAD)
+            })
+            .expire_after(Lifetime)
+            .build();
+        Ok(Self {
+            entries,
+            inflight: moka::future::Cache::builder().max_capacity(65_536).build(),
+            upstream,
+            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
+            ttl: Duration::from_secs(cfg.ttl_secs),
+            negative_ttl: Duration::from_secs(cfg.negative_ttl_secs),
+            stale_if_error: Duration::from_secs(cfg.stale_if_error_secs),
+            metrics,
+        })
+    }
+
+    /// Answers `target` (a canonical `path?query`) from cache or upstream.
+    pub async fn lookup(&self, target: &str) -> Result<(Arc<Entry>, Outcome), LookupError> {
+        let key: Arc<str> = Arc::from(target);
+        let cached = self.entries.get(&key).await;
+        let now = Instant::now();
+        if let Some(e) = cached.as_ref().filter(|e| now < e.fresh_until) {
+            self.metrics.record_dictionary(if e.status == 404 {
+                DictionaryResult::NegativeHit
+            } else {
+                DictionaryResult::Hit
+            });
+            return Ok((e.clone(), Outcome::Hit));
+        }
+        let fetched = self
+            .inflight
+            .try_get_with(key.clone(), self.fetch(key.clone()))
+            .await;
+        self.inflight.invalidate(&key).await;
+        let stale = cached.filter(|e| e.status == 200 && Instant::now() < e.stale_until);
+        match (fetched, stale) {
+            (Ok(e), Some(old)) if e.status >= 500 => self.serve_stale(old),
+            (Ok(e), old) => {
+                let outcome = if old.is_some() {
+                    Outcome::Refreshed
+                } else {
+                    Outcome::Miss
+                };
+                self.metrics
+                    .record_dictionary(if outcome == Outcome::Refreshed {
+                        DictionaryResult::Refreshed
+                    } else {
+                        DictionaryResult::Miss
+                    });
+                Ok((e, outcome))
+            }
+            (Err(_), Some(old)) => self.serve_stale(old),
+            (Err(e), None) => {
+                self.metrics.record_dictionary(DictionaryResult::Error);
+                Err(LookupError((*e).clone()))
+            }
+        }
+    }
+
+    fn serve_stale(&self, old: Arc<Entry>) -> Result<(Arc<Entry>, Outcome), LookupError> {
+        self.metrics.record_dictionary(DictionaryResult::Stale);
+        Ok((old, Outcome::Stale))
+    }
+
+    /// One upstream request; stores the answer when it may be cached.
+    async fn fetch(&self, key: Arc<str>) -> Result<Arc<Entry>, ExchangeError> {
+        let started = Instant::now();
+        let answer = self
+            .upstream
+            .exchange(&self.connector, "GET", &key, &[], None, MAX_BODY_BYTES)
+            .await;
+        self.metrics
+            .dictionary_upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.metrics.record_dictionary_upstream(match e {
+                    ExchangeError::Timeout { .. } => "timeout",
+                    _ => "error",
+                });
+                tracing::warn!(error = %e, "dictionary upstream failed");
+                return Err(e);
+            }
+        };
+        self.metrics
+            .record_dictionary_upstream(if answer.status >= 500 {
+                "server_error"
+            } else {
+                "ok"
+            });
+        let now = Instant::now();
+        let cc = answer
+            .headers
+            .get(http::header::CACHE_CONTROL)
+            .map(|v| v.as_bytes());
+        let lifetime = storable(answer.status, cc, self.ttl, self.negative_ttl);
+        let fresh_for = match lifetime {
+            Storable::For(d) => d,
+            Storable::No => Duration::ZERO,
+        };
+        let stale_for = if answer.status == 200 {
+            self.stale_if_error
+        } else {
+            Duration::ZERO
+        };
+        let entry = Arc::new(Entry {
+            status: answer.status,
+            content_type: answer
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .cloned()
+                .unwrap_or(JSON),
+            body: answer.body,
+            stored: now,
+            fresh_until: now + fresh_for,
+            stale_until: now + fresh_for + stale_for,
+            encoded: Default::default(),
+        });
+        if lifetime != Storable::No {
+            self.entries.insert(key, entry.clone()).await;
+        }
+        Ok(entry)
+    }
+
+    pub async fn stats(&self, capacity_bytes: u64) -> DictionaryStats {
+        self.entries.run_pending_tasks().await;
+        DictionaryStats {
+            entries: self.entries.entry_count(),
+            bytes: self.entries.weighted_size(),
+            capacity_bytes,
+        }
+    }
+}
