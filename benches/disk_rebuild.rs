@@ -43,7 +43,7 @@ fn main() {
     let _guard = rt.enter();
 
     let metrics = Arc::new(Metrics::new());
-    let tier = DiskTier::open(&cfg, metrics.clone()).expect("open disk tier");
+    let tier = DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone()).expect("open disk tier");
     let payload = Bytes::from(vec![0x5a; PAYLOAD]);
     let written = Instant::now();
     for n in 0..files {
@@ -80,7 +80,7 @@ fn main() {
 
     let metrics = Arc::new(Metrics::new());
     let opened = Instant::now();
-    let tier = DiskTier::open(&cfg, metrics.clone()).expect("reopen disk tier");
+    let tier = DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone()).expect("reopen disk tier");
     let open_time = opened.elapsed();
     let rebuild = wait("rebuild", Duration::from_secs(600), || {
         tier.stats().index_ready

@@ -50,7 +50,7 @@ impl AppState {
             .cache
             .disk
             .as_ref()
-            .map(|d| DiskTier::open(d, metrics.clone()))
+            .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone()))
             .transpose()?;
         let store = SliceStore::new(
             config.cache.slice_bytes,

@@ -24,6 +24,8 @@ pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 30;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// Default time budget for one origin slice fetch (headers and body).
 pub const DEFAULT_ORIGIN_TIMEOUT_MS: u64 = 10_000;
+/// Default time before an unhealthy origin is probed again in its configured place.
+pub const DEFAULT_RETRY_UNHEALTHY_MS: u64 = 10_000;
 /// Default origin path template.
 pub const DEFAULT_ORIGIN_PATH: &str = "/objects/{o}/{v}";
 /// Default SIGTERM grace period before the final shutdown step.
@@ -126,6 +128,8 @@ pub struct Origin {
     pub path: PathTemplate,
     pub connect_timeout: Duration,
     pub timeout: Duration,
+    /// How long an origin with 3+ consecutive failures is tried after the healthy ones.
+    pub retry_unhealthy: Duration,
 }
 
 /// `http[s]://host[:port]` of an origin or upstream, checked but not resolved.
@@ -378,6 +382,12 @@ mod file {
         pub connect_timeout_ms: u64,
         #[serde(default = "default_origin_timeout")]
         pub timeout_ms: u64,
+        #[serde(default = "default_retry_unhealthy")]
+        pub retry_unhealthy_ms: u64,
+    }
+
+    fn default_retry_unhealthy() -> u64 {
+        DEFAULT_RETRY_UNHEALTHY_MS
     }
 
     fn default_origin_path() -> String {
@@ -651,6 +661,7 @@ fn validate_origin(raw: file::Origin) -> Result<Origin, ConfigError> {
         path,
         connect_timeout: positive_ms("origin.connect_timeout_ms", raw.connect_timeout_ms)?,
         timeout: positive_ms("origin.timeout_ms", raw.timeout_ms)?,
+        retry_unhealthy: positive_ms("origin.retry_unhealthy_ms", raw.retry_unhealthy_ms)?,
     })
 }
 

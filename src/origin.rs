@@ -6,7 +6,7 @@
 //! whose body has exactly that many bytes. Anything else is an [`OriginError`], and
 //! errors are never cached.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,16 @@ impl OriginError {
         }
     }
 
+    /// Whether this says something about the origin's health (rather than about the
+    /// object): transport failures, timeouts, 5xx and malformed answers.
+    fn is_origin_failure(&self) -> bool {
+        match self {
+            OriginError::BadStatus { status, .. } => *status >= 500,
+            OriginError::NotSatisfiable { .. } => false,
+            _ => true,
+        }
+    }
+
     fn result(&self) -> OriginResult {
         match self {
             OriginError::Unreachable { .. } => OriginResult::ConnectError,
@@ -89,12 +99,17 @@ struct Origin {
     peer: HttpPeer,
     host_header: String,
     consecutive_failures: AtomicU32,
+    /// Milliseconds after the client's start of the last failure.
+    last_failure_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 impl Origin {
-    fn healthy(&self) -> bool {
+    /// Healthy, or unhealthy for long enough that the next fetch should probe it again
+    /// in its configured place.
+    fn healthy(&self, now_ms: u64, retry_after_ms: u64) -> bool {
         self.consecutive_failures.load(Ordering::Relaxed) < UNHEALTHY_AFTER
+            || now_ms.saturating_sub(self.last_failure_ms.load(Ordering::Relaxed)) >= retry_after_ms
     }
 }
 
@@ -103,6 +118,8 @@ impl Origin {
 pub struct OriginClient {
     connector: Connector,
     origins: Vec<Origin>,
+    started: Instant,
+    retry_unhealthy_ms: u64,
     path: PathTemplate,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -125,6 +142,7 @@ impl OriginClient {
                     peer: upstream::peer(u, addr, cfg.connect_timeout, cfg.timeout),
                     host_header: upstream::host_header(u),
                     consecutive_failures: AtomicU32::new(0),
+                    last_failure_ms: AtomicU64::new(0),
                     last_error: Mutex::new(None),
                 })
             })
@@ -132,6 +150,8 @@ impl OriginClient {
         Ok(Self {
             connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
             origins,
+            started: Instant::now(),
+            retry_unhealthy_ms: cfg.retry_unhealthy.as_millis() as u64,
             path: cfg.path.clone(),
             timeout: cfg.timeout,
             metrics,
@@ -184,7 +204,12 @@ impl OriginClient {
                 }
                 Err(e) => {
                     self.metrics.record_origin(e.result());
-                    origin.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                    if e.is_origin_failure() {
+                        origin.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                        origin
+                            .last_failure_ms
+                            .store(self.now_ms(), Ordering::Relaxed);
+                    }
                     tracing::warn!(origin = %origin.url, path = %path, error = %e, "origin slice fetch failed");
                     if let Ok(mut last) = origin.last_error.lock() {
                         *last = Some(e.to_string());
@@ -196,11 +221,28 @@ impl OriginClient {
         Err(last_error.expect("at least one origin is configured"))
     }
 
-    /// Healthy origins first, then the others, each group in configured order.
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Healthy origins first, then the others, each group in configured order. An
+    /// unhealthy origin counts as healthy again once `retry_unhealthy_ms` has passed
+    /// since its last failure, so it gets a probe and, if that succeeds, its traffic back.
     fn in_order(&self) -> impl Iterator<Item = &Origin> {
-        let healthy = self.origins.iter().filter(|o| o.healthy());
-        let unhealthy = self.origins.iter().filter(|o| !o.healthy());
-        healthy.chain(unhealthy)
+        let now = self.now_ms();
+        let health: Vec<bool> = self
+            .origins
+            .iter()
+            .map(|o| o.healthy(now, self.retry_unhealthy_ms))
+            .collect();
+        let pick = move |want: bool| {
+            self.origins
+                .iter()
+                .zip(health.clone())
+                .filter(move |(_, h)| *h == want)
+                .map(|(o, _)| o)
+        };
+        pick(true).chain(pick(false))
     }
 
     pub fn health(&self) -> Vec<OriginHealth> {
@@ -208,7 +250,7 @@ impl OriginClient {
             .iter()
             .map(|o| OriginHealth {
                 url: o.url.clone(),
-                healthy: o.healthy(),
+                healthy: o.healthy(self.now_ms(), self.retry_unhealthy_ms),
                 consecutive_failures: o.consecutive_failures.load(Ordering::Relaxed),
                 last_error: o.last_error.lock().ok().and_then(|l| l.clone()),
             })

@@ -1,6 +1,6 @@
 //! The video routes (SPEC §2.2): `/range/{start}-{end}` and `/` with a `Range` header.
 //!
-//! Order of work: method → signature → range syntax → object metadata → first slice →
+//! Order of work: signature → method → range syntax → object metadata → first slice →
 //! response header → the rest of the slices, each written while the next is fetched.
 //! The first slice is fetched before the header so an origin failure is still a clean
 //! 502/504; a failure after that cuts the response short.
@@ -17,7 +17,8 @@ use crate::app::AppState;
 use crate::cache::{ObjectMeta, ObjectRef};
 use crate::origin::OriginError;
 use crate::range::{
-    parse_range_header, parse_range_path, resolve_range_path, slice_pieces, ByteRange, RangeSpec,
+    parse_range_header, parse_range_path, resolve_range_path, slice_len, slice_pieces, ByteRange,
+    RangeSpec, SlicePiece,
 };
 use crate::respond;
 use crate::routes::{Route, RANGE_PREFIX};
@@ -46,11 +47,6 @@ impl Want {
 
 /// Serves a video request and returns the number of body bytes written.
 pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pingora::Result<u64> {
-    let method = &session.req_header().method;
-    let head = *method == Method::HEAD;
-    if !head && *method != Method::GET {
-        return respond::method_not_allowed(session, "GET, HEAD").await;
-    }
     // A cheap handle (the URI shares its bytes), so the signed values can be borrowed
     // while the session is written to.
     let uri = session.req_header().uri.clone();
@@ -62,6 +58,11 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             return respond::plain(session, failure.status(), &failure.message()).await;
         }
     };
+    let method = &session.req_header().method;
+    let head = *method == Method::HEAD;
+    if !head && *method != Method::GET {
+        return respond::method_not_allowed(session, "GET, HEAD").await;
+    }
     let want = match route {
         Route::Range => match parse_range_path(&uri.path()[RANGE_PREFIX.len()..]) {
             Ok((start, end)) => Want::Path(start, end),
@@ -103,58 +104,51 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             None => return not_satisfiable(session, meta).await,
         },
     };
-
     let all_cached = !lookup.fetched
         && range.is_none_or(|r| {
             slice_pieces(r, slice_bytes).all(|p| state.store.contains(obj.id, p.index))
         });
-    let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header(header::CONTENT_TYPE, meta.content_type.clone())?;
-    resp.insert_header(header::CONTENT_LENGTH, range.map_or(0, ByteRange::len))?;
-    if status == 206 {
-        if let Some(r) = range {
-            resp.insert_header(
-                "Content-Range",
-                format!("bytes {}-{}/{}", r.start, r.end, meta.size),
-            )?;
-        }
-    }
-    resp.insert_header(header::ACCEPT_RANGES, BYTES)?;
-    resp.insert_header("ETag", meta.etag.clone())?;
-    resp.insert_header(
-        "Cache-Status",
-        if all_cached { CACHE_HIT } else { CACHE_MISS },
-    )?;
 
-    let range = match range {
+    let body_range = match range {
         Some(r) if !head => r,
         _ => {
-            session.write_response_header(Box::new(resp), true).await?;
+            let resp = response_header(status, range, meta, &meta.content_type, all_cached)?;
+            session.write_response_header(resp, true).await?;
             return Ok(0);
         }
     };
-
-    let mut pieces = slice_pieces(range, slice_bytes);
+    let mut pieces = slice_pieces(body_range, slice_bytes);
     let mut piece = pieces.next().expect("a range covers at least one slice");
-    let mut current = match lookup.slice {
-        Some((index, bytes)) if index == piece.index => bytes,
+    let (mut current, content_type) = match lookup.slice {
+        Some((index, bytes)) if index == piece.index => (bytes, meta.content_type.clone()),
         _ => match state.store.slice(&obj, piece.index).await {
-            Ok(s) => s.bytes,
+            // Metadata learnt from a 416 has no type; the slice's own record may.
+            Ok(s) if !meta.content_type_known() => (s.bytes, s.meta.content_type.clone()),
+            Ok(s) => (s.bytes, meta.content_type.clone()),
             Err(e) => return origin_failure(session, &e).await,
         },
     };
-    session.write_response_header(Box::new(resp), false).await?;
+    let chunk = match piece_of(&current, piece, slice_bytes, meta.size, &obj) {
+        Ok(c) => c,
+        Err(_) => return respond::plain(session, 502, "bad gateway: inconsistent object").await,
+    };
+    let resp = response_header(status, range, meta, &content_type, all_cached)?;
+    session.write_response_header(resp, false).await?;
+    let mut chunk = Some(chunk);
     let mut written = 0u64;
     loop {
-        let chunk = piece_of(&current, piece.from, piece.to, &obj)?;
-        written += chunk.len() as u64;
+        let this = match chunk.take() {
+            Some(c) => c,
+            None => piece_of(&current, piece, slice_bytes, meta.size, &obj)?,
+        };
+        written += this.len() as u64;
         let Some(next) = pieces.next() else {
-            session.write_response_body(Some(chunk), true).await?;
+            session.write_response_body(Some(this), true).await?;
             return Ok(written);
         };
         // Performance: the next slice is fetched while this one drains to the socket.
         let (sent, fetched) = tokio::join!(
-            session.write_response_body(Some(chunk), false),
+            session.write_response_body(Some(this), false),
             state.store.slice(&obj, next.index)
         );
         if let Err(e) = sent {
@@ -174,19 +168,55 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     }
 }
 
-/// The piece of a slice a response needs, shared with the cache (no copy).
-fn piece_of(slice: &Bytes, from: usize, to: usize, obj: &ObjectRef<'_>) -> pingora::Result<Bytes> {
-    if to > slice.len() {
+fn response_header(
+    status: u16,
+    range: Option<ByteRange>,
+    meta: &ObjectMeta,
+    content_type: &HeaderValue,
+    all_cached: bool,
+) -> pingora::Result<Box<ResponseHeader>> {
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header(header::CONTENT_TYPE, content_type.clone())?;
+    resp.insert_header(header::CONTENT_LENGTH, range.map_or(0, ByteRange::len))?;
+    if status == 206 {
+        if let Some(r) = range {
+            resp.insert_header(
+                "Content-Range",
+                format!("bytes {}-{}/{}", r.start, r.end, meta.size),
+            )?;
+        }
+    }
+    resp.insert_header(header::ACCEPT_RANGES, BYTES)?;
+    resp.insert_header("ETag", meta.etag.clone())?;
+    resp.insert_header(
+        "Cache-Status",
+        if all_cached { CACHE_HIT } else { CACHE_MISS },
+    )?;
+    Ok(Box::new(resp))
+}
+
+/// The piece of a slice a response needs, shared with the cache (no copy). The slice
+/// must be exactly as long as that slice of an object of `size` bytes.
+fn piece_of(
+    slice: &Bytes,
+    piece: SlicePiece,
+    slice_bytes: u64,
+    size: u64,
+    obj: &ObjectRef<'_>,
+) -> pingora::Result<Bytes> {
+    let expected = slice_len(piece.index, slice_bytes, size);
+    if slice.len() as u64 != expected {
         tracing::error!(
             object = obj.o,
             version = obj.v,
+            slice = piece.index,
             len = slice.len(),
-            to,
-            "cached slice is shorter than the object size says"
+            expected,
+            "slice length disagrees with the object size; not served"
         );
-        return Error::e_explain(ErrorType::InternalError, "slice shorter than expected");
+        return Error::e_explain(ErrorType::InternalError, "slice length mismatch");
     }
-    Ok(slice.slice(from..to))
+    Ok(slice.slice(piece.from..piece.to))
 }
 
 async fn not_satisfiable(session: &mut Session, meta: &ObjectMeta) -> pingora::Result<u64> {

@@ -197,7 +197,9 @@ async fn eviction_keeps_the_directory_within_max_bytes() {
     let bytes = object_bytes(24, SIZE);
     origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
     let max = 10 * SLICE + 10 * 100; // room for ten slice files
-    let edge = Edge::start(opts(&origin, dir.path(), max)).await;
+    let mut o = disk_only(&origin, dir.path());
+    o.disk = Some((dir.path().to_path_buf(), max));
+    let edge = Edge::start(o).await;
     fill_all(&edge, &bytes).await;
     let files = slice_files(dir.path());
     let total: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
@@ -212,8 +214,48 @@ async fn eviction_keeps_the_directory_within_max_bytes() {
         status["cache"]["disk"]["entries"].as_u64().unwrap(),
         files.len() as u64
     );
-    // Evicted slices come back from the origin, correctly.
+    // LRU: the ten most recently written slices (6..=15) stay, and are served from disk.
+    let q = signed("movie", "v1");
+    let before = origin.requests();
+    let kept = edge
+        .get(&format!("/range/{}-{}?{q}", 6 * SLICE, SIZE - 1), &[])
+        .await;
+    assert!(kept.body == bytes[6 * SLICE as usize..]);
+    assert_eq!(origin.requests(), before, "kept slices come from disk");
+    // Evicted ones come back from the origin, correctly.
+    let evicted = edge
+        .get(&format!("/range/0-{}?{q}", 2 * SLICE - 1), &[])
+        .await;
+    assert!(evicted.body == bytes[..2 * SLICE as usize]);
+    assert_eq!(origin.requests(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_slice_size_never_misreads_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(25, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(disk_only(&origin, dir.path())).await;
+    fill_all(&edge, &bytes).await;
+    drop(edge);
+
+    let mut o = disk_only(&origin, dir.path());
+    o.slice_bytes = 2 * SLICE;
+    o.memory_bytes = 2 * SLICE;
+    let edge = Edge::start(o).await;
+    let q = signed("movie", "v1");
+    // Slice 1 at 128 KiB holds bytes 131072.., which slice 1 at 64 KiB does not.
+    let r = edge.get(&format!("/range/131072-131081?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, bytes[131072..=131081]);
     check_ranges(&edge, &bytes).await;
+    edge.wait_for_metric("cdn_edge_disk_index_ready", 1.0).await;
+    assert_eq!(
+        slice_files(dir.path()).len(),
+        8,
+        "old files replaced by 8 new ones"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,3 +169,86 @@ async fn a_failure_mid_response_cuts_the_response_short() {
     assert!(bytes.starts_with(&r.body));
     assert_eq!(edge.metric("cdn_edge_stream_aborts_total").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_origin_gets_its_traffic_back_after_it_recovers() {
+    let first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    let bytes = object_bytes(11, 40 * 65536);
+    for o in [&first, &second] {
+        o.add_object("m", "1", bytes.clone(), "video/mp4");
+    }
+    let mut opts = EdgeOptions::new(vec![first.url(), second.url()]);
+    opts.retry_unhealthy_ms = 300;
+    let edge = Edge::start(opts).await;
+    let q = signed("m", "1");
+    let mut slice = 0usize;
+    let mut fetch_new_slice = || {
+        slice += 1;
+        format!("/range/{}-{}?{q}", slice * 65536, slice * 65536 + 9)
+    };
+    first.set_mode(Mode::Status(503));
+    for _ in 0..3 {
+        assert_eq!(edge.get(&fetch_new_slice(), &[]).await.status, 200);
+    }
+    assert_eq!(first.requests(), 3);
+    // Three failures in a row: the first origin is now tried last.
+    assert_eq!(edge.get(&fetch_new_slice(), &[]).await.status, 200);
+    assert_eq!(
+        first.requests(),
+        3,
+        "an unhealthy origin is not tried first"
+    );
+    first.set_mode(Mode::Normal);
+    // After retry_unhealthy_ms it is probed in its place again, and keeps its traffic.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while first.requests() == 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the recovered origin was never probed"
+        );
+        assert_eq!(edge.get(&fetch_new_slice(), &[]).await.status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let before = second.requests();
+    for _ in 0..3 {
+        assert_eq!(edge.get(&fetch_new_slice(), &[]).await.status, 200);
+    }
+    assert_eq!(
+        second.requests(),
+        before,
+        "the recovered primary serves again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_about_missing_objects_do_not_make_an_origin_unhealthy() {
+    let first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    let bytes = object_bytes(12, SIZE);
+    for o in [&first, &second] {
+        o.add_object("m", "1", bytes.clone(), "video/mp4");
+    }
+    let edge = Edge::start(EdgeOptions::new(vec![first.url(), second.url()])).await;
+    for i in 0..5 {
+        let r = edge
+            .get(
+                &format!("/range/0-9?{}", signed(&format!("gone{i}"), "1")),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 502);
+    }
+    let before = second.requests();
+    assert_eq!(
+        edge.get(&format!("/range/0-9?{}", signed("m", "1")), &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        second.requests(),
+        before,
+        "404s are about the object, not the origin"
+    );
+}

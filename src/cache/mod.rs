@@ -280,13 +280,17 @@ impl SliceStore {
         key: SliceKey,
         from_disk: &AtomicBool,
     ) -> Result<CachedSlice, OriginError> {
+        let known = self.meta.get(&obj.id).await;
         if let Some(disk) = &self.disk {
             if let Some(cached) = disk.read(&key).await {
-                from_disk.store(true, Ordering::Relaxed);
-                return Ok(cached);
+                if known.as_ref().is_none_or(|m| m.size == cached.meta.size) {
+                    from_disk.store(true, Ordering::Relaxed);
+                    return Ok(cached);
+                }
+                // Cut from another size of the object than the one being served.
+                disk.discard(key);
             }
         }
-        let known = self.meta.get(&obj.id).await;
         let expected_size = known.as_ref().map(|m| m.size);
         let range = slice_bounds(key.index, self.slice_bytes);
         match self

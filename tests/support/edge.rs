@@ -21,6 +21,7 @@ pub struct EdgeOptions {
     pub clock_skew_secs: u64,
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
+    pub retry_unhealthy_ms: u64,
 }
 
 impl EdgeOptions {
@@ -33,6 +34,7 @@ impl EdgeOptions {
             connect_timeout_ms: 1_000,
             clock_skew_secs: 30,
             disk: None,
+            retry_unhealthy_ms: 10_000,
         }
     }
 }
@@ -96,6 +98,7 @@ urls = [{origins}]
 path = "/objects/{{o}}/{{v}}"
 connect_timeout_ms = {connect}
 timeout_ms = {timeout}
+retry_unhealthy_ms = {retry}
 
 [server]
 threads = 2
@@ -108,6 +111,7 @@ shutdown_timeout_secs = 1
             origins = origins.join(", "),
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
+            retry = opts.retry_unhealthy_ms,
         );
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, conf).unwrap();

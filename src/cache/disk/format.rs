@@ -3,30 +3,33 @@
 //! ```text
 //! offset size  field
 //!      0    8  magic "CDNSLICE"
-//!      8    2  format version (1), little endian
+//!      8    2  format version (2), little endian
 //!     10    2  content-type length C
 //!     12    4  payload length P
 //!     16    8  object size in bytes
 //!     24    8  slice index
 //!     32   32  object id (SHA-256 of o || 0 || v)
-//!     64    4  CRC-32 of the payload
-//!     68    4  CRC-32 of bytes 0..68 and the content type
-//!     72    C  content type (may be empty: unknown)
-//!   72+C    P  payload: the slice's bytes
+//!     64    4  slice size the object was cut with
+//!     68    4  CRC-32 of the payload
+//!     72    4  CRC-32 of bytes 0..72 and the content type
+//!     76    C  content type (may be empty: unknown)
+//!   76+C    P  payload: the slice's bytes
 //! ```
-//! A file is valid only if both checksums match, its length is exactly 72 + C + P, and the
-//! key in the header is the key its name says.
+//! A file is valid only if both checksums match, its length is exactly 76 + C + P, the
+//! key in the header is the key its name says, it was cut with the configured slice
+//! size, and P is exactly the length that slice of an object of that size has.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
 use crate::cache::{ObjectId, SliceKey};
+use crate::range::slice_len;
 
 pub const MAGIC: &[u8; 8] = b"CDNSLICE";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Fixed part of the header.
-pub const FIXED_HEADER: usize = 72;
+pub const FIXED_HEADER: usize = 76;
 /// Longest content type stored; longer ones are stored as unknown.
 pub const MAX_CONTENT_TYPE: usize = 255;
 /// Directory of slice files under the cache root.
@@ -40,6 +43,7 @@ pub struct Header {
     pub key: SliceKey,
     pub object_size: u64,
     pub payload_len: u32,
+    pub slice_bytes: u32,
     pub payload_crc: u32,
     pub content_type: Vec<u8>,
 }
@@ -70,12 +74,30 @@ pub enum FormatError {
     PayloadChecksum,
     #[error("header key does not match the file name")]
     WrongKey,
+    #[error("cut with another slice size, or a length that slice cannot have")]
+    WrongSlicing,
+}
+
+impl Header {
+    /// Whether this slice fits the configured slicing: same slice size, and a payload
+    /// exactly as long as slice `index` of an object of `object_size` bytes.
+    pub fn check_slicing(&self, slice_bytes: u64) -> Result<(), FormatError> {
+        let expected = slice_len(self.key.index, slice_bytes, self.object_size);
+        if u64::from(self.slice_bytes) != slice_bytes
+            || expected == 0
+            || u64::from(self.payload_len) != expected
+        {
+            return Err(FormatError::WrongSlicing);
+        }
+        Ok(())
+    }
 }
 
 /// Encodes the header of a slice file.
 pub fn encode_header(
     key: &SliceKey,
     object_size: u64,
+    slice_bytes: u32,
     content_type: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
@@ -92,6 +114,7 @@ pub fn encode_header(
     h.extend_from_slice(&object_size.to_le_bytes());
     h.extend_from_slice(&key.index.to_le_bytes());
     h.extend_from_slice(key.object.as_bytes());
+    h.extend_from_slice(&slice_bytes.to_le_bytes());
     h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h);
@@ -121,9 +144,9 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
     let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
     let content_type = buf[FIXED_HEADER..FIXED_HEADER + ct_len].to_vec();
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&buf[..68]);
+    crc.update(&buf[..72]);
     crc.update(&content_type);
-    if crc.finalize() != u32_at(68) {
+    if crc.finalize() != u32_at(72) {
         return Err(FormatError::HeaderChecksum);
     }
     let object: [u8; 32] = buf[32..64].try_into().expect("32 bytes");
@@ -134,18 +157,24 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
         },
         object_size: u64_at(16),
         payload_len: u32_at(12),
-        payload_crc: u32_at(64),
+        slice_bytes: u32_at(64),
+        payload_crc: u32_at(68),
         content_type,
     })
 }
 
 /// Checks a whole file read into memory and returns its header and payload (a slice of
 /// `file`, not a copy).
-pub fn decode_file(file: Bytes, expected: &SliceKey) -> Result<(Header, Bytes), FormatError> {
+pub fn decode_file(
+    file: Bytes,
+    expected: &SliceKey,
+    slice_bytes: u64,
+) -> Result<(Header, Bytes), FormatError> {
     let header = decode_header(&file)?;
     if header.key != *expected {
         return Err(FormatError::WrongKey);
     }
+    header.check_slicing(slice_bytes)?;
     if file.len() as u64 != header.file_len() {
         return Err(FormatError::Length);
     }
@@ -190,71 +219,91 @@ pub fn slice_path(root: &Path, key: &SliceKey) -> PathBuf {
 mod tests {
     use super::*;
 
+    const S: u64 = 16;
+
     fn key() -> SliceKey {
         SliceKey {
             object: ObjectId::new("movie", "v1"),
-            index: 0x1234,
+            index: 3,
         }
     }
 
-    fn file(payload: &[u8], ct: &[u8]) -> Vec<u8> {
-        let mut f = encode_header(&key(), 999_999, ct, payload);
+    /// `payload` as slice 3 of an `object_size`-byte object cut in `slice`-byte slices.
+    fn file_with(payload: &[u8], ct: &[u8], object_size: u64, slice: u32) -> Vec<u8> {
+        let mut f = encode_header(&key(), object_size, slice, ct, payload);
         f.extend_from_slice(payload);
         f
     }
 
+    /// Slice 3 of a 60-byte object cut in 16-byte slices: bytes 48..60, 12 long.
+    fn file(ct: &[u8]) -> Vec<u8> {
+        file_with(b"0123456789ab", ct, 60, S as u32)
+    }
+
+    fn decode(f: Vec<u8>) -> Result<(Header, Bytes), FormatError> {
+        decode_file(Bytes::from(f), &key(), S)
+    }
+
     #[test]
     fn round_trip() {
-        let f = file(b"hello slice", b"video/mp4");
-        let (h, payload) = decode_file(Bytes::from(f.clone()), &key()).unwrap();
-        assert_eq!(&payload[..], b"hello slice");
-        assert_eq!(h.object_size, 999_999);
+        let f = file(b"video/mp4");
+        let (h, payload) = decode(f.clone()).unwrap();
+        assert_eq!(&payload[..], b"0123456789ab");
+        assert_eq!(h.object_size, 60);
+        assert_eq!(h.slice_bytes, 16);
         assert_eq!(h.content_type, b"video/mp4");
         assert_eq!(h.file_len(), f.len() as u64);
         assert_eq!(decode_header(&f[..h.header_len()]).unwrap(), h);
     }
 
     #[test]
-    fn empty_content_type_and_payload() {
-        let (h, payload) = decode_file(Bytes::from(file(b"", b"")), &key()).unwrap();
-        assert!(payload.is_empty() && h.content_type.is_empty());
+    fn empty_content_type() {
+        let (h, _) = decode(file(b"")).unwrap();
+        assert!(h.content_type.is_empty());
+    }
+
+    #[test]
+    fn another_slicing_is_rejected() {
+        // Same bytes, but cut with 32-byte slices: this slice index holds other bytes.
+        let other = file_with(b"0123456789ab", b"", 60, 32);
+        assert_eq!(decode(other).unwrap_err(), FormatError::WrongSlicing);
+        // A length slice 3 cannot have for this object size.
+        let short = file_with(b"0123", b"", 60, S as u32);
+        assert_eq!(decode(short).unwrap_err(), FormatError::WrongSlicing);
+        // The right length for a 64-byte object is wrong for a 60-byte one.
+        let full = file_with(b"0123456789abcdef", b"", 60, S as u32);
+        assert_eq!(decode(full).unwrap_err(), FormatError::WrongSlicing);
+        // Past the end of the object.
+        let past = file_with(b"0123", b"", 40, S as u32);
+        assert_eq!(decode(past).unwrap_err(), FormatError::WrongSlicing);
     }
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        let f = file(b"0123456789abcdef", b"video/mp4");
+        let f = file(b"video/mp4");
         for i in 0..f.len() {
             let mut bad = f.clone();
             bad[i] ^= 0x40;
-            assert!(
-                decode_file(Bytes::from(bad), &key()).is_err(),
-                "flip at {i} went unnoticed"
-            );
+            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
         }
     }
 
     #[test]
     fn truncation_and_extension_are_detected() {
-        let f = file(b"0123456789abcdef", b"video/mp4");
+        let f = file(b"video/mp4");
         for len in 0..f.len() {
-            assert!(
-                decode_file(Bytes::copy_from_slice(&f[..len]), &key()).is_err(),
-                "len {len}"
-            );
+            assert!(decode(f[..len].to_vec()).is_err(), "len {len}");
         }
         let mut longer = f.clone();
         longer.push(0);
-        assert_eq!(
-            decode_file(Bytes::from(longer), &key()).unwrap_err(),
-            FormatError::Length
-        );
+        assert_eq!(decode(longer).unwrap_err(), FormatError::Length);
     }
 
     #[test]
     fn a_file_under_another_name_is_rejected() {
         let other = SliceKey { index: 1, ..key() };
         assert_eq!(
-            decode_file(Bytes::from(file(b"x", b"")), &other).unwrap_err(),
+            decode_file(Bytes::from(file(b"")), &other, S).unwrap_err(),
             FormatError::WrongKey
         );
     }
@@ -284,8 +333,7 @@ mod tests {
 
     #[test]
     fn overlong_content_type_is_stored_as_unknown() {
-        let ct = vec![b'a'; 300];
-        let (h, _) = decode_file(Bytes::from(file(b"x", &ct)), &key()).unwrap();
+        let (h, _) = decode(file(&[b'a'; 300])).unwrap();
         assert!(h.content_type.is_empty());
     }
 }

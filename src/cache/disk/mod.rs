@@ -17,11 +17,15 @@
 //!    ([`rebuild`]); until it is done, a slice missing from the index is looked for at
 //!    its path before going to the origin. Leftover `tmp/` files are removed first.
 //! 7. On a full file system writes pause and reads go on.
+//! 8. One process per directory: `<path>/lock` is held (flock) while the tier is open.
+//! 9. Files record the slice size they were cut with; after a change of
+//!    `cache.slice_bytes` old files fail their check and are replaced, never misread.
 //!
 //! # On-disk layout
 //! ```text
 //! <path>/slices/<h0h1>/<h2h3>/<object id hex>-<index hex>   one file per slice
 //! <path>/tmp/<pid>-<seq>.part                                 being written
+//! <path>/lock                                                 held by the running edge
 //! ```
 //! `h0..h3` are the first hex digits of the object id; the file format is in [`format`].
 
@@ -59,9 +63,20 @@ pub struct DiskOpenError {
     error: io::Error,
 }
 
+/// When the index rebuild runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuild {
+    /// On its own thread, started by `open` (the normal case).
+    Background,
+    /// Only when [`DiskTier::rebuild_now`] is called (tests of the unindexed path).
+    Manual,
+}
+
 /// State shared by the tier, its writer and its rebuild thread.
 pub struct Shared {
     root: PathBuf,
+    slice_bytes: u64,
+    _lock: std::fs::File,
     index: moka::sync::Cache<SliceKey, u32>,
     rebuilt: AtomicBool,
     metrics: Arc<Metrics>,
@@ -88,15 +103,28 @@ pub struct DiskStats {
 impl DiskTier {
     /// Opens (creating if needed) the cache directory, removes leftover temporary files,
     /// and starts the writer and the background index rebuild.
-    pub fn open(cfg: &DiskCache, metrics: Arc<Metrics>) -> Result<Self, DiskOpenError> {
-        Self::open_with_storage(cfg, metrics, Box::new(FsStorage))
+    pub fn open(
+        cfg: &DiskCache,
+        slice_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DiskOpenError> {
+        Self::open_with(
+            cfg,
+            slice_bytes,
+            metrics,
+            Box::new(FsStorage),
+            Rebuild::Background,
+        )
     }
 
-    /// [`DiskTier::open`] with another write path (tests inject failing storage).
-    pub fn open_with_storage(
+    /// [`DiskTier::open`] with another write path (tests inject failing storage) and a
+    /// choice of when the index is rebuilt.
+    pub fn open_with(
         cfg: &DiskCache,
+        slice_bytes: u64,
         metrics: Arc<Metrics>,
         storage: Box<dyn SliceStorage>,
+        rebuild: Rebuild,
     ) -> Result<Self, DiskOpenError> {
         let root = cfg.path.clone();
         let err = |error| DiskOpenError {
@@ -104,6 +132,13 @@ impl DiskTier {
             error,
         };
         std::fs::create_dir_all(root.join(SLICES_DIR)).map_err(err)?;
+        let lock = std::fs::File::create(root.join("lock")).map_err(err)?;
+        if lock.try_lock().is_err() {
+            return Err(err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "in use by another cdn-edge process (lock held)",
+            )));
+        }
         let tmp = root.join(TMP_DIR);
         std::fs::create_dir_all(&tmp).map_err(err)?;
         let removed = remove_leftovers(&tmp).map_err(err)?;
@@ -127,6 +162,8 @@ impl DiskTier {
             .build();
         let shared = Arc::new(Shared {
             root: root.clone(),
+            slice_bytes,
+            _lock: lock,
             index,
             rebuilt: AtomicBool::new(false),
             metrics,
@@ -139,11 +176,13 @@ impl DiskTier {
             .name("cdn-edge disk writer".into())
             .spawn(move || writer::run(w, rx, storage))
             .map_err(err)?;
-        let r = shared.clone();
-        std::thread::Builder::new()
-            .name("cdn-edge disk index".into())
-            .spawn(move || rebuild::run(r))
-            .map_err(err)?;
+        if rebuild == Rebuild::Background {
+            let r = shared.clone();
+            std::thread::Builder::new()
+                .name("cdn-edge disk index".into())
+                .spawn(move || rebuild::run(r))
+                .map_err(err)?;
+        }
 
         Ok(Self {
             shared,
@@ -202,6 +241,22 @@ impl DiskTier {
         }
     }
 
+    /// Rebuilds the index now, on this thread (blocking); see [`Rebuild::Manual`].
+    pub fn rebuild_now(&self) {
+        rebuild::run(self.shared.clone());
+    }
+
+    /// Drops a slice whose file turned out not to match what is known of its object
+    /// (counted as corrupt); the file is deleted off the async runtime.
+    pub fn discard(&self, key: SliceKey) {
+        self.shared.metrics.cache_corrupt.inc();
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            shared.index.invalidate(&key);
+            let _ = std::fs::remove_file(slice_path(&shared.root, &key));
+        });
+    }
+
     /// Applies pending index maintenance (evictions) so [`DiskTier::stats`] is exact.
     /// Blocking: may delete files.
     pub fn sync_blocking(&self) {
@@ -229,18 +284,20 @@ impl Shared {
         let path = slice_path(&self.root, key);
         let data = match std::fs::read(&path) {
             Ok(d) => d,
-            Err(e) => {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), error = %e, "disk cache read failed");
-                }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.index.invalidate(key);
                 return None;
             }
+            Err(e) => {
+                // Maybe passing (EMFILE, EIO): keep the entry, miss this time.
+                tracing::warn!(path = %path.display(), error = %e, "disk cache read failed");
+                return None;
+            }
         };
-        match decode_file(Bytes::from(data), key) {
+        match decode_file(Bytes::from(data), key, self.slice_bytes) {
             Ok((header, payload)) => {
-                if self.index.get(key).is_none() {
-                    // Found before the rebuild reached it.
+                // Touch the LRU; before the rebuild is done, also index what we found.
+                if self.index.get(key).is_none() && !self.rebuilt.load(Ordering::Acquire) {
                     self.index.insert(*key, header.file_len() as u32);
                 }
                 let content_type = HeaderValue::from_bytes(&header.content_type)
@@ -344,7 +401,14 @@ mod tests {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
         };
-        let tier = DiskTier::open_with_storage(&cfg, metrics.clone(), Box::new(storage)).unwrap();
+        let tier = DiskTier::open_with(
+            &cfg,
+            4096,
+            metrics.clone(),
+            Box::new(storage),
+            Rebuild::Background,
+        )
+        .unwrap();
         until("index rebuild", || tier.stats().index_ready).await;
 
         let (a, sa) = slice(1);
@@ -384,9 +448,95 @@ mod tests {
             path: file.path().join("cache"),
             max_bytes: 1 << 20,
         };
-        let err = DiskTier::open(&cfg, Arc::new(Metrics::new()))
+        let err = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()))
             .err()
             .unwrap();
         assert!(err.to_string().starts_with("cache.disk.path "), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slice_not_yet_indexed_is_found_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let (a, sa) = slice(1);
+        {
+            let metrics = Arc::new(Metrics::new());
+            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
+            tier.store(a, &sa);
+            until("write", || metrics.disk_writes.get() == 1).await;
+        }
+        let metrics = Arc::new(Metrics::new());
+        let tier = DiskTier::open_with(
+            &cfg,
+            4096,
+            metrics.clone(),
+            Box::new(FsStorage),
+            Rebuild::Manual,
+        )
+        .unwrap();
+        assert!(!tier.contains(&a) && !tier.stats().index_ready);
+        let got = tier
+            .read(&a)
+            .await
+            .expect("found at its path before the rebuild");
+        assert_eq!(got.bytes, sa.bytes);
+        assert!(tier.contains(&a), "and indexed on the way");
+        tier.rebuild_now();
+        assert!(tier.stats().index_ready);
+        tier.sync_blocking();
+        assert_eq!(tier.stats().entries, 1);
+        let (b, _) = slice(2);
+        assert!(tier.read(&b).await.is_none());
+        assert_eq!(metrics.disk.hits.get(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_process_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let first = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new())).unwrap();
+        let second = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()));
+        let err = second.err().unwrap().to_string();
+        assert!(err.contains("in use"), "{err}");
+        drop(first);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_cut_with_another_slice_size_are_replaced_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let (a, sa) = slice(1);
+        {
+            let metrics = Arc::new(Metrics::new());
+            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
+            tier.store(a, &sa);
+            until("write", || metrics.disk_writes.get() == 1).await;
+        }
+        let metrics = Arc::new(Metrics::new());
+        let tier = DiskTier::open_with(
+            &cfg,
+            8192,
+            metrics.clone(),
+            Box::new(FsStorage),
+            Rebuild::Manual,
+        )
+        .unwrap();
+        assert!(
+            tier.read(&a).await.is_none(),
+            "a 4 KiB slice 1 is not an 8 KiB slice 1"
+        );
+        assert_eq!(metrics.cache_corrupt.get(), 1);
+        tier.rebuild_now();
+        tier.sync_blocking();
+        assert_eq!(tier.stats().entries, 0);
     }
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{decode_header, parse_file_name, FIXED_HEADER, MAX_CONTENT_TYPE, SLICES_DIR};
+use super::format::{
+    decode_header, parse_file_name, FormatError, FIXED_HEADER, MAX_CONTENT_TYPE, SLICES_DIR,
+};
 use super::Shared;
 
 /// Walks `slices/*/*/*`, indexes every valid file and deletes the invalid ones.
@@ -42,7 +44,8 @@ fn dir_entries(dir: &Path) -> impl Iterator<Item = std::path::PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
 }
 
-/// Indexes one file; deletes it if it cannot be a valid slice. True if indexed.
+/// Indexes one file; deletes it only if its contents prove it invalid (an I/O error
+/// leaves it alone). True if indexed.
 fn index_file(shared: &Shared, path: &Path) -> bool {
     let Some(key) = path
         .file_name()
@@ -51,26 +54,44 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
     else {
         return false; // not ours (e.g. a directory an operator made): leave it
     };
-    let check = || -> Option<u32> {
-        let mut f = fs::File::open(path).ok()?;
-        let len = f.metadata().ok()?.len();
+    let read = || -> std::io::Result<(Vec<u8>, u64)> {
+        let mut f = fs::File::open(path)?;
+        let len = f.metadata()?.len();
         let mut head = Vec::with_capacity(FIXED_HEADER + MAX_CONTENT_TYPE);
         f.by_ref()
             .take((FIXED_HEADER + MAX_CONTENT_TYPE) as u64)
-            .read_to_end(&mut head)
-            .ok()?;
-        let header = decode_header(&head).ok()?;
-        (header.key == key && header.file_len() == len).then_some(len as u32)
+            .read_to_end(&mut head)?;
+        Ok((head, len))
     };
-    match check() {
-        Some(len) => {
+    let (head, len) = match read() {
+        Ok(r) => r,
+        Err(e) => {
+            // Gone meanwhile (evicted, or found corrupt by a read), or unreadable now:
+            // not proof of corruption.
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read a slice file; skipped");
+            }
+            return false;
+        }
+    };
+    let checked = decode_header(&head).and_then(|h| {
+        if h.key != key {
+            Err(FormatError::WrongKey)
+        } else if h.file_len() != len {
+            Err(FormatError::Length)
+        } else {
+            h.check_slicing(shared.slice_bytes).map(|()| h)
+        }
+    });
+    match checked {
+        Ok(header) => {
             // A slice written since start is newer; keep its entry.
-            shared.index.entry(key).or_insert(len);
+            shared.index.entry(key).or_insert(header.file_len() as u32);
             true
         }
-        None => {
+        Err(e) => {
             shared.metrics.cache_corrupt.inc();
-            tracing::warn!(path = %path.display(), "removing an invalid slice file found at start");
+            tracing::warn!(path = %path.display(), error = %e, "removing an invalid slice file found at start");
             let _ = fs::remove_file(path);
             false
         }

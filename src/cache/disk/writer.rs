@@ -64,16 +64,20 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
         paused_until = None;
         let tmp = tmp_dir.join(format!("{pid}-{seq}.part"));
         let dst = slice_path(&shared.root, &job.key);
-        let header = encode_header(&job.key, job.object_size, &job.content_type, &job.payload);
+        let header = encode_header(
+            &job.key,
+            job.object_size,
+            shared.slice_bytes as u32,
+            &job.content_type,
+            &job.payload,
+        );
+        let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
         let written = storage
             .write_new(&tmp, &header, &job.payload)
-            .and_then(|()| {
-                let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
-                if made_dirs.insert(bucket) {
-                    std::fs::create_dir_all(dst.parent().expect("slice paths have a parent"))?;
-                }
-                std::fs::rename(&tmp, &dst)
-            });
+            .and_then(|()| place(&tmp, &dst, made_dirs.contains(&bucket)));
+        if written.is_ok() {
+            made_dirs.insert(bucket);
+        }
         match written {
             Ok(()) => {
                 let len = (header.len() + job.payload.len()) as u32;
@@ -94,6 +98,22 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
                 }
             }
         }
+    }
+}
+
+/// Renames `tmp` to `dst`, creating `dst`'s directory when it is not known to exist
+/// or has gone (an operator may clear the cache while the edge runs).
+fn place(tmp: &Path, dst: &Path, dir_known: bool) -> io::Result<()> {
+    let dir = dst.parent().expect("slice paths have a parent");
+    if !dir_known {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::rename(tmp, dst) {
+        Err(e) if dir_known && e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(tmp, dst)
+        }
+        other => other,
     }
 }
 
