@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::app::AppState;
 use crate::cache::CacheStats;
+use crate::dictionary::store::DictionaryStats;
 use crate::origin::OriginHealth;
 
 /// Answers admin requests from the shared state.
@@ -31,6 +32,8 @@ struct Status {
     cache: CacheStatus,
     /// Durable forwarding spool; `null` while forwarding is not enabled.
     spool: Option<()>,
+    /// `null` without a `[dictionary]` section.
+    dictionary: Option<DictionaryStats>,
     origins: Vec<OriginHealth>,
 }
 
@@ -55,7 +58,7 @@ impl ServeHttp for AdminApp {
         }
         match req.uri.path() {
             "/metrics" => {
-                self.state.store.sync().await;
+                self.state.sync_caches().await;
                 self.state.refresh_gauges();
                 reply(
                     StatusCode::OK,
@@ -65,7 +68,7 @@ impl ServeHttp for AdminApp {
             }
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/status" => {
-                self.state.store.sync().await;
+                self.state.sync_caches().await;
                 let status = Status {
                     version: env!("CARGO_PKG_VERSION"),
                     uptime_secs: self.state.started.elapsed().as_secs(),
@@ -75,6 +78,7 @@ impl ServeHttp for AdminApp {
                         stats: self.state.store.stats(),
                     },
                     spool: None,
+                    dictionary: self.state.dictionary.as_ref().map(|d| d.stats()),
                     origins: self.state.origin.health(),
                 };
                 let body = serde_json::to_vec_pretty(&status).expect("status serialises");

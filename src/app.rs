@@ -19,7 +19,6 @@ use crate::upstream::ResolveError;
 pub struct AppState {
     pub verifier: Verifier,
     pub dictionary: Option<DictionaryStore>,
-    pub dictionary_capacity: u64,
     pub cors: Cors,
     pub router: Router,
     pub store: SliceStore,
@@ -73,7 +72,6 @@ impl AppState {
             .transpose()?;
         Ok(Arc::new(Self {
             dictionary,
-            dictionary_capacity: config.dictionary.as_ref().map_or(0, |d| d.memory_bytes),
             cors: Cors::new(&config.cors.allow_origins),
             verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs),
             router: Router::new(dictionary_paths),
@@ -85,6 +83,14 @@ impl AppState {
         }))
     }
 
+    /// Applies pending cache maintenance so sizes are exact (before a scrape or /status).
+    pub async fn sync_caches(&self) {
+        self.store.sync().await;
+        if let Some(d) = &self.dictionary {
+            d.sync().await;
+        }
+    }
+
     /// Copies cache sizes into their gauges; called before each metrics scrape.
     pub fn refresh_gauges(&self) {
         let s = self.store.stats();
@@ -94,6 +100,11 @@ impl AppState {
         if let Some(d) = s.disk {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);
+        }
+        if let Some(d) = &self.dictionary {
+            let d = d.stats();
+            self.metrics.dictionary_entries.set(d.entries as i64);
+            self.metrics.dictionary_bytes.set(d.bytes as i64);
         }
     }
 }

@@ -26,6 +26,7 @@ pub struct DemoOptions {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     pub origin: SocketAddr,
+    pub dictionary: SocketAddr,
     pub memory_bytes: u64,
     /// Directory of a disk tier; none by default.
     pub disk: Option<PathBuf>,
@@ -39,6 +40,7 @@ impl DemoOptions {
             http: "127.0.0.1:8080".parse().expect("valid address"),
             admin: "127.0.0.1:9090".parse().expect("valid address"),
             origin: "127.0.0.1:9000".parse().expect("valid address"),
+            dictionary: "127.0.0.1:9001".parse().expect("valid address"),
             memory_bytes: 256 << 20,
             disk: None,
             disk_bytes: 1 << 30,
@@ -183,6 +185,13 @@ path = "/objects/{{o}}/{{v}}"
 connect_timeout_ms = 1000
 timeout_ms = 10000
 
+[dictionary]
+paths = ["/base_dict_getHoverDict_8"]
+upstream = "http://{dictionary}"
+
+[cors]
+allow_origins = ["http://localhost:8000"]
+
 [server]
 grace_period_secs = 1
 shutdown_timeout_secs = 1
@@ -190,6 +199,7 @@ shutdown_timeout_secs = 1
         http = addrs.http,
         admin = addrs.admin,
         origin = addrs.origin,
+        dictionary = addrs.dictionary,
         memory = addrs.memory_bytes,
         disk = match &addrs.disk {
             Some(path) => format!(
@@ -211,7 +221,8 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
     let base = format!("http://{}", addrs.http);
     let admin = format!("http://{}", addrs.admin);
     format!(
-        "cdn-edge demo: edge on {base}, admin on {admin}, sample origin on http://{origin}\n\
+        "cdn-edge demo: edge on {base}, admin on {admin}, sample origin on http://{origin}, \
+         sample dictionary on http://{dictionary}\n\
          Signing key id \"demo\", secret \"{DEMO_SECRET}\". URLs below are valid for one hour.\n\
          \n\
          # the seed request: 310,491 bytes of a 128 MiB object (run it twice: miss, then hit)\n\
@@ -227,11 +238,16 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
          curl -s '{base}/range/0-99?{expired}'\n\
          curl -s '{base}/range/0-99?{tampered}'\n\
          \n\
+         # a dictionary lookup (run it twice: fwd=miss, then hit), and a CORS preflight\n\
+         curl -s -D - '{base}/base_dict_getHoverDict_8?form=%EC%96%B4&lemma=&sl=ko&tl=en&pos=NOUN&pow=n'\n\
+         curl -s -D - -X OPTIONS -H 'Origin: http://localhost:8000' -H 'Access-Control-Request-Method: GET' '{base}/base_dict_getHoverDict_8'\n\
+         \n\
          # metrics, health and status\n\
          curl -s {admin}/metrics | grep -E '^cdn_edge_(requests|cache_lookups|origin_requests)_total'\n\
          curl -s {admin}/healthz\n\
          curl -s {admin}/status\n",
         origin = addrs.origin,
+        dictionary = addrs.dictionary,
         tampered = q.replacen("o=sample", "o=sampl3", 1),
     )
 }
@@ -245,6 +261,13 @@ pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
             addr: addrs.origin,
             error,
         })?;
+    std::net::TcpListener::bind(addrs.dictionary)
+        .map(drop)
+        .map_err(|error| StartError::Bind {
+            key: "demo dictionary",
+            addr: addrs.dictionary,
+            error,
+        })?;
     let config = demo_config(addrs).map_err(StartError::Config)?;
     let mut edge = EdgeServer::build(&config)?;
     let mut origin = Service::new(
@@ -254,6 +277,13 @@ pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
     origin.threads = Some(1);
     origin.add_tcp(&addrs.origin.to_string());
     edge.server.add_service(origin);
+    let mut dictionary = Service::new(
+        "cdn-edge demo dictionary".to_string(),
+        crate::demo_dictionary::SampleDictionary,
+    );
+    dictionary.threads = Some(1);
+    dictionary.add_tcp(&addrs.dictionary.to_string());
+    edge.server.add_service(dictionary);
     Ok(edge)
 }
 

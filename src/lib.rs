@@ -10,6 +10,7 @@ pub mod cache; // slice cache tiers and coalesced fills
 pub mod config; // typed, validated configuration
 pub mod cors; // CORS allow-list and preflight constants
 pub mod demo; // `cdn-edge demo`: sample origin and instructions
+pub mod demo_dictionary; // the demo's sample dictionary upstream
 pub mod dictionary; // dictionary lookup cache
 pub mod edge; // ProxyHttp: route → handler, metrics in logging
 pub mod metrics; // every metric, registered once

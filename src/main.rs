@@ -66,6 +66,8 @@ enum Command {
         admin: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9000")]
         origin: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        dictionary: SocketAddr,
         /// Memory tier budget in bytes.
         #[arg(long, default_value_t = 256 << 20)]
         memory_bytes: u64,
@@ -140,6 +142,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             http,
             admin,
             origin,
+            dictionary,
             memory_bytes,
             disk,
             disk_bytes,
@@ -148,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 http,
                 admin,
                 origin,
+                dictionary,
                 memory_bytes,
                 disk,
                 disk_bytes,

@@ -172,6 +172,7 @@ pub struct Metrics {
     pub dictionary_upstream_duration: Histogram,
     pub dictionary_entries: IntGauge,
     pub dictionary_bytes: IntGauge,
+    pub dictionary_pending: IntGauge,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -453,6 +454,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let dictionary_pending = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_dictionary_pending",
+                "Dictionary lookups waiting on an upstream request (theirs or a coalesced one).",
+            )
+            .expect("valid metric"),
+        );
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -495,6 +504,7 @@ impl Metrics {
             dictionary_upstream_duration,
             dictionary_entries,
             dictionary_bytes,
+            dictionary_pending,
         }
     }
 

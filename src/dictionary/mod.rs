@@ -78,6 +78,9 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     resp.insert_header("Cache-Status", cache_status(outcome))?;
     resp.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
     resp.insert_header(header::VARY, VARY)?;
+    if let Some(cc) = &entry.cache_control {
+        resp.insert_header(header::CACHE_CONTROL, cc.clone())?;
+    }
     if enc != encoding::Encoding::Identity {
         resp.insert_header(header::CONTENT_ENCODING, enc.token())?;
     }

@@ -34,6 +34,8 @@ pub struct Entry {
     pub status: u16,
     pub body: Bytes,
     pub content_type: HeaderValue,
+    /// The upstream's `Cache-Control`, passed on to clients.
+    pub cache_control: Option<HeaderValue>,
     pub stored: Instant,
     pub fresh_until: Instant,
     pub stale_until: Instant,
@@ -113,6 +115,7 @@ pub struct DictionaryStore {
     ttl: Duration,
     negative_ttl: Duration,
     stale_if_error: Duration,
+    capacity_bytes: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -151,6 +154,7 @@ impl DictionaryStore {
             ttl: Duration::from_secs(cfg.ttl_secs),
             negative_ttl: Duration::from_secs(cfg.negative_ttl_secs),
             stale_if_error: Duration::from_secs(cfg.stale_if_error_secs),
+            capacity_bytes: cfg.memory_bytes,
             metrics,
         })
     }
@@ -168,10 +172,12 @@ impl DictionaryStore {
             });
             return Ok((e.clone(), Outcome::Hit));
         }
+        self.metrics.dictionary_pending.inc();
         let fetched = self
             .inflight
             .try_get_with(key.clone(), self.fetch(key.clone()))
             .await;
+        self.metrics.dictionary_pending.dec();
         self.inflight.invalidate(&key).await;
         let stale = cached.filter(|e| e.status == 200 && Instant::now() < e.stale_until);
         match (fetched, stale) {
@@ -252,6 +258,7 @@ impl DictionaryStore {
                 .get(http::header::CONTENT_TYPE)
                 .cloned()
                 .unwrap_or(JSON),
+            cache_control: answer.headers.get(http::header::CACHE_CONTROL).cloned(),
             body: answer.body,
             stored: now,
             fresh_until: now + fresh_for,
@@ -264,12 +271,16 @@ impl DictionaryStore {
         Ok(entry)
     }
 
-    pub async fn stats(&self, capacity_bytes: u64) -> DictionaryStats {
+    /// Applies pending maintenance so [`DictionaryStore::stats`] is exact.
+    pub async fn sync(&self) {
         self.entries.run_pending_tasks().await;
+    }
+
+    pub fn stats(&self) -> DictionaryStats {
         DictionaryStats {
             entries: self.entries.entry_count(),
             bytes: self.entries.weighted_size(),
-            capacity_bytes,
+            capacity_bytes: self.capacity_bytes,
         }
     }
 }

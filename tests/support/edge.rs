@@ -22,6 +22,8 @@ pub struct EdgeOptions {
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
     pub retry_unhealthy_ms: u64,
+    /// More TOML appended to the config (e.g. `[dictionary]`, `[cors]`).
+    pub extra: String,
 }
 
 impl EdgeOptions {
@@ -35,6 +37,7 @@ impl EdgeOptions {
             clock_skew_secs: 30,
             disk: None,
             retry_unhealthy_ms: 10_000,
+            extra: String::new(),
         }
     }
 }
@@ -104,6 +107,8 @@ retry_unhealthy_ms = {retry}
 threads = 2
 grace_period_secs = 0
 shutdown_timeout_secs = 1
+
+{extra}
 "#,
             skew = opts.clock_skew_secs,
             slice = opts.slice_bytes,
@@ -112,6 +117,7 @@ shutdown_timeout_secs = 1
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
             retry = opts.retry_unhealthy_ms,
+            extra = opts.extra,
         );
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, conf).unwrap();

@@ -32,8 +32,17 @@ struct Object {
     content_type: String,
 }
 
+/// A fixed answer for one exact request target (path and query).
+#[derive(Clone)]
+struct Canned {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
 struct State {
     objects: Mutex<HashMap<String, Object>>,
+    canned: Mutex<HashMap<String, Canned>>,
     mode: Mutex<Mode>,
     requests: AtomicU64,
     log: Mutex<Vec<String>>,
@@ -55,6 +64,7 @@ impl TestOrigin {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             objects: Mutex::new(HashMap::new()),
+            canned: Mutex::new(HashMap::new()),
             mode: Mutex::new(Mode::Normal),
             requests: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
@@ -95,6 +105,21 @@ impl TestOrigin {
             Object {
                 bytes,
                 content_type: content_type.to_string(),
+            },
+        );
+    }
+
+    /// Answers requests for exactly `target` with this status, headers and body.
+    pub fn set_response(&self, target: &str, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.state.canned.lock().unwrap().insert(
+            target.to_string(),
+            Canned {
+                status,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: body.to_vec(),
             },
         );
     }
@@ -219,10 +244,23 @@ async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
             .unwrap()
             .get(&req.path)
             .map(|o| (o.bytes.clone(), o.content_type.clone()));
+        let canned = st.canned.lock().unwrap().get(&req.path).cloned();
         let (head, body, close_after): (String, Vec<u8>, bool) = match (mode, found) {
             (Mode::Hang, _) => {
                 std::future::pending::<()>().await;
                 unreachable!()
+            }
+            (Mode::Normal, _) if canned.is_some() => {
+                let c = canned.expect("checked");
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\nContent-Length: {}\r\n",
+                    c.status,
+                    c.body.len()
+                );
+                for (k, v) in &c.headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                (head, c.body, false)
             }
             (Mode::Status(s), _) => (
                 format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"),

@@ -76,7 +76,6 @@ pub enum Rebuild {
 pub struct Shared {
     root: PathBuf,
     slice_bytes: u64,
-    _lock: std::fs::File,
     index: moka::sync::Cache<SliceKey, u32>,
     rebuilt: AtomicBool,
     metrics: Arc<Metrics>,
@@ -85,6 +84,8 @@ pub struct Shared {
 /// The disk tier. One per process.
 pub struct DiskTier {
     shared: Arc<Shared>,
+    /// Held for the tier's life (its threads may outlive it briefly, idle).
+    _lock: std::fs::File,
     jobs: SyncSender<WriteJob>,
     reads: Arc<Semaphore>,
     max_bytes: u64,
@@ -163,7 +164,6 @@ impl DiskTier {
         let shared = Arc::new(Shared {
             root: root.clone(),
             slice_bytes,
-            _lock: lock,
             index,
             rebuilt: AtomicBool::new(false),
             metrics,
@@ -186,6 +186,7 @@ impl DiskTier {
 
         Ok(Self {
             shared,
+            _lock: lock,
             jobs,
             reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
             max_bytes: cfg.max_bytes,
