@@ -399,3 +399,24 @@ async fn larger_bodies_are_compressed_as_the_client_prefers() {
         "one upstream request per entry, whatever the encoding"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = TestOrigin::start().await;
+    for i in 0..10 {
+        upstream.set_response(&lookup(&format!("form=w{i}")), 200, &[], BODY);
+    }
+    let edge = Edge::start(dictionary_opts(&upstream.url(), "")).await;
+    for i in 0..10 {
+        assert_eq!(
+            edge.get(&lookup(&format!("form=w{i}")), &[]).await.status,
+            200
+        );
+    }
+    assert_eq!(upstream.requests(), 10);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "ten sequential misses over one pooled connection"
+    );
+}

@@ -362,3 +362,16 @@ async fn objects_and_versions_do_not_mix() {
         .await;
     assert_eq!(missing.status, 502, "an origin 404 is an origin error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_connections_are_kept_alive_and_reused() {
+    let (origin, edge, bytes) = setup().await;
+    let r = edge.get(&format!("/?{}", signed("movie", "v1")), &[]).await;
+    assert!(r.body == bytes);
+    assert_eq!(origin.requests(), 16);
+    assert!(
+        origin.connections() <= 2,
+        "16 slice fetches over {} connections",
+        origin.connections()
+    );
+}

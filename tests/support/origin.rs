@@ -45,6 +45,7 @@ struct State {
     canned: Mutex<HashMap<String, Canned>>,
     mode: Mutex<Mode>,
     requests: AtomicU64,
+    connections: AtomicU64,
     log: Mutex<Vec<String>>,
     /// While true, answers wait (after counting the request) until it turns false.
     hold: watch::Sender<bool>,
@@ -67,6 +68,7 @@ impl TestOrigin {
             canned: Mutex::new(HashMap::new()),
             mode: Mutex::new(Mode::Normal),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             hold: watch::channel(false).0,
         });
@@ -79,6 +81,7 @@ impl TestOrigin {
                     _ = stop_rx2.changed() => return,
                     accepted = listener.accept() => {
                         let Ok((sock, _)) = accepted else { continue };
+                        st.connections.fetch_add(1, Ordering::SeqCst);
                         let st = st.clone();
                         let mut stop_rx = stop_rx.clone();
                         tokio::spawn(async move {
@@ -131,6 +134,11 @@ impl TestOrigin {
     /// Requests received so far.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// `"{path} {range}"` of every request received so far.
