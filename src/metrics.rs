@@ -173,6 +173,8 @@ pub struct Metrics {
     pub dictionary_entries: IntGauge,
     pub dictionary_bytes: IntGauge,
     pub dictionary_pending: IntGauge,
+    pub spool_corrupt: IntCounter,
+    pub spool_commits: IntCounter,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -462,6 +464,22 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let spool_corrupt = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_spool_corrupt_total",
+                "Spool files that could not be opened and were moved aside.",
+            )
+            .expect("valid metric"),
+        );
+        let spool_commits = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_spool_commits_total",
+                "Spool transactions committed (each one fsync, shared by a group of requests).",
+            )
+            .expect("valid metric"),
+        );
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -505,6 +523,8 @@ impl Metrics {
             dictionary_entries,
             dictionary_bytes,
             dictionary_pending,
+            spool_corrupt,
+            spool_commits,
         }
     }
 

@@ -1,0 +1,737 @@
+//! Durable spool for events and log blobs, on redb (an embedded, crash-safe B-tree store).
+//!
+//! # Design constraints
+//! 1. A request is acknowledged only after the transaction that holds it has committed
+//!    with `Durability::Immediate` (fsync): it survives `kill -9` and power loss.
+//! 2. Group commit: one writer thread takes every append and removal waiting at that
+//!    moment and commits them in one transaction, so many requests share one fsync.
+//! 3. Each queue is ordered by a sequence number; delivery takes the lowest first, so
+//!    records are delivered in arrival order per route. A record is removed only after
+//!    its delivery ended (a 2xx, or a permanent failure, which moves it to the dead
+//!    letters table).
+//! 4. The spool is bounded by `forward.spool_max_bytes` of record bytes; an append that
+//!    would pass it is refused (the client gets 503), never dropped silently.
+//! 5. A request id (`reqId`) is kept while its record waits (a retry is not spooled
+//!    twice) and, once delivered, with the upstream's answer for deduplication.
+//! 6. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
+//!    counted, and a new one started: the edge keeps serving.
+//!
+//! # Tables
+//! ```text
+//! events, logblob   u64 sequence -> Record (see record.rs)
+//! dead_letters      u64 sequence -> Record that got a permanent failure
+//! pending           "<queue>:<reqId>" -> sequence
+//! delivered         "<queue>:<reqId>" -> StoredAnswer
+//! meta              "next_seq" -> next sequence number
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
+    TableDefinition,
+};
+use tokio::sync::{oneshot, Notify};
+
+use super::record::{Record, StoredAnswer};
+use crate::metrics::Metrics;
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const LOGBLOB: TableDefinition<u64, &[u8]> = TableDefinition::new("logblob");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
+const DELIVERED: TableDefinition<&str, &[u8]> = TableDefinition::new("delivered");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Operations waiting for the writer at most; more make appends wait (backpressure).
+const OPS_QUEUE: usize = 4096;
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// A spooled route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Events,
+    LogBlob,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 2] = [Queue::Events, Queue::LogBlob];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Queue::Events => "event",
+            Queue::LogBlob => "logblob",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+
+    const fn table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+        match self {
+            Queue::Events => EVENTS,
+            Queue::LogBlob => LOGBLOB,
+        }
+    }
+
+    fn id_key(self, req_id: &str) -> String {
+        format!("{}:{req_id}", self.label())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full")]
+    Full,
+    #[error("spool storage failed: {0}")]
+    Storage(String),
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Durably stored under this sequence number.
+    Stored(u64),
+    /// A record with the same request id is already waiting; nothing stored.
+    AlreadyPending,
+}
+
+/// A record waiting for delivery.
+#[derive(Debug)]
+pub struct Waiting {
+    pub seq: u64,
+    /// Encoded length, for the spool's byte count.
+    pub len: u64,
+    /// The record, or its raw bytes if they cannot be decoded.
+    pub record: Result<Record, Vec<u8>>,
+}
+
+/// How a delivery ended, for [`Spool::finish`].
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// The upstream answered; keep the answer for deduplication when there is a reqId.
+    Delivered(StoredAnswer),
+    /// A permanent failure: move the record to the dead letters.
+    Dead,
+}
+
+enum Op {
+    Append {
+        queue: Queue,
+        record: Vec<u8>,
+        req_id: Option<String>,
+        done: oneshot::Sender<Result<Appended, SpoolError>>,
+    },
+    Finish {
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
+    Purge {
+        before_ms: u64,
+    },
+}
+
+/// Depth of one queue.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Depth {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+struct Counters {
+    entries: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    notify: [Notify; 2],
+}
+
+/// The spool. One per process.
+pub struct Spool {
+    db: Arc<Database>,
+    /// `None` only while dropping, so the writer sees the channel close.
+    ops: Option<SyncSender<Op>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    counters: Arc<Counters>,
+    max_bytes: u64,
+    path: PathBuf,
+}
+
+impl Spool {
+    /// Opens (or creates) `<dir>/spool.redb` and starts the writer thread.
+    pub fn open(dir: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<Self, SpoolError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("spool.redb");
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
+                return Err(SpoolError::Storage(format!(
+                    "{}: in use by another process: {e}",
+                    path.display()
+                )))
+            }
+            Err(DatabaseError::Storage(StorageError::Io(e)))
+                if e.kind() != std::io::ErrorKind::InvalidData
+                    && e.kind() != std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Err(SpoolError::Storage(format!("{}: {e}", path.display())))
+            }
+            Err(e) => {
+                let aside = dir.join(format!("spool.redb.damaged-{}", unix_ms()));
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
+                    "spool cannot be opened; moving it aside and starting a new one");
+                metrics.spool_corrupt.inc();
+                std::fs::rename(&path, &aside).map_err(|e| SpoolError::Storage(e.to_string()))?;
+                Database::create(&path).map_err(storage)?
+            }
+        };
+        let counters = Arc::new(Counters {
+            entries: Default::default(),
+            bytes: Default::default(),
+            notify: Default::default(),
+        });
+        {
+            let txn = db.begin_write().map_err(storage)?;
+            for t in [EVENTS, LOGBLOB, DEAD] {
+                txn.open_table(t).map_err(storage)?;
+            }
+            txn.open_table(PENDING).map_err(storage)?;
+            txn.open_table(DELIVERED).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+            let read = db.begin_read().map_err(storage)?;
+            for q in Queue::ALL {
+                let table = read.open_table(q.table()).map_err(storage)?;
+                let (mut n, mut bytes) = (0, 0);
+                for item in table.iter().map_err(storage)? {
+                    let (_, v) = item.map_err(storage)?;
+                    n += 1;
+                    bytes += v.value().len() as u64;
+                }
+                counters.entries[q.index()].store(n, Ordering::Relaxed);
+                counters.bytes[q.index()].store(bytes, Ordering::Relaxed);
+            }
+        }
+        let db = Arc::new(db);
+        let (ops, rx) = sync_channel(OPS_QUEUE);
+        let (wdb, wcounters) = (db.clone(), counters.clone());
+        let writer = std::thread::Builder::new()
+            .name("cdn-edge spool writer".into())
+            .spawn(move || run_writer(wdb, rx, wcounters, metrics))
+            .map_err(|e| SpoolError::Storage(e.to_string()))?;
+        Ok(Self {
+            db,
+            ops: Some(ops),
+            writer: Some(writer),
+            counters,
+            max_bytes,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Durably appends a record; returns once it is committed (or refused).
+    pub async fn append(&self, queue: Queue, record: &Record) -> Result<Appended, SpoolError> {
+        let encoded = record.encode();
+        let len = encoded.len() as u64;
+        let total: u64 = self
+            .counters
+            .bytes
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
+        if total + len > self.max_bytes {
+            return Err(SpoolError::Full);
+        }
+        let (done, wait) = oneshot::channel();
+        let op = Op::Append {
+            queue,
+            record: encoded,
+            req_id: record.req_id.clone(),
+            done,
+        };
+        self.send(op).await?;
+        wait.await
+            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+    }
+
+    /// Ends a record's delivery: removes it (and keeps the answer, or the dead letter).
+    pub async fn finish(
+        &self,
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+    ) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Op::Finish {
+            queue,
+            seq,
+            len,
+            req_id,
+            how,
+            done,
+        })
+        .await?;
+        wait.await
+            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+    }
+
+    /// Forgets delivered answers older than `before_ms` (their dedupe window is over).
+    pub fn purge(&self, before_ms: u64) {
+        if let Some(ops) = &self.ops {
+            let _ = ops.try_send(Op::Purge { before_ms });
+        }
+    }
+
+    async fn send(&self, mut op: Op) -> Result<(), SpoolError> {
+        // The writer is a thread: wait for room without blocking the runtime.
+        let ops = self.ops.as_ref().expect("open until dropped");
+        loop {
+            match ops.try_send(op) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(back)) => {
+                    op = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err(SpoolError::Storage("spool writer stopped".into()))
+                }
+            }
+        }
+    }
+
+    /// The oldest waiting record of a queue. Blocking (reads the store): call from a
+    /// blocking context.
+    pub fn oldest_blocking(&self, queue: Queue) -> Result<Option<Waiting>, SpoolError> {
+        let read = self.db.begin_read().map_err(storage)?;
+        let table = read.open_table(queue.table()).map_err(storage)?;
+        let first = table.first().map_err(storage)?;
+        Ok(first.map(|(k, v)| {
+            let raw = v.value();
+            Waiting {
+                seq: k.value(),
+                len: raw.len() as u64,
+                record: Record::decode(raw).map_err(|_| raw.to_vec()),
+            }
+        }))
+    }
+
+    /// The stored answer for a request id delivered within `window_ms`. Blocking.
+    pub fn delivered_blocking(
+        &self,
+        queue: Queue,
+        req_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Option<StoredAnswer> {
+        let read = self.db.begin_read().ok()?;
+        let table = read.open_table(DELIVERED).ok()?;
+        let got = table.get(queue.id_key(req_id).as_str()).ok()??;
+        let answer = StoredAnswer::decode(got.value()).ok()?;
+        (now_ms.saturating_sub(answer.at_ms) < window_ms).then_some(answer)
+    }
+
+    pub fn depth(&self, queue: Queue) -> Depth {
+        Depth {
+            entries: self.counters.entries[queue.index()].load(Ordering::Relaxed),
+            bytes: self.counters.bytes[queue.index()].load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves when something may have been appended to `queue`.
+    pub async fn appended(&self, queue: Queue) {
+        self.counters.notify[queue.index()].notified().await;
+    }
+}
+
+impl Drop for Spool {
+    /// Lets the writer finish what it has and close the store before returning, so the
+    /// file can be opened again at once.
+    fn drop(&mut self) {
+        self.ops.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Storage(e.to_string())
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Outcome of one op inside a committed batch.
+enum Outcome {
+    Appended(Queue, u64, Appended),
+    Finished(Queue, u64),
+    Nothing,
+}
+
+fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metrics: Arc<Metrics>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let committed = commit(&db, &batch);
+        metrics.spool_commits.inc();
+        let mut woke = [false; 2];
+        match committed {
+            Ok(outcomes) => {
+                for (op, outcome) in batch.into_iter().zip(outcomes) {
+                    match (op, outcome) {
+                        (Op::Append { done, .. }, Outcome::Appended(q, len, a)) => {
+                            if let Appended::Stored(_) = a {
+                                counters.entries[q.index()].fetch_add(1, Ordering::Relaxed);
+                                counters.bytes[q.index()].fetch_add(len, Ordering::Relaxed);
+                                woke[q.index()] = true;
+                            }
+                            let _ = done.send(Ok(a));
+                        }
+                        (Op::Finish { done, .. }, Outcome::Finished(q, len)) => {
+                            if len > 0 {
+                                counters.entries[q.index()].fetch_sub(1, Ordering::Relaxed);
+                                counters.bytes[q.index()].fetch_sub(len, Ordering::Relaxed);
+                            }
+                            let _ = done.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool commit failed");
+                for op in batch {
+                    match op {
+                        Op::Append { done, .. } => {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        Op::Finish { done, .. } => {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        Op::Purge { .. } => {}
+                    }
+                }
+            }
+        }
+        for q in Queue::ALL {
+            if woke[q.index()] {
+                // notify_one stores a permit, so a worker that was between checks still wakes.
+                counters.notify[q.index()].notify_one();
+            }
+        }
+    }
+}
+
+fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
+    let mut txn = db.begin_write().map_err(storage)?;
+    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        let mut pending = txn.open_table(PENDING).map_err(storage)?;
+        let mut delivered = txn.open_table(DELIVERED).map_err(storage)?;
+        let mut dead = txn.open_table(DEAD).map_err(storage)?;
+        let mut queues = [
+            txn.open_table(EVENTS).map_err(storage)?,
+            txn.open_table(LOGBLOB).map_err(storage)?,
+        ];
+        let mut next = meta
+            .get("next_seq")
+            .map_err(storage)?
+            .map_or(1, |v| v.value());
+        for op in batch {
+            match op {
+                Op::Append {
+                    queue,
+                    record,
+                    req_id,
+                    ..
+                } => {
+                    let key = req_id.as_deref().map(|id| queue.id_key(id));
+                    if let Some(k) = &key {
+                        if pending.get(k.as_str()).map_err(storage)?.is_some() {
+                            outcomes.push(Outcome::Appended(*queue, 0, Appended::AlreadyPending));
+                            continue;
+                        }
+                    }
+                    let seq = next;
+                    next += 1;
+                    queues[queue.index()]
+                        .insert(seq, record.as_slice())
+                        .map_err(storage)?;
+                    if let Some(k) = &key {
+                        pending.insert(k.as_str(), seq).map_err(storage)?;
+                    }
+                    outcomes.push(Outcome::Appended(
+                        *queue,
+                        record.len() as u64,
+                        Appended::Stored(seq),
+                    ));
+                }
+                Op::Finish {
+                    queue,
+                    seq,
+                    len,
+                    req_id,
+                    how,
+                    ..
+                } => {
+                    let removed = queues[queue.index()].remove(*seq).map_err(storage)?;
+                    let record = removed.map(|v| v.value().to_vec());
+                    if let Some(id) = req_id {
+                        let k = queue.id_key(id);
+                        pending.remove(k.as_str()).map_err(storage)?;
+                        if let Finished::Delivered(answer) = how {
+                            delivered
+                                .insert(k.as_str(), answer.encode().as_slice())
+                                .map_err(storage)?;
+                        }
+                    }
+                    if let (Finished::Dead, Some(rec)) = (how, &record) {
+                        dead.insert(*seq, rec.as_slice()).map_err(storage)?;
+                    }
+                    let len = if record.is_some() { *len } else { 0 };
+                    outcomes.push(Outcome::Finished(*queue, len));
+                }
+                Op::Purge { before_ms } => {
+                    let old: Vec<String> = delivered
+                        .iter()
+                        .map_err(storage)?
+                        .filter_map(|item| item.ok())
+                        .filter(|(_, v)| {
+                            StoredAnswer::decode(v.value()).map_or(true, |a| a.at_ms < *before_ms)
+                        })
+                        .map(|(k, _)| k.value().to_string())
+                        .collect();
+                    for k in old {
+                        delivered.remove(k.as_str()).map_err(storage)?;
+                    }
+                    outcomes.push(Outcome::Nothing);
+                }
+            }
+        }
+        meta.insert("next_seq", next).map_err(storage)?;
+    }
+    txn.commit().map_err(storage)?;
+    Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn record(id: Option<&str>, body: &'static [u8]) -> Record {
+        Record {
+            arrival_ms: 1,
+            client_ip: "192.0.2.1".into(),
+            method: "POST".into(),
+            target: "/log/cadmium/logblob/1".into(),
+            content_type: None,
+            req_id: id.map(str::to_string),
+            body: Bytes::from_static(body),
+        }
+    }
+
+    fn open(dir: &Path, max: u64) -> Spool {
+        Spool::open(dir, max, Arc::new(Metrics::new())).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_survive_reopening_in_order_and_finish_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = open(dir.path(), 1 << 20);
+            for body in [&b"one"[..], b"two", b"three"] {
+                let leaked: &'static [u8] = Box::leak(body.to_vec().into_boxed_slice());
+                assert!(matches!(
+                    spool
+                        .append(Queue::LogBlob, &record(None, leaked))
+                        .await
+                        .unwrap(),
+                    Appended::Stored(_)
+                ));
+            }
+            assert_eq!(spool.depth(Queue::LogBlob).entries, 3);
+        }
+        let spool = open(dir.path(), 1 << 20);
+        assert_eq!(
+            spool.depth(Queue::LogBlob).entries,
+            3,
+            "counted again at open"
+        );
+        let mut seen = Vec::new();
+        while let Some(w) = spool.oldest_blocking(Queue::LogBlob).unwrap() {
+            seen.push(w.record.unwrap().body.clone());
+            spool
+                .finish(Queue::LogBlob, w.seq, w.len, None, Finished::Dead)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            seen,
+            vec![
+                Bytes::from_static(b"one"),
+                Bytes::from_static(b"two"),
+                Bytes::from_static(b"three")
+            ]
+        );
+        assert_eq!(spool.depth(Queue::LogBlob).entries, 0);
+        assert_eq!(spool.depth(Queue::LogBlob).bytes, 0);
+        assert!(spool.oldest_blocking(Queue::Events).unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_spool_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), 200);
+        let mut stored = 0;
+        loop {
+            match spool
+                .append(
+                    Queue::Events,
+                    &record(None, b"0123456789012345678901234567890123456789"),
+                )
+                .await
+            {
+                Ok(_) => stored += 1,
+                Err(SpoolError::Full) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(stored < 100);
+        }
+        assert!(stored >= 1);
+        assert!(spool.depth(Queue::Events).bytes <= 200);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn request_ids_are_spooled_once_and_answers_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), 1 << 20);
+        let first = spool
+            .append(Queue::Events, &record(Some("r1"), b"x"))
+            .await
+            .unwrap();
+        let Appended::Stored(seq) = first else {
+            panic!()
+        };
+        assert_eq!(
+            spool
+                .append(Queue::Events, &record(Some("r1"), b"x"))
+                .await
+                .unwrap(),
+            Appended::AlreadyPending
+        );
+        assert_eq!(spool.depth(Queue::Events).entries, 1);
+        let answer = StoredAnswer {
+            at_ms: unix_ms(),
+            status: 200,
+            content_type: None,
+            body: Bytes::from_static(b"ok"),
+        };
+        let len = spool.oldest_blocking(Queue::Events).unwrap().unwrap().len;
+        spool
+            .finish(
+                Queue::Events,
+                seq,
+                len,
+                Some("r1".into()),
+                Finished::Delivered(answer.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.delivered_blocking(Queue::Events, "r1", unix_ms(), 60_000),
+            Some(answer)
+        );
+        assert_eq!(
+            spool.delivered_blocking(Queue::LogBlob, "r1", unix_ms(), 60_000),
+            None,
+            "ids are per queue"
+        );
+        assert_eq!(
+            spool.delivered_blocking(Queue::Events, "r1", unix_ms() + 120_000, 60_000),
+            None,
+            "window over"
+        );
+        // Once delivered, the same id may be spooled again (a new request).
+        assert!(matches!(
+            spool
+                .append(Queue::Events, &record(Some("r1"), b"x"))
+                .await
+                .unwrap(),
+            Appended::Stored(_)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 30, metrics.clone()).unwrap());
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let s = spool.clone();
+                tokio::spawn(async move {
+                    s.append(Queue::LogBlob, &record(None, b"blob"))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(spool.depth(Queue::LogBlob).entries, 200);
+        assert!(
+            metrics.spool_commits.get() < 200,
+            "{} commits for 200 appends",
+            metrics.spool_commits.get()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_spool_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("spool.redb"), vec![0xA5u8; 10_000]).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let spool = Spool::open(dir.path(), 1 << 20, metrics.clone()).unwrap();
+        assert_eq!(metrics.spool_corrupt.get(), 1);
+        assert!(spool
+            .append(Queue::Events, &record(None, b"x"))
+            .await
+            .is_ok());
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("spool.redb.damaged-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+    }
+}
