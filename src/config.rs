@@ -26,6 +26,8 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_ORIGIN_TIMEOUT_MS: u64 = 10_000;
 /// Default time before an unhealthy origin is probed again in its configured place.
 pub const DEFAULT_RETRY_UNHEALTHY_MS: u64 = 10_000;
+/// Longest lifetime a cache setting may give, in seconds (one year).
+pub const MAX_CACHE_SECS: u64 = 365 * 86_400;
 /// Default origin path template.
 pub const DEFAULT_ORIGIN_PATH: &str = "/objects/{o}/{v}";
 /// Default SIGTERM grace period before the final shutdown step.
@@ -679,6 +681,18 @@ fn validate_dictionary(raw: file::Dictionary) -> Result<Dictionary, ConfigError>
             "dictionary.memory_bytes",
             "must be at least 1048576 (1 MiB)",
         ));
+    }
+    for (key, secs) in [
+        ("dictionary.ttl_secs", raw.ttl_secs),
+        ("dictionary.negative_ttl_secs", raw.negative_ttl_secs),
+        ("dictionary.stale_if_error_secs", raw.stale_if_error_secs),
+    ] {
+        if secs > MAX_CACHE_SECS {
+            return Err(invalid(
+                key,
+                format!("must be at most {MAX_CACHE_SECS} (one year)"),
+            ));
+        }
     }
     Ok(Dictionary {
         paths: raw.paths,

@@ -73,6 +73,8 @@ pub enum ExchangeError {
     Timeout { url: String, ms: u64 },
     #[error("{url}: answer body larger than {limit} bytes")]
     TooLarge { url: String, limit: usize },
+    #[error("{url}: unusable answer: {why}")]
+    Invalid { url: String, why: &'static str },
 }
 
 /// A complete upstream answer.
@@ -183,7 +185,14 @@ impl HttpUpstream {
                     session.write_request_body(b, true).await?;
                 }
                 session.finish_request_body().await?;
-                session.read_response_header().await
+                // Interim answers (100 Continue, 103 Early Hints) come before the final one.
+                loop {
+                    session.read_response_header().await?;
+                    let status = session.response_header().map_or(0, |r| r.status.as_u16());
+                    if !(100..200).contains(&status) || status == 101 {
+                        return Ok::<(), Box<pingora::Error>>(());
+                    }
+                }
             }
             .await;
             if let Err(e) = sent {
@@ -194,6 +203,12 @@ impl HttpUpstream {
             }
             let resp = session.response_header().expect("read above");
             let status = resp.status.as_u16();
+            if status == 101 {
+                return Err(ExchangeError::Invalid {
+                    url: self.url.url.clone(),
+                    why: "switched protocols",
+                });
+            }
             let headers = resp.headers.clone();
             let mut buf = BytesMut::new();
             loop {

@@ -205,40 +205,41 @@ async fn not_found_is_cached_for_the_negative_ttl_and_other_errors_not_at_all() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_entries_are_served_when_the_upstream_fails() {
     let upstream = TestOrigin::start().await;
-    let target = lookup("form=a");
-    upstream.set_response(
-        &target,
-        200,
-        &[("Cache-Control", "max-age=1")],
-        b"{\"a\":1}",
-    );
+    let [a, b, c] = ["form=a", "form=b", "form=c"].map(lookup);
+    for t in [&a, &b, &c] {
+        upstream.set_response(t, 200, &[("Cache-Control", "max-age=1")], b"{\"a\":1}");
+    }
     let edge = Edge::start(dictionary_opts(&upstream.url(), "")).await;
-    assert_eq!(edge.get(&target, &[]).await.status, 200);
+    for t in [&a, &b, &c] {
+        assert_eq!(edge.get(t, &[]).await.status, 200);
+    }
     tokio::time::sleep(Duration::from_millis(1100)).await;
     upstream.set_mode(Mode::Status(503));
-    let stale = edge.get(&target, &[]).await;
+    let stale = edge.get(&a, &[]).await;
     assert_eq!(
         (stale.status, stale.body.as_slice()),
-        (200, &b"{\"a\":1}"[..])
+        (200, &b"{\"a\":1}"[..]),
+        "5xx: stale"
     );
     assert_eq!(
         stale.header("cache-status"),
         Some("cdn-edge; hit; fwd=stale; detail=stale-if-error")
     );
+    assert!(stale.header("age").unwrap().parse::<u64>().unwrap() >= 1);
     upstream.set_mode(Mode::Hang);
-    let stale = edge.get(&target, &[]).await;
-    assert_eq!(stale.status, 200, "a timeout serves the stale copy too");
+    assert_eq!(edge.get(&b, &[]).await.status, 200, "timeout: stale");
+    let asked = upstream.requests();
     upstream.stop();
-    assert_eq!(
-        edge.get(&target, &[]).await.status,
-        200,
-        "and so does an unreachable upstream"
-    );
+    assert_eq!(edge.get(&c, &[]).await.status, 200, "unreachable: stale");
     assert_eq!(
         edge.metric("cdn_edge_dictionary_lookups_total{result=\"stale\"}")
             .await,
         3.0
     );
+    // After a failed refresh the stale copy is kept a while without asking again.
+    assert_eq!(edge.get(&a, &[]).await.status, 200);
+    assert_eq!(upstream.requests(), asked);
+    assert_eq!(asked, 5, "three fills, the 503 and the hanging request");
     // Nothing cached and the upstream gone: 502.
     assert_eq!(edge.get(&lookup("form=new"), &[]).await.status, 502);
 }
@@ -300,10 +301,11 @@ async fn cors_for_allowed_origins_only() {
         assert_eq!(r.status, 200);
         assert!(r.header("access-control-allow-origin").is_none(), "{other}");
     }
+    // A key never looked up: a preflight must not cause an upstream request.
     let pre = edge
         .request(
             "OPTIONS",
-            &lookup(PLAYER_QUERY),
+            &lookup("form=cold&sl=ko&tl=en"),
             &[
                 ("Origin", "https://www.netflix.com"),
                 ("Access-Control-Request-Method", "GET"),
@@ -418,5 +420,94 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         upstream.connections(),
         1,
         "ten sequential misses over one pooled connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_upstream_answers() {
+    let upstream = TestOrigin::start().await;
+    upstream.set_response(
+        &lookup("form=enc"),
+        200,
+        &[("Content-Encoding", "gzip")],
+        b"\x1f\x8b...",
+    );
+    upstream.set_response(
+        &lookup("form=two"),
+        200,
+        &[
+            ("Cache-Control", "max-age=60"),
+            ("Cache-Control", "private"),
+        ],
+        b"{}",
+    );
+    upstream.set_response(
+        &lookup("form=moved"),
+        302,
+        &[("Location", "/elsewhere")],
+        b"",
+    );
+    upstream.set_response(
+        &lookup("form=hint"),
+        200,
+        &[("Cache-Control", "max-age=99999999999999999999")],
+        BODY,
+    );
+    let edge = Edge::start(dictionary_opts(&upstream.url(), "")).await;
+    assert_eq!(
+        edge.get(&lookup("form=enc"), &[]).await.status,
+        502,
+        "an encoded answer to identity is refused"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            edge.get(&lookup("form=two"), &[])
+                .await
+                .header("cache-status"),
+            Some("cdn-edge; fwd=miss")
+        );
+    }
+    assert_eq!(
+        upstream.requests(),
+        3,
+        "private on a second Cache-Control line is honoured"
+    );
+    assert_eq!(edge.get(&lookup("form=moved"), &[]).await.status, 502);
+    upstream.set_mode(Mode::EarlyHints);
+    let r = edge.get(&lookup("form=hint"), &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, BODY),
+        "a 103 before the answer is skipped"
+    );
+    assert_eq!(
+        edge.get(&lookup("form=hint"), &[])
+            .await
+            .header("cache-status"),
+        Some("cdn-edge; hit"),
+        "a huge max-age is clamped, not a crash"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_may_not_be_cached_drops_the_old_answer() {
+    let upstream = TestOrigin::start().await;
+    let target = lookup("form=a");
+    upstream.set_response(
+        &target,
+        200,
+        &[("Cache-Control", "max-age=1")],
+        b"{\"v\":1}",
+    );
+    let edge = Edge::start(dictionary_opts(&upstream.url(), "")).await;
+    assert_eq!(edge.get(&target, &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    upstream.set_response(&target, 200, &[("Cache-Control", "no-store")], b"{\"v\":2}");
+    assert_eq!(edge.get(&target, &[]).await.body, b"{\"v\":2}");
+    upstream.set_mode(Mode::Status(503));
+    let r = edge.get(&target, &[]).await;
+    assert_eq!(
+        r.status, 503,
+        "no stale copy of an answer the upstream said not to keep"
     );
 }

@@ -46,7 +46,7 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     }
     let target = match key::canonical_target(req.uri.path(), req.uri.query().map(str::as_bytes)) {
         Ok(t) => t,
-        Err(e) => return respond::plain(session, 400, &e.to_string()).await,
+        Err(e) => return error_answer(session, 400, &e.to_string(), allow_origin).await,
     };
     let wanted = encoding::negotiate(
         req.headers
@@ -56,25 +56,32 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     let head = req.method == Method::HEAD;
 
     let (entry, outcome) = match store.lookup(&target).await {
+        Ok((e, _))
+            if (100..200).contains(&e.status)
+                || ((300..400).contains(&e.status) && e.status != 304) =>
+        {
+            let msg = "bad gateway: unexpected answer from the dictionary upstream";
+            return error_answer(session, 502, msg, allow_origin).await;
+        }
         Ok(found) => found,
         Err(e) => {
             let status = e.status();
-            return respond::plain(
-                session,
-                status,
-                if status == 504 {
-                    "gateway timeout: the dictionary upstream did not answer in time"
-                } else {
-                    "bad gateway: the dictionary upstream failed"
-                },
-            )
-            .await;
+            let msg = if status == 504 {
+                "gateway timeout: the dictionary upstream did not answer in time"
+            } else {
+                "bad gateway: the dictionary upstream failed"
+            };
+            return error_answer(session, status, msg, allow_origin).await;
         }
     };
+    // 204 and 304 carry no body and no Content-Length (RFC 9110 §8.6).
+    let bodiless = matches!(entry.status, 204 | 304);
     let (enc, body) = entry.body_for(wanted);
     let mut resp = ResponseHeader::build(entry.status, Some(10))?;
     resp.insert_header(header::CONTENT_TYPE, entry.content_type.clone())?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    if !bodiless {
+        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+    }
     resp.insert_header("Cache-Status", cache_status(outcome))?;
     resp.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
     resp.insert_header(header::VARY, VARY)?;
@@ -87,7 +94,7 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     if let Some(origin) = allow_origin {
         resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
     }
-    if head || body.is_empty() {
+    if head || bodiless || body.is_empty() {
         session.write_response_header(Box::new(resp), true).await?;
         return Ok(0);
     }
@@ -95,6 +102,23 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     let len = body.len() as u64;
     session.write_response_body(Some(body), true).await?;
     Ok(len)
+}
+
+/// A one-line error, with the CORS headers a browser player needs to read it.
+async fn error_answer(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    allow_origin: Option<HeaderValue>,
+) -> pingora::Result<u64> {
+    respond::plain_with(session, status, message, |r| {
+        r.insert_header(header::VARY, VARY)?;
+        if let Some(origin) = allow_origin {
+            r.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Answers a CORS preflight without touching the upstream: 204 with the CORS headers

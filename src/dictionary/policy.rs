@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// The longest any answer is kept fresh, whatever the upstream or config says.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
 /// How long an upstream answer may be served from cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storable {
@@ -49,7 +52,7 @@ pub fn storable(
     if lifetime.is_zero() {
         Storable::No
     } else {
-        Storable::For(lifetime)
+        Storable::For(lifetime.min(MAX_LIFETIME))
     }
 }
 
@@ -81,6 +84,10 @@ mod tests {
         );
         assert_eq!(s(200, "max-age=0"), Storable::No);
         assert_eq!(s(200, "max-age=abc"), Storable::For(TTL));
+        assert_eq!(
+            s(200, "max-age=18446744073709551615"),
+            Storable::For(MAX_LIFETIME)
+        );
         for no in [
             "no-store",
             "private",

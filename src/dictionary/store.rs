@@ -6,7 +6,7 @@
 //! fails (unreachable, timeout or 5xx), a 200 entry is still served until
 //! `stale_until = fresh_until + stale_if_error_secs`; moka drops it after that.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,6 +25,10 @@ use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Per-entry bookkeeping counted against `dictionary.memory_bytes`.
 const ENTRY_OVERHEAD: u32 = 256;
+/// After a failed refresh, how long the stale copy is served before the upstream is
+/// asked again.
+const STALE_RETRY: Duration = Duration::from_secs(10);
+const IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -39,20 +43,26 @@ pub struct Entry {
     pub stored: Instant,
     pub fresh_until: Instant,
     pub stale_until: Instant,
-    encoded: [OnceLock<Bytes>; 3],
+    /// Set on a copy kept for a short while after a failed refresh, so the upstream is
+    /// not asked again on every lookup while it is down.
+    pub served_stale: bool,
+    /// br, zstd, gzip forms, made once when the entry is stored; `None` where
+    /// compression would not make the body smaller.
+    encoded: [Option<Bytes>; 3],
 }
 
 impl Entry {
-    /// The body in `enc`, compressed on first use and kept for later hits. Small bodies
-    /// are always sent as they are.
+    /// The body in `enc` if the entry has that form, else as it is.
     pub fn body_for(&self, enc: Encoding) -> (Encoding, Bytes) {
-        match enc.slot() {
-            Some(slot) if self.body.len() >= encoding::MIN_COMPRESS_BYTES => {
-                let b = self.encoded[slot].get_or_init(|| encoding::compress(enc, &self.body));
-                (enc, b.clone())
-            }
-            _ => (Encoding::Identity, self.body.clone()),
+        match enc.slot().and_then(|slot| self.encoded[slot].clone()) {
+            Some(b) => (enc, b),
+            None => (Encoding::Identity, self.body.clone()),
         }
+    }
+
+    /// Bytes held: body and encoded forms.
+    fn held_bytes(&self) -> usize {
+        self.body.len() + self.encoded.iter().flatten().map(Bytes::len).sum::<usize>()
     }
 
     /// Whole seconds since the answer was received.
@@ -86,6 +96,38 @@ impl LookupError {
             _ => 502,
         }
     }
+}
+
+/// Counts a lookup as waiting on the upstream for as long as it lives.
+struct Pending<'a>(&'a Metrics);
+
+impl<'a> Pending<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.dictionary_pending.inc();
+        Self(m)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.dictionary_pending.dec();
+    }
+}
+
+/// All values of a header as one comma-separated value.
+fn join_values(headers: &http::HeaderMap, name: http::header::HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(&name).iter();
+    let first = values.next()?.clone();
+    let rest: Vec<&[u8]> = values.map(|v| v.as_bytes()).collect();
+    if rest.is_empty() {
+        return Some(first);
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for r in rest {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(r);
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 struct Lifetime;
@@ -138,8 +180,7 @@ impl DictionaryStore {
             .name("dictionary")
             .max_capacity(cfg.memory_bytes)
             .weigher(|k: &Arc<str>, v: &Arc<Entry>| {
-                // Room for the encoded variants too (each at most about the body).
-                let n = k.len() + 2 * v.body.len();
+                let n = k.len() + v.held_bytes();
                 u32::try_from(n)
                     .unwrap_or(u32::MAX)
                     .saturating_add(ENTRY_OVERHEAD)
@@ -148,7 +189,12 @@ impl DictionaryStore {
             .build();
         Ok(Self {
             entries,
-            inflight: moka::future::Cache::builder().max_capacity(65_536).build(),
+            // A finished fetch is only read by the lookups that waited on it; the TTL is a
+            // safety net should a waiter vanish before removing it.
+            inflight: moka::future::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
             upstream,
             connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
             ttl: Duration::from_secs(cfg.ttl_secs),
@@ -165,6 +211,9 @@ impl DictionaryStore {
         let cached = self.entries.get(&key).await;
         let now = Instant::now();
         if let Some(e) = cached.as_ref().filter(|e| now < e.fresh_until) {
+            if e.served_stale {
+                return self.serve_stale(e.clone());
+            }
             self.metrics.record_dictionary(if e.status == 404 {
                 DictionaryResult::NegativeHit
             } else {
@@ -172,16 +221,18 @@ impl DictionaryStore {
             });
             return Ok((e.clone(), Outcome::Hit));
         }
-        self.metrics.dictionary_pending.inc();
-        let fetched = self
-            .inflight
-            .try_get_with(key.clone(), self.fetch(key.clone()))
-            .await;
-        self.metrics.dictionary_pending.dec();
-        self.inflight.invalidate(&key).await;
+        let fetched = {
+            let _pending = Pending::new(&self.metrics);
+            let f = self
+                .inflight
+                .try_get_with(key.clone(), self.fetch(key.clone()))
+                .await;
+            self.inflight.invalidate(&key).await;
+            f
+        };
         let stale = cached.filter(|e| e.status == 200 && Instant::now() < e.stale_until);
         match (fetched, stale) {
-            (Ok(e), Some(old)) if e.status >= 500 => self.serve_stale(old),
+            (Ok(e), Some(old)) if e.status >= 500 => self.keep_stale(key, old).await,
             (Ok(e), old) => {
                 let outcome = if old.is_some() {
                     Outcome::Refreshed
@@ -196,7 +247,7 @@ impl DictionaryStore {
                     });
                 Ok((e, outcome))
             }
-            (Err(_), Some(old)) => self.serve_stale(old),
+            (Err(_), Some(old)) => self.keep_stale(key, old).await,
             (Err(e), None) => {
                 self.metrics.record_dictionary(DictionaryResult::Error);
                 Err(LookupError((*e).clone()))
@@ -209,13 +260,61 @@ impl DictionaryStore {
         Ok((old, Outcome::Stale))
     }
 
+    /// Serves a stale copy after a failed refresh, and keeps serving it for
+    /// [`STALE_RETRY`] (within its stale-if-error window) before asking again.
+    async fn keep_stale(
+        &self,
+        key: Arc<str>,
+        old: Arc<Entry>,
+    ) -> Result<(Arc<Entry>, Outcome), LookupError> {
+        let hold = Arc::new(Entry {
+            status: old.status,
+            body: old.body.clone(),
+            content_type: old.content_type.clone(),
+            cache_control: old.cache_control.clone(),
+            stored: old.stored,
+            fresh_until: (Instant::now() + STALE_RETRY).min(old.stale_until),
+            stale_until: old.stale_until,
+            served_stale: true,
+            encoded: old.encoded.clone(),
+        });
+        self.entries.insert(key, hold.clone()).await;
+        self.serve_stale(hold)
+    }
+
     /// One upstream request; stores the answer when it may be cached.
     async fn fetch(&self, key: Arc<str>) -> Result<Arc<Entry>, ExchangeError> {
+        // Another lookup may have stored a fresh answer since this one looked.
+        if let Some(e) = self.entries.get(&key).await {
+            if Instant::now() < e.fresh_until && !e.served_stale {
+                return Ok(e);
+            }
+        }
         let started = Instant::now();
         let answer = self
             .upstream
-            .exchange(&self.connector, "GET", &key, &[], None, MAX_BODY_BYTES)
-            .await;
+            .exchange(
+                &self.connector,
+                "GET",
+                &key,
+                &[(http::header::ACCEPT_ENCODING, IDENTITY)],
+                None,
+                MAX_BODY_BYTES,
+            )
+            .await
+            .and_then(|a| {
+                let encoded = a
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                if encoded {
+                    return Err(ExchangeError::Invalid {
+                        url: self.upstream.url.url.clone(),
+                        why: "content-encoded answer to Accept-Encoding: identity",
+                    });
+                }
+                Ok(a)
+            });
         self.metrics
             .dictionary_upstream_duration
             .observe(started.elapsed().as_secs_f64());
@@ -237,11 +336,14 @@ impl DictionaryStore {
                 "ok"
             });
         let now = Instant::now();
-        let cc = answer
-            .headers
-            .get(http::header::CACHE_CONTROL)
-            .map(|v| v.as_bytes());
-        let lifetime = storable(answer.status, cc, self.ttl, self.negative_ttl);
+        // Several Cache-Control lines are one list (RFC 9110 §5.3).
+        let cache_control = join_values(&answer.headers, http::header::CACHE_CONTROL);
+        let lifetime = storable(
+            answer.status,
+            cache_control.as_ref().map(|v| v.as_bytes()),
+            self.ttl,
+            self.negative_ttl,
+        );
         let fresh_for = match lifetime {
             Storable::For(d) => d,
             Storable::No => Duration::ZERO,
@@ -251,6 +353,21 @@ impl DictionaryStore {
         } else {
             Duration::ZERO
         };
+        let encoded =
+            if lifetime != Storable::No && answer.body.len() >= encoding::MIN_COMPRESS_BYTES {
+                // Compression is CPU work of up to milliseconds: not on the request threads.
+                let body = answer.body.clone();
+                tokio::task::spawn_blocking(move || {
+                    [Encoding::Br, Encoding::Zstd, Encoding::Gzip].map(|enc| {
+                        let out = encoding::compress(enc, &body);
+                        (out.len() < body.len()).then_some(out)
+                    })
+                })
+                .await
+                .unwrap_or_default()
+            } else {
+                Default::default()
+            };
         let entry = Arc::new(Entry {
             status: answer.status,
             content_type: answer
@@ -258,15 +375,19 @@ impl DictionaryStore {
                 .get(http::header::CONTENT_TYPE)
                 .cloned()
                 .unwrap_or(JSON),
-            cache_control: answer.headers.get(http::header::CACHE_CONTROL).cloned(),
+            cache_control,
             body: answer.body,
             stored: now,
             fresh_until: now + fresh_for,
             stale_until: now + fresh_for + stale_for,
-            encoded: Default::default(),
+            served_stale: false,
+            encoded,
         });
         if lifetime != Storable::No {
             self.entries.insert(key, entry.clone()).await;
+        } else if answer.status < 500 {
+            // The upstream no longer lets this be cached: forget the old answer too.
+            self.entries.invalidate(&key).await;
         }
         Ok(entry)
     }

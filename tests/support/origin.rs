@@ -25,6 +25,8 @@ pub enum Mode {
     WrongContentRange,
     /// 206 with a correct header and a body one byte short, then closes.
     ShortBody,
+    /// A `103 Early Hints` interim answer before each normal one.
+    EarlyHints,
 }
 
 struct Object {
@@ -258,7 +260,7 @@ async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
                 std::future::pending::<()>().await;
                 unreachable!()
             }
-            (Mode::Normal, _) if canned.is_some() => {
+            (Mode::Normal | Mode::EarlyHints, _) if canned.is_some() => {
                 let c = canned.expect("checked");
                 let mut head = format!(
                     "HTTP/1.1 {} X\r\nContent-Length: {}\r\n",
@@ -317,7 +319,12 @@ async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
                 }
             }
         };
-        let mut out = head.into_bytes();
+        let mut out = if mode == Mode::EarlyHints {
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n".to_vec()
+        } else {
+            Vec::new()
+        };
+        out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
         if sock.write_all(&out).await.is_err() || req.close || close_after {
