@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::app::AppState;
 use crate::cache::CacheStats;
 use crate::dictionary::store::DictionaryStats;
+use crate::forward::spool::{Depth, Queue};
 use crate::origin::OriginHealth;
 
 /// Answers admin requests from the shared state.
@@ -30,11 +31,18 @@ struct Status {
     version: &'static str,
     uptime_secs: u64,
     cache: CacheStatus,
-    /// Durable forwarding spool; `null` while forwarding is not enabled.
-    spool: Option<()>,
+    /// Durable forwarding spool; `null` without a `[forward]` section.
+    spool: Option<SpoolStatus>,
     /// `null` without a `[dictionary]` section.
     dictionary: Option<DictionaryStats>,
     origins: Vec<OriginHealth>,
+}
+
+#[derive(Serialize)]
+struct SpoolStatus {
+    path: String,
+    events: Depth,
+    logblob: Depth,
 }
 
 #[derive(Serialize)]
@@ -77,7 +85,11 @@ impl ServeHttp for AdminApp {
                         memory_capacity_bytes: self.state.memory_capacity,
                         stats: self.state.store.stats(),
                     },
-                    spool: None,
+                    spool: self.state.forwarder.as_ref().map(|f| SpoolStatus {
+                        path: f.spool.path().display().to_string(),
+                        events: f.spool.depth(Queue::Events),
+                        logblob: f.spool.depth(Queue::LogBlob),
+                    }),
                     dictionary: self.state.dictionary.as_ref().map(|d| d.stats()),
                     origins: self.state.origin.health(),
                 };

@@ -9,6 +9,7 @@ use crate::cache::SliceStore;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::dictionary::store::DictionaryStore;
+use crate::forward::{ForwardSetupError, Forwarder};
 use crate::metrics::Metrics;
 use crate::origin::OriginClient;
 use crate::routes::Router;
@@ -19,6 +20,7 @@ use crate::upstream::ResolveError;
 pub struct AppState {
     pub verifier: Verifier,
     pub dictionary: Option<DictionaryStore>,
+    pub forwarder: Option<Forwarder>,
     pub cors: Cors,
     pub router: Router,
     pub store: SliceStore,
@@ -35,6 +37,8 @@ pub enum StateError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Disk(#[from] DiskOpenError),
+    #[error(transparent)]
+    Forward(#[from] ForwardSetupError),
 }
 
 impl AppState {
@@ -70,8 +74,14 @@ impl AppState {
                 DictionaryStore::new(d, config.server.upstream_keepalive_pool, metrics.clone())
             })
             .transpose()?;
+        let forwarder = config
+            .forward
+            .as_ref()
+            .map(|f| Forwarder::new(f, config.server.upstream_keepalive_pool, metrics.clone()))
+            .transpose()?;
         Ok(Arc::new(Self {
             dictionary,
+            forwarder,
             cors: Cors::new(&config.cors.allow_origins),
             verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs),
             router: Router::new(dictionary_paths),
@@ -100,6 +110,19 @@ impl AppState {
         if let Some(d) = s.disk {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);
+        }
+        if let Some(f) = &self.forwarder {
+            for q in crate::forward::spool::Queue::ALL {
+                let d = f.spool.depth(q);
+                self.metrics
+                    .spool_entries
+                    .with_label_values(&[q.label()])
+                    .set(d.entries as i64);
+                self.metrics
+                    .spool_bytes
+                    .with_label_values(&[q.label()])
+                    .set(d.bytes as i64);
+            }
         }
         if let Some(d) = &self.dictionary {
             let d = d.stats();

@@ -229,6 +229,8 @@ pub struct Forward {
     pub spool_max_bytes: u64,
     pub dedupe_secs: u64,
     pub max_body_bytes: u64,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
     pub events: Option<UpstreamUrl>,
     pub logblob: Option<UpstreamUrl>,
     pub stats: Option<UpstreamUrl>,
@@ -458,11 +460,18 @@ mod file {
         pub dedupe_secs: u64,
         #[serde(default = "default_max_body")]
         pub max_body_bytes: u64,
+        #[serde(default = "default_connect_timeout")]
+        pub connect_timeout_ms: u64,
+        #[serde(default = "default_forward_timeout")]
+        pub timeout_ms: u64,
         pub events: Option<String>,
         pub logblob: Option<String>,
         pub stats: Option<String>,
     }
 
+    fn default_forward_timeout() -> u64 {
+        5_000
+    }
     fn default_spool_max() -> u64 {
         1 << 30
     }
@@ -718,6 +727,8 @@ fn validate_forward(raw: file::Forward) -> Result<Forward, ConfigError> {
         spool_max_bytes: raw.spool_max_bytes,
         dedupe_secs: raw.dedupe_secs,
         max_body_bytes: raw.max_body_bytes,
+        connect_timeout: positive_ms("forward.connect_timeout_ms", raw.connect_timeout_ms)?,
+        timeout: positive_ms("forward.timeout_ms", raw.timeout_ms)?,
         events: url("forward.events", &raw.events)?,
         logblob: url("forward.logblob", &raw.logblob)?,
         stats: url("forward.stats", &raw.stats)?,

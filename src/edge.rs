@@ -68,9 +68,10 @@ impl ProxyHttp for Edge {
             Route::Range | Route::Object => video::serve(&self.state, session, ctx.route).await?,
             Route::NotFound => respond::plain(session, 404, "not found").await?,
             Route::Dictionary => dictionary::serve(&self.state, session).await?,
-            Route::Event | Route::LogBlob | Route::Stats => {
-                respond::plain(session, 501, "route not enabled on this edge").await?
-            }
+            Route::Event | Route::LogBlob | Route::Stats => match &self.state.forwarder {
+                Some(f) => f.serve(session, ctx.route).await?,
+                None => respond::plain(session, 404, "not configured on this edge").await?,
+            },
         };
         Ok(true)
     }

@@ -124,6 +124,59 @@ impl DictionaryResult {
     }
 }
 
+/// What happened to a forwarded request, the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardResult {
+    /// An event relayed at once; the client got the upstream's answer.
+    Relayed,
+    /// Durably spooled; the client got 202.
+    Spooled,
+    /// Stats accepted into the in-memory queue.
+    Queued,
+    /// Delivered in the background.
+    Delivered,
+    /// A background delivery attempt failed and will be retried.
+    Retried,
+    /// A request id already delivered (or waiting): not forwarded again.
+    Deduplicated,
+    /// Stats dropped because the queue was full.
+    Dropped,
+    /// A permanent failure (moved to dead letters) or failed best-effort stats.
+    Failed,
+    /// Refused: spool full or unavailable (503), or body too large (413).
+    Refused,
+}
+
+impl ForwardResult {
+    pub const ALL: [ForwardResult; 9] = [
+        ForwardResult::Relayed,
+        ForwardResult::Spooled,
+        ForwardResult::Queued,
+        ForwardResult::Delivered,
+        ForwardResult::Retried,
+        ForwardResult::Deduplicated,
+        ForwardResult::Dropped,
+        ForwardResult::Failed,
+        ForwardResult::Refused,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            ForwardResult::Relayed => "relayed",
+            ForwardResult::Spooled => "spooled",
+            ForwardResult::Queued => "queued",
+            ForwardResult::Delivered => "delivered",
+            ForwardResult::Retried => "retried",
+            ForwardResult::Deduplicated => "deduplicated",
+            ForwardResult::Dropped => "dropped",
+            ForwardResult::Failed => "failed",
+            ForwardResult::Refused => "refused",
+        }
+    }
+}
+
+const FORWARD_ROUTES: [Route; 3] = [Route::Event, Route::LogBlob, Route::Stats];
+
 /// Results of dictionary upstream requests, the `result` label.
 const DICTIONARY_UPSTREAM_RESULTS: [&str; 4] = ["ok", "server_error", "timeout", "error"];
 
@@ -175,6 +228,11 @@ pub struct Metrics {
     pub dictionary_pending: IntGauge,
     pub spool_corrupt: IntCounter,
     pub spool_commits: IntCounter,
+    forwarded: Vec<IntCounter>,
+    forward_delivery: Vec<Histogram>,
+    pub stats_dropped: IntCounter,
+    pub spool_entries: IntGaugeVec,
+    pub spool_bytes: IntGaugeVec,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -480,6 +538,74 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let forwarded_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_forwarded_total",
+                    "Forwarded requests (events, log blobs, stats), by route and result.",
+                ),
+                &["route", "result"],
+            )
+            .expect("valid metric"),
+        );
+        let forwarded = FORWARD_ROUTES
+            .iter()
+            .flat_map(|route| {
+                ForwardResult::ALL
+                    .iter()
+                    .map(|res| forwarded_vec.with_label_values(&[route.label(), res.label()]))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let delivery_vec = registered(
+            r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "cdn_edge_forward_delivery_seconds",
+                    "Time from arrival at the edge to background delivery, by route.",
+                )
+                .buckets(vec![
+                    0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 86400.0,
+                ]),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let forward_delivery = FORWARD_ROUTES
+            .iter()
+            .map(|route| delivery_vec.with_label_values(&[route.label()]))
+            .collect();
+        let stats_dropped = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_stats_dropped_total",
+                "Stats dropped because the in-memory queue was full.",
+            )
+            .expect("valid metric"),
+        );
+        let spool_entries = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_entries",
+                    "Records waiting in the spool, by route.",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let spool_bytes = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_bytes",
+                    "Bytes of records waiting in the spool, by route.",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -525,6 +651,11 @@ impl Metrics {
             dictionary_pending,
             spool_corrupt,
             spool_commits,
+            forwarded,
+            forward_delivery,
+            stats_dropped,
+            spool_entries,
+            spool_bytes,
         }
     }
 
@@ -582,6 +713,20 @@ impl Metrics {
         {
             self.dictionary_upstream[i].inc();
         }
+    }
+
+    pub fn record_forward(&self, route: Route, result: ForwardResult) {
+        let r = FORWARD_ROUTES.iter().position(|x| *x == route).unwrap_or(0);
+        let i = ForwardResult::ALL
+            .iter()
+            .position(|x| *x == result)
+            .expect("every result is registered");
+        self.forwarded[r * ForwardResult::ALL.len() + i].inc();
+    }
+
+    pub fn forward_delivery(&self, route: Route) -> &Histogram {
+        let r = FORWARD_ROUTES.iter().position(|x| *x == route).unwrap_or(0);
+        &self.forward_delivery[r]
     }
 
     /// Prometheus text exposition of every metric.

@@ -12,6 +12,8 @@ use crate::app::AppState;
 use crate::app::StateError;
 use crate::config::Config;
 use crate::edge::Edge;
+use crate::forward::deliver::DeliveryService;
+use pingora::services::background::background_service;
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,17 @@ impl EdgeServer {
         admin.threads = Some(1);
         admin.add_tcp(&config.listen.admin.to_string());
         server.add_service(admin);
+
+        if let (Some(forwarder), Some(cfg)) = (&state.forwarder, &config.forward) {
+            let delivery = DeliveryService::new(
+                forwarder,
+                cfg,
+                config.server.upstream_keepalive_pool,
+                state.metrics.clone(),
+            )
+            .map_err(|e| StartError::State(StateError::Resolve(e)))?;
+            server.add_service(background_service("cdn-edge forward delivery", delivery));
+        }
 
         Ok(Self { server, state })
     }

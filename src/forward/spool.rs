@@ -138,6 +138,13 @@ enum Op {
     Purge {
         before_ms: u64,
     },
+    /// Keeps the upstream's answer to a request relayed at once (never spooled).
+    Remember {
+        queue: Queue,
+        req_id: String,
+        answer: StoredAnswer,
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
 }
 
 /// Depth of one queue.
@@ -289,6 +296,26 @@ impl Spool {
             .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
     }
 
+    /// Keeps the answer to a request delivered without spooling, for deduplication;
+    /// returns once committed, so a retry that follows finds it.
+    pub async fn remember(
+        &self,
+        queue: Queue,
+        req_id: String,
+        answer: StoredAnswer,
+    ) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Op::Remember {
+            queue,
+            req_id,
+            answer,
+            done,
+        })
+        .await?;
+        wait.await
+            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+    }
+
     /// Forgets delivered answers older than `before_ms` (their dedupe window is over).
     pub fn purge(&self, before_ms: u64) {
         if let Some(ops) = &self.ops {
@@ -409,6 +436,9 @@ fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metr
                             }
                             let _ = done.send(Ok(a));
                         }
+                        (Op::Remember { done, .. }, _) => {
+                            let _ = done.send(Ok(()));
+                        }
                         (Op::Finish { done, .. }, Outcome::Finished(q, len)) => {
                             if len > 0 {
                                 counters.entries[q.index()].fetch_sub(1, Ordering::Relaxed);
@@ -428,6 +458,9 @@ fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metr
                             let _ = done.send(Err(e.clone()));
                         }
                         Op::Finish { done, .. } => {
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        Op::Remember { done, .. } => {
                             let _ = done.send(Err(e.clone()));
                         }
                         Op::Purge { .. } => {}
@@ -514,6 +547,18 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                     }
                     let len = if record.is_some() { *len } else { 0 };
                     outcomes.push(Outcome::Finished(*queue, len));
+                }
+                Op::Remember {
+                    queue,
+                    req_id,
+                    answer,
+                    ..
+                } => {
+                    let k = queue.id_key(req_id);
+                    delivered
+                        .insert(k.as_str(), answer.encode().as_slice())
+                        .map_err(storage)?;
+                    outcomes.push(Outcome::Nothing);
                 }
                 Op::Purge { before_ms } => {
                     let old: Vec<String> = delivered

@@ -99,3 +99,25 @@ pub fn parse(raw: &[u8], head: bool) -> Option<Response> {
     }
     Some(r)
 }
+
+/// `POST target` with a body (and its Content-Length).
+pub async fn post(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut req = format!(
+        "POST {target} HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    let raw = send_raw(addr, &bytes).await.expect("request to the edge");
+    parse(&raw, false)
+        .unwrap_or_else(|| panic!("unparseable response: {:?}", String::from_utf8_lossy(&raw)))
+}

@@ -49,6 +49,7 @@ struct State {
     requests: AtomicU64,
     connections: AtomicU64,
     log: Mutex<Vec<String>>,
+    received: Mutex<Vec<Received>>,
     /// While true, answers wait (after counting the request) until it turns false.
     hold: watch::Sender<bool>,
 }
@@ -61,9 +62,12 @@ pub struct TestOrigin {
 
 impl TestOrigin {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind test origin");
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (e.g. where an earlier origin was, to bring it back).
+    pub async fn start_on(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind test origin");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             objects: Mutex::new(HashMap::new()),
@@ -72,6 +76,7 @@ impl TestOrigin {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
+            received: Mutex::new(Vec::new()),
             hold: watch::channel(false).0,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -80,6 +85,7 @@ impl TestOrigin {
             let mut stop_rx2 = stop_rx.clone();
             loop {
                 tokio::select! {
+                    biased;
                     _ = stop_rx2.changed() => return,
                     accepted = listener.accept() => {
                         let Ok((sock, _)) = accepted else { continue };
@@ -138,6 +144,11 @@ impl TestOrigin {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Every request received so far, in order.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
@@ -176,9 +187,30 @@ pub fn dead_addr() -> SocketAddr {
 }
 
 struct Request {
+    method: String,
     path: String,
     range: Option<String>,
     close: bool,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// A request as the origin received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
@@ -187,9 +219,13 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
             buf.drain(..end + 4);
             let mut lines = head.split("\r\n");
-            let path = lines.next()?.split(' ').nth(1)?.to_string();
+            let mut request_line = lines.next()?.split(' ');
+            let method = request_line.next()?.to_string();
+            let path = request_line.next()?.to_string();
             let mut range = None;
             let mut close = false;
+            let mut length = 0usize;
+            let mut headers = Vec::new();
             for line in lines {
                 let (k, v) = line.split_once(':')?;
                 if k.eq_ignore_ascii_case("range") {
@@ -198,8 +234,28 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request
                 if k.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close") {
                     close = true;
                 }
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().ok()?;
+                }
+                headers.push((k.trim().to_string(), v.trim().to_string()));
             }
-            return Some(Request { path, range, close });
+            while buf.len() < length {
+                let mut chunk = [0u8; 8192];
+                let n = sock.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body: Vec<u8> = buf.drain(..length).collect();
+            return Some(Request {
+                method,
+                path,
+                range,
+                close,
+                headers,
+                body,
+            });
         }
         if buf.len() > 64 * 1024 {
             return None;
@@ -241,6 +297,12 @@ async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
             req.path,
             req.range.clone().unwrap_or_default()
         ));
+        st.received.lock().unwrap().push(Received {
+            method: req.method.clone(),
+            target: req.path.clone(),
+            headers: req.headers.clone(),
+            body: req.body.clone(),
+        });
         let mut hold = st.hold.subscribe();
         while *hold.borrow_and_update() {
             if hold.changed().await.is_err() {

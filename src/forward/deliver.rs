@@ -1,0 +1,229 @@
+//! Background delivery of spooled records and queued stats, on its own runtime.
+//!
+//! Each spooled queue is delivered in order, one record at a time: a 2xx removes the
+//! record (keeping the answer for deduplication), a 4xx other than 408/429 is a
+//! permanent failure (the record moves to the dead letters, counted), anything else is
+//! retried with exponential backoff and jitter, from 200 ms up to 30 s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::record::Record;
+use super::spool::{unix_ms, Finished, Queue, Spool};
+use super::{relay, Upstreams};
+use crate::metrics::{ForwardResult, Metrics};
+use crate::routes::Route;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often delivered answers past the dedupe window are forgotten.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// The delivery workers, run as a Pingora background service.
+pub struct DeliveryService {
+    spool: Arc<Spool>,
+    upstreams: Upstreams,
+    stats: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Record>>>,
+    dedupe_ms: u64,
+    keepalive_pool: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl DeliveryService {
+    pub fn new(
+        forwarder: &super::Forwarder,
+        cfg: &crate::config::Forward,
+        keepalive_pool: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, crate::upstream::ResolveError> {
+        Ok(Self {
+            spool: forwarder.spool.clone(),
+            upstreams: Upstreams::new(cfg)?,
+            stats: std::sync::Mutex::new(forwarder.take_stats_receiver()),
+            dedupe_ms: forwarder.dedupe_ms,
+            keepalive_pool,
+            metrics,
+        })
+    }
+}
+
+fn route_of(q: Queue) -> Route {
+    match q {
+        Queue::Events => Route::Event,
+        Queue::LogBlob => Route::LogBlob,
+    }
+}
+
+/// Backoff for the `attempt`-th retry, with up to 25% jitter.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = FIRST_BACKOFF
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(MAX_BACKOFF);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+}
+
+/// Sleeps `d`, or returns true early when shutting down.
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+#[async_trait]
+impl BackgroundService for DeliveryService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let connector = Connector::new(Some(ConnectorOptions::new(self.keepalive_pool)));
+        let stats_rx = self.stats.lock().ok().and_then(|mut s| s.take());
+        let queues = Queue::ALL.map(|q| self.deliver_queue(q, &connector, shutdown.clone()));
+        let [events, logblob] = queues;
+        tokio::join!(
+            events,
+            logblob,
+            self.deliver_stats(stats_rx, &connector, shutdown.clone()),
+            self.purge(shutdown.clone()),
+        );
+    }
+}
+
+impl DeliveryService {
+    async fn deliver_queue(&self, q: Queue, connector: &Connector, mut shutdown: ShutdownWatch) {
+        let Some(upstream) = self.upstreams.for_queue(q) else {
+            return;
+        };
+        let route = route_of(q);
+        while !*shutdown.borrow() {
+            let spool = self.spool.clone();
+            let next = tokio::task::spawn_blocking(move || spool.oldest_blocking(q)).await;
+            let waiting = match next {
+                Ok(Ok(Some(w))) => w,
+                Ok(Ok(None)) => {
+                    tokio::select! {
+                        _ = self.spool.appended(q) => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(queue = q.label(), error = %e, "cannot read the spool");
+                    if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let record = match waiting.record {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::error!(
+                        queue = q.label(),
+                        seq = waiting.seq,
+                        "undecodable spool record moved to dead letters"
+                    );
+                    self.metrics.record_forward(route, ForwardResult::Failed);
+                    let _ = self
+                        .spool
+                        .finish(q, waiting.seq, waiting.len, None, Finished::Dead)
+                        .await;
+                    continue;
+                }
+            };
+            let mut attempt = 0u32;
+            let how = loop {
+                match relay(upstream, connector, &record).await {
+                    Ok(answer) if (200..300).contains(&answer.status) => {
+                        self.metrics.record_forward(route, ForwardResult::Delivered);
+                        let secs = unix_ms().saturating_sub(record.arrival_ms) as f64 / 1000.0;
+                        self.metrics.forward_delivery(route).observe(secs);
+                        break Finished::Delivered(answer);
+                    }
+                    Ok(answer)
+                        if (400..500).contains(&answer.status)
+                            && answer.status != 408
+                            && answer.status != 429 =>
+                    {
+                        self.metrics.record_forward(route, ForwardResult::Failed);
+                        tracing::warn!(queue = q.label(), status = answer.status, target = %record.target,
+                            "permanent failure; record moved to dead letters");
+                        break Finished::Dead;
+                    }
+                    outcome => {
+                        self.metrics.record_forward(route, ForwardResult::Retried);
+                        if let Err(e) = outcome {
+                            tracing::debug!(queue = q.label(), error = %e, attempt, "delivery failed; will retry");
+                        }
+                        if sleep_or_shutdown(backoff(attempt), &mut shutdown).await {
+                            return;
+                        }
+                        attempt = attempt.saturating_add(1);
+                    }
+                }
+            };
+            if let Err(e) = self
+                .spool
+                .finish(q, waiting.seq, waiting.len, record.req_id.clone(), how)
+                .await
+            {
+                tracing::error!(queue = q.label(), error = %e, "cannot remove a delivered record");
+                if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn deliver_stats(
+        &self,
+        rx: Option<tokio::sync::mpsc::Receiver<Record>>,
+        connector: &Connector,
+        mut shutdown: ShutdownWatch,
+    ) {
+        let (Some(mut rx), Some(upstream)) = (rx, self.upstreams.stats.as_ref()) else {
+            return;
+        };
+        loop {
+            let record = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => return },
+                _ = shutdown.changed() => return,
+            };
+            match relay(upstream, connector, &record).await {
+                Ok(a) if a.status < 500 => self
+                    .metrics
+                    .record_forward(Route::Stats, ForwardResult::Delivered),
+                _ => self
+                    .metrics
+                    .record_forward(Route::Stats, ForwardResult::Failed),
+            }
+        }
+    }
+
+    async fn purge(&self, mut shutdown: ShutdownWatch) {
+        while !sleep_or_shutdown(PURGE_EVERY, &mut shutdown).await {
+            self.spool.purge(unix_ms().saturating_sub(self.dedupe_ms));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        assert!(backoff(0) >= FIRST_BACKOFF && backoff(0) <= FIRST_BACKOFF.mul_f64(1.25));
+        assert!(backoff(3) >= FIRST_BACKOFF * 8);
+        assert!(backoff(40) <= MAX_BACKOFF.mul_f64(1.25));
+        assert!(backoff(40) >= MAX_BACKOFF);
+    }
+}

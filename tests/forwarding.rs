@@ -1,0 +1,331 @@
+//! Events, log blobs and stats (SPEC §2.5): relay, durable spool, at-least-once
+//! delivery, deduplication and limits, end to end.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::client::post;
+use support::edge::{Edge, EdgeOptions};
+use support::origin::{dead_addr, Mode, TestOrigin};
+
+const EVENT: &str = "/msl/playapi/cadmium/event/1?reqAttempt=1&reqName=events/pause";
+const BLOB: &str = "/log/cadmium/logblob/1?reqAttempt=1";
+
+fn opts(spool: &Path, events: &str, logblob: &str, stats: &str, extra: &str) -> EdgeOptions {
+    let mut o = EdgeOptions::new(vec![format!("http://{}", dead_addr())]);
+    o.extra = format!(
+        "[forward]\nspool_dir = {:?}\nevents = \"{events}\"\nlogblob = \"{logblob}\"\nstats = \"{stats}\"\ntimeout_ms = 500\nmax_body_bytes = 65536\n{extra}\n",
+        spool.display().to_string()
+    );
+    o
+}
+
+fn event(id: &str) -> String {
+    format!("{EVENT}&reqId={id}")
+}
+
+fn blob(id: &str) -> String {
+    format!("{BLOB}&reqId={id}")
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_relayed_with_the_upstream_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(
+        &event("e1"),
+        200,
+        &[("Content-Type", "application/json")],
+        b"{\"result\":\"ok\"}",
+    );
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    let body = vec![b'e'; 10_000];
+    let r = post(
+        edge.http,
+        &event("e1"),
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Forwarded-For", "198.51.100.9"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"{\"result\":\"ok\"}"[..])
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let got = up.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].method.as_str(), got[0].target.as_str()),
+        ("POST", event("e1").as_str())
+    );
+    assert_eq!(got[0].body, body, "body forwarded byte for byte");
+    assert_eq!(got[0].header("content-type"), Some("application/json"));
+    assert_eq!(
+        got[0].header("x-forwarded-for"),
+        Some("198.51.100.9, 127.0.0.1")
+    );
+    assert_eq!(got[0].header("via"), Some("1.1 cdn-edge"));
+    // A 4xx answer is the upstream's word, relayed as it is, not spooled.
+    up.set_response(&event("bad"), 400, &[], b"nope");
+    assert_eq!(post(edge.http, &event("bad"), &[], b"x").await.status, 400);
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"relayed\",route=\"event\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_request_id_is_forwarded_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&event("dup"), 200, &[], b"first");
+    up.set_response(&blob("dup"), 200, &[], b"");
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    assert_eq!(
+        post(edge.http, &event("dup"), &[], b"x").await.body,
+        b"first"
+    );
+    up.set_response(&event("dup"), 200, &[], b"second");
+    let again = post(edge.http, &event("dup"), &[], b"x").await;
+    assert_eq!(
+        again.body, b"first",
+        "a retry gets the stored upstream answer"
+    );
+    assert_eq!(
+        post(edge.http, &blob("dup"), &[], b"blob").await.status,
+        202
+    );
+    wait_until("blob delivery", || {
+        up.received().iter().any(|r| r.target == blob("dup"))
+    })
+    .await;
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        post(edge.http, &blob("dup"), &[], b"blob").await.status,
+        202
+    );
+    let events = up
+        .received()
+        .iter()
+        .filter(|r| r.target == event("dup"))
+        .count();
+    let blobs = up
+        .received()
+        .iter()
+        .filter(|r| r.target == blob("dup"))
+        .count();
+    assert_eq!(events, 1, "event forwarded once");
+    assert_eq!(blobs, 1, "log blob forwarded once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_when_the_upstream_is_down_and_delivered_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = dead_addr();
+    let url = format!("http://{addr}");
+    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "")).await;
+    let r = post(
+        edge.http,
+        &event("later"),
+        &[("Content-Type", "application/json")],
+        b"{\"e\":1}",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (202, &b"{\"status\":202}"[..])
+    );
+    assert_eq!(
+        post(edge.http, &blob("b1"), &[], b"blob-1").await.status,
+        202
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&support::client::get(edge.admin, "/status", &[]).await.body)
+            .unwrap();
+    assert!(
+        status["spool"]["events"]["entries"].as_u64().unwrap()
+            + status["spool"]["logblob"]["entries"].as_u64().unwrap()
+            >= 1
+    );
+    let up = TestOrigin::start_on(addr).await;
+    wait_until("delivery after the upstream came back", || {
+        up.received().len() >= 2
+    })
+    .await;
+    let got = up.received();
+    let e = got.iter().find(|r| r.target == event("later")).unwrap();
+    assert_eq!(e.body, b"{\"e\":1}");
+    assert_eq!(e.header("content-type"), Some("application/json"));
+    assert_eq!(e.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        got.iter().find(|r| r.target == blob("b1")).unwrap().body,
+        b"blob-1"
+    );
+    edge.wait_for_metric("cdn_edge_spool_entries{route=\"event\"}", 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_requests_survive_kill_9_and_arrive_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = dead_addr();
+    let url = format!("http://{addr}");
+    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "")).await;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let body = format!("event body {i} {}", "x".repeat(i * 37)).into_bytes();
+        assert_eq!(
+            post(edge.http, &event(&format!("k{i}")), &[], &body)
+                .await
+                .status,
+            202
+        );
+        sent.push((event(&format!("k{i}")), body));
+        let body = format!("blob body {i} {}", "y".repeat(i * 53)).into_bytes();
+        assert_eq!(
+            post(edge.http, &blob(&format!("k{i}")), &[], &body)
+                .await
+                .status,
+            202
+        );
+        sent.push((blob(&format!("k{i}")), body));
+    }
+    drop(edge); // SIGKILL: no chance to flush anything
+    let up = TestOrigin::start_on(addr).await;
+    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "")).await;
+    wait_until("every acknowledged request", || {
+        up.received().len() >= sent.len()
+    })
+    .await;
+    let got = up.received();
+    assert_eq!(got.len(), sent.len(), "each delivered once");
+    for (target, body) in &sent {
+        let r = got
+            .iter()
+            .find(|r| &r.target == target)
+            .unwrap_or_else(|| panic!("{target} lost"));
+        assert_eq!(&r.body, body, "{target} delivered exactly as sent");
+    }
+    for route in [EVENT, BLOB] {
+        let order: Vec<&str> = got
+            .iter()
+            .filter(|r| r.target.starts_with(route))
+            .map(|r| r.target.as_str())
+            .collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("{route}&reqId=k{i}")).collect();
+        assert_eq!(order, expected, "arrival order per route");
+    }
+    drop(edge);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://{}", dead_addr());
+    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "spool_max_bytes = 4000")).await;
+    let mut accepted = 0;
+    let refused = loop {
+        let r = post(edge.http, &blob(&format!("f{accepted}")), &[], &[b'z'; 500]).await;
+        if r.status != 202 {
+            break r;
+        }
+        accepted += 1;
+        assert!(accepted < 100);
+    };
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    assert!(accepted >= 5, "{accepted}");
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"refused\",route=\"logblob\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_are_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    for target in [event("big"), blob("big"), "/stats".to_string()] {
+        assert_eq!(
+            post(edge.http, &target, &[], &vec![b'b'; 65_537])
+                .await
+                .status,
+            413,
+            "{target}"
+        );
+    }
+    assert_eq!(
+        post(edge.http, &blob("ok"), &[], &vec![b'b'; 65_536])
+            .await
+            .status,
+        202
+    );
+    assert_eq!(edge.request("GET", &event("g"), &[]).await.status, 405);
+    assert!(up.received().iter().all(|r| !r.target.contains("big")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_are_answered_at_once_while_the_upstream_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_mode(Mode::Hang);
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let r = post(
+            edge.http,
+            "/stats",
+            &[("Content-Type", "application/json")],
+            b"{\"hover\":1}",
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"{\"status\":200}"[..])
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spool_is_set_aside_with_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spool.redb"), vec![0x5Au8; 64 * 1024]).unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    assert_eq!(edge.metric("cdn_edge_spool_corrupt_total").await, 1.0);
+    assert_eq!(
+        post(edge.http, &blob("after"), &[], b"still works")
+            .await
+            .status,
+        202
+    );
+    wait_until("delivery", || {
+        up.received().iter().any(|r| r.body == b"still works")
+    })
+    .await;
+}
