@@ -13,9 +13,9 @@ cargo build --release --quiet
 http=127.0.0.1:28180 admin=127.0.0.1:29190
 log=$(mktemp)
 target/release/cdn-edge demo --http $http --admin $admin --origin 127.0.0.1:29100 \
-  --dictionary 127.0.0.1:29101 >"$log" 2>&1 &
+  --dictionary 127.0.0.1:29101 --sink 127.0.0.1:29102 --spool "$log.spool" >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$log" "$log.spool"' EXIT
 for _ in $(seq 1 100); do
   curl -fs -o /dev/null "http://$admin/healthz" && break
   sleep 0.1

@@ -20,7 +20,8 @@ extra=()
 if [ "$tier" = disk ]; then
   extra=(--memory-bytes 1048576 --disk "$cache_dir" --disk-bytes 1073741824)
 fi
-"$bin" demo --http $http --admin $admin --origin $origin "${extra[@]}" >"$log" 2>&1 &
+"$bin" demo --http $http --admin $admin --origin $origin --dictionary 127.0.0.1:29001 \
+  --sink 127.0.0.1:29002 --spool "$cache_dir/spool" "${extra[@]}" >"$log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$log" "$cache_dir"' EXIT
 for _ in $(seq 1 100); do

@@ -27,6 +27,9 @@ pub struct DemoOptions {
     pub admin: SocketAddr,
     pub origin: SocketAddr,
     pub dictionary: SocketAddr,
+    pub sink: SocketAddr,
+    /// Spool directory for forwarded events and log blobs.
+    pub spool: PathBuf,
     pub memory_bytes: u64,
     /// Directory of a disk tier; none by default.
     pub disk: Option<PathBuf>,
@@ -41,6 +44,8 @@ impl DemoOptions {
             admin: "127.0.0.1:9090".parse().expect("valid address"),
             origin: "127.0.0.1:9000".parse().expect("valid address"),
             dictionary: "127.0.0.1:9001".parse().expect("valid address"),
+            sink: "127.0.0.1:9002".parse().expect("valid address"),
+            spool: std::env::temp_dir().join("cdn-edge-demo-spool"),
             memory_bytes: 256 << 20,
             disk: None,
             disk_bytes: 1 << 30,
@@ -192,6 +197,12 @@ upstream = "http://{dictionary}"
 [cors]
 allow_origins = ["http://localhost:8000"]
 
+[forward]
+spool_dir = {spool:?}
+events = "http://{sink}"
+logblob = "http://{sink}"
+stats = "http://{sink}"
+
 [server]
 grace_period_secs = 1
 shutdown_timeout_secs = 1
@@ -200,6 +211,8 @@ shutdown_timeout_secs = 1
         admin = addrs.admin,
         origin = addrs.origin,
         dictionary = addrs.dictionary,
+        sink = addrs.sink,
+        spool = addrs.spool.display().to_string(),
         memory = addrs.memory_bytes,
         disk = match &addrs.disk {
             Some(path) => format!(
@@ -222,7 +235,7 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
     let admin = format!("http://{}", addrs.admin);
     format!(
         "cdn-edge demo: edge on {base}, admin on {admin}, sample origin on http://{origin}, \
-         sample dictionary on http://{dictionary}\n\
+         sample dictionary on http://{dictionary}, event sink on http://{sink}\n\
          Signing key id \"demo\", secret \"{DEMO_SECRET}\". URLs below are valid for one hour.\n\
          \n\
          # the seed request: 310,491 bytes of a 128 MiB object (run it twice: miss, then hit)\n\
@@ -242,12 +255,17 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
          curl -s -D - '{base}/base_dict_getHoverDict_8?form=%EC%96%B4&lemma=&sl=ko&tl=en&pos=NOUN&pow=n'\n\
          curl -s -D - -X OPTIONS -H 'Origin: http://localhost:8000' -H 'Access-Control-Request-Method: GET' '{base}/base_dict_getHoverDict_8'\n\
          \n\
+         # a playback event (relayed to the sample event sink), a log blob (spooled, 202)\n\
+         curl -s -X POST -H 'Content-Type: application/json' -d '{{\"event\":\"pause\"}}' '{base}/msl/playapi/cadmium/event/1?reqAttempt=1&reqName=events/pause&reqId=demo-1'\n\
+         curl -s -X POST -d 'log blob' '{base}/log/cadmium/logblob/1?reqId=demo-2'\n\
+         \n\
          # metrics, health and status\n\
          curl -s {admin}/metrics | grep -E '^cdn_edge_(requests|cache_lookups|origin_requests)_total'\n\
          curl -s {admin}/healthz\n\
          curl -s {admin}/status\n",
         origin = addrs.origin,
         dictionary = addrs.dictionary,
+        sink = addrs.sink,
         tampered = q.replacen("o=sample", "o=sampl3", 1),
     )
 }
@@ -268,6 +286,13 @@ pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
             addr: addrs.dictionary,
             error,
         })?;
+    std::net::TcpListener::bind(addrs.sink)
+        .map(drop)
+        .map_err(|error| StartError::Bind {
+            key: "demo event sink",
+            addr: addrs.sink,
+            error,
+        })?;
     let config = demo_config(addrs).map_err(StartError::Config)?;
     let mut edge = EdgeServer::build(&config)?;
     let mut origin = Service::new(
@@ -284,6 +309,13 @@ pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
     dictionary.threads = Some(1);
     dictionary.add_tcp(&addrs.dictionary.to_string());
     edge.server.add_service(dictionary);
+    let mut sink = Service::new(
+        "cdn-edge demo event sink".to_string(),
+        crate::demo_sink::EventSink,
+    );
+    sink.threads = Some(1);
+    sink.add_tcp(&addrs.sink.to_string());
+    edge.server.add_service(sink);
     Ok(edge)
 }
 

@@ -11,6 +11,7 @@ pub mod config; // typed, validated configuration
 pub mod cors; // CORS allow-list and preflight constants
 pub mod demo; // `cdn-edge demo`: sample origin and instructions
 pub mod demo_dictionary; // the demo's sample dictionary upstream
+pub mod demo_sink; // the demo's event sink
 pub mod dictionary; // dictionary lookup cache
 pub mod edge; // ProxyHttp: route → handler, metrics in logging
 pub mod forward; // events, log blobs and stats: relay, durable spool, delivery

@@ -68,6 +68,11 @@ enum Command {
         origin: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9001")]
         dictionary: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9002")]
+        sink: SocketAddr,
+        /// Spool directory for forwarded events and log blobs.
+        #[arg(long)]
+        spool: Option<PathBuf>,
         /// Memory tier budget in bytes.
         #[arg(long, default_value_t = 256 << 20)]
         memory_bytes: u64,
@@ -143,6 +148,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin,
             origin,
             dictionary,
+            sink,
+            spool,
             memory_bytes,
             disk,
             disk_bytes,
@@ -152,6 +159,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 admin,
                 origin,
                 dictionary,
+                sink,
+                spool: spool.unwrap_or_else(|| demo::DemoOptions::loopback().spool),
                 memory_bytes,
                 disk,
                 disk_bytes,
