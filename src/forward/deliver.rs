@@ -101,9 +101,13 @@ impl DeliveryService {
             return;
         };
         let route = route_of(q);
+        // The last record handed to `finish_later`: the next one comes after it, whether
+        // or not its removal has been committed yet.
+        let mut last: Option<u64> = None;
         while !*shutdown.borrow() {
             let spool = self.spool.clone();
-            let next = tokio::task::spawn_blocking(move || spool.oldest_blocking(q)).await;
+            let next =
+                tokio::task::spawn_blocking(move || spool.next_after_blocking(q, last)).await;
             let waiting = match next {
                 Ok(Ok(Some(w))) => w,
                 Ok(Ok(None)) => {
@@ -134,8 +138,9 @@ impl DeliveryService {
                     self.metrics.record_forward(route, ForwardResult::Failed);
                     let _ = self
                         .spool
-                        .finish(q, waiting.seq, waiting.len, None, Finished::Dead)
+                        .finish_later(q, waiting.seq, waiting.len, None, Finished::Dead)
                         .await;
+                    last = Some(waiting.seq);
                     continue;
                 }
             };
@@ -170,14 +175,17 @@ impl DeliveryService {
                     }
                 }
             };
-            if let Err(e) = self
+            match self
                 .spool
-                .finish(q, waiting.seq, waiting.len, record.req_id.clone(), how)
+                .finish_later(q, waiting.seq, waiting.len, record.req_id.clone(), how)
                 .await
             {
-                tracing::error!(queue = q.label(), error = %e, "cannot remove a delivered record");
-                if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
-                    return;
+                Ok(()) => last = Some(waiting.seq),
+                Err(e) => {
+                    tracing::error!(queue = q.label(), error = %e, "cannot remove a delivered record");
+                    if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {
+                        return;
+                    }
                 }
             }
         }

@@ -273,6 +273,29 @@ impl Spool {
             .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
     }
 
+    /// Queues the end of a record's delivery without waiting for its commit. Removals
+    /// need no fsync of their own: if one is lost in a crash the record is delivered
+    /// again (at-least-once), so they ride along with the next durable commit.
+    pub async fn finish_later(
+        &self,
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+    ) -> Result<(), SpoolError> {
+        let (done, _ignored) = oneshot::channel();
+        self.send(Op::Finish {
+            queue,
+            seq,
+            len,
+            req_id,
+            how,
+            done,
+        })
+        .await
+    }
+
     /// Ends a record's delivery: removes it (and keeps the answer, or the dead letter).
     pub async fn finish(
         &self,
@@ -343,9 +366,25 @@ impl Spool {
     /// The oldest waiting record of a queue. Blocking (reads the store): call from a
     /// blocking context.
     pub fn oldest_blocking(&self, queue: Queue) -> Result<Option<Waiting>, SpoolError> {
+        self.next_after_blocking(queue, None)
+    }
+
+    /// The oldest waiting record after sequence `after` (a delivery loop that has not
+    /// seen its last removal committed yet). Blocking.
+    pub fn next_after_blocking(
+        &self,
+        queue: Queue,
+        after: Option<u64>,
+    ) -> Result<Option<Waiting>, SpoolError> {
         let read = self.db.begin_read().map_err(storage)?;
         let table = read.open_table(queue.table()).map_err(storage)?;
-        let first = table.first().map_err(storage)?;
+        let from = after.map_or(0, |s| s.saturating_add(1));
+        let first = table
+            .range(from..)
+            .map_err(storage)?
+            .next()
+            .transpose()
+            .map_err(storage)?;
         Ok(first.map(|(k, v)| {
             let raw = v.value();
             Waiting {
@@ -479,7 +518,15 @@ fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metr
 
 fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
     let mut txn = db.begin_write().map_err(storage)?;
-    txn.set_durability(Durability::Immediate).map_err(storage)?;
+    // Only appends are acknowledged as durable; a batch of removals (and remembered
+    // answers) is persisted by the next durable commit, or redone after a crash.
+    let durable = batch.iter().any(|op| matches!(op, Op::Append { .. }));
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(storage)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
