@@ -15,7 +15,7 @@ use pingora::services::listening::Service;
 use crate::auth::sign_query;
 use crate::config::Config;
 use crate::range::parse_range_header;
-use crate::server::{EdgeServer, StartError};
+use crate::server::{check_bindable, EdgeServer, StartError};
 
 /// Signing secret of the demo; printed URLs are signed with it.
 pub const DEMO_SECRET: &str = "demo-secret-not-for-production";
@@ -272,27 +272,13 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
 
 /// Builds the demo: the edge plus the sample origin, in one process.
 pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
-    std::net::TcpListener::bind(addrs.origin)
-        .map(drop)
-        .map_err(|error| StartError::Bind {
-            key: "demo origin",
-            addr: addrs.origin,
-            error,
-        })?;
-    std::net::TcpListener::bind(addrs.dictionary)
-        .map(drop)
-        .map_err(|error| StartError::Bind {
-            key: "demo dictionary",
-            addr: addrs.dictionary,
-            error,
-        })?;
-    std::net::TcpListener::bind(addrs.sink)
-        .map(drop)
-        .map_err(|error| StartError::Bind {
-            key: "demo event sink",
-            addr: addrs.sink,
-            error,
-        })?;
+    for (key, addr) in [
+        ("demo origin", addrs.origin),
+        ("demo dictionary", addrs.dictionary),
+        ("demo event sink", addrs.sink),
+    ] {
+        check_bindable(key, addr)?;
+    }
     let config = demo_config(addrs).map_err(StartError::Config)?;
     let mut edge = EdgeServer::build(&config)?;
     let mut origin = Service::new(

@@ -97,7 +97,8 @@ fn server_conf(config: &Config) -> ServerConf {
     conf
 }
 
-fn check_bindable(key: &'static str, addr: SocketAddr) -> Result<(), StartError> {
+/// Fails with a clear error when `addr` cannot be listened on (taken, not local).
+pub fn check_bindable(key: &'static str, addr: SocketAddr) -> Result<(), StartError> {
     TcpListener::bind(addr)
         .map(drop)
         .map_err(|error| StartError::Bind { key, addr, error })

@@ -180,7 +180,7 @@ impl DeliveryService {
                 .finish_later(q, waiting.seq, waiting.len, record.req_id.clone(), how)
                 .await
             {
-                Ok(()) => last = Some(waiting.seq),
+                Ok(_committed_later) => last = Some(waiting.seq),
                 Err(e) => {
                     tracing::error!(queue = q.label(), error = %e, "cannot remove a delivered record");
                     if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {

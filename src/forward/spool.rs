@@ -283,29 +283,8 @@ impl Spool {
         len: u64,
         req_id: Option<String>,
         how: Finished,
-    ) -> Result<(), SpoolError> {
-        let (done, _ignored) = oneshot::channel();
-        self.send(Op::Finish {
-            queue,
-            seq,
-            len,
-            req_id,
-            how,
-            done,
-        })
-        .await
-    }
-
-    /// Ends a record's delivery: removes it (and keeps the answer, or the dead letter).
-    pub async fn finish(
-        &self,
-        queue: Queue,
-        seq: u64,
-        len: u64,
-        req_id: Option<String>,
-        how: Finished,
-    ) -> Result<(), SpoolError> {
-        let (done, wait) = oneshot::channel();
+    ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let (done, committed) = oneshot::channel();
         self.send(Op::Finish {
             queue,
             seq,
@@ -315,7 +294,21 @@ impl Spool {
             done,
         })
         .await?;
-        wait.await
+        Ok(committed)
+    }
+
+    /// Ends a record's delivery and waits for the removal to be committed.
+    pub async fn finish(
+        &self,
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+    ) -> Result<(), SpoolError> {
+        let committed = self.finish_later(queue, seq, len, req_id, how).await?;
+        committed
+            .await
             .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
     }
 
