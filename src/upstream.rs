@@ -71,8 +71,12 @@ pub enum ExchangeError {
     Unreachable { url: String, detail: String },
     #[error("{url}: no complete answer within {ms} ms")]
     Timeout { url: String, ms: u64 },
-    #[error("{url}: answer body larger than {limit} bytes")]
-    TooLarge { url: String, limit: usize },
+    #[error("{url}: answer ({status}) body larger than {limit} bytes")]
+    TooLarge {
+        url: String,
+        status: u16,
+        limit: usize,
+    },
     #[error("{url}: unusable answer: {why}")]
     Invalid { url: String, why: &'static str },
 }
@@ -217,6 +221,7 @@ impl HttpUpstream {
                         if buf.len() + chunk.len() > max_body {
                             return Err(ExchangeError::TooLarge {
                                 url: self.url.url.clone(),
+                                status,
                                 limit: max_body,
                             });
                         }

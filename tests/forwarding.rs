@@ -329,3 +329,88 @@ async fn a_damaged_spool_is_set_aside_with_a_count() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_retry_while_its_first_copy_is_spooled_is_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&event("p1"), 200, &[], b"ok");
+    up.set_response(&event("p2"), 200, &[], b"ok");
+    up.set_mode(Mode::Status(503));
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    assert_eq!(
+        post(edge.http, &event("p1"), &[], b"first").await.status,
+        202
+    );
+    assert_eq!(
+        post(edge.http, &event("p1"), &[], b"first").await.status,
+        202,
+        "still pending: 202"
+    );
+    // A new event queues behind the spooled one instead of overtaking it.
+    assert_eq!(
+        post(edge.http, &event("p2"), &[], b"second").await.status,
+        202
+    );
+    up.set_mode(Mode::Normal);
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"event\"}",
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"relayed\",route=\"event\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"deduplicated\",route=\"event\"}")
+            .await,
+        1.0
+    );
+    let ok: Vec<String> = up.received().into_iter().map(|r| r.target).collect();
+    let last_p1 = ok.iter().rposition(|t| *t == event("p1")).unwrap();
+    let first_p2 = ok.iter().position(|t| *t == event("p2")).unwrap();
+    assert!(last_p1 < first_p2, "p2 only after p1 was delivered: {ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_are_set_aside_and_429_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&blob("rejected"), 400, &[], b"bad blob");
+    up.set_response(&blob("throttled"), 429, &[], b"slow down");
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    assert_eq!(
+        post(edge.http, &blob("rejected"), &[], b"x").await.status,
+        202
+    );
+    assert_eq!(
+        post(edge.http, &blob("throttled"), &[], b"y").await.status,
+        202
+    );
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"failed\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"retried\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    up.set_response(&blob("throttled"), 200, &[], b"");
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_for_metric("cdn_edge_spool_entries{route=\"logblob\"}", 0.0)
+        .await;
+    let rejected = up
+        .received()
+        .iter()
+        .filter(|r| r.target == blob("rejected"))
+        .count();
+    assert_eq!(rejected, 1, "a permanent failure is not retried");
+}

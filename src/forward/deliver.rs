@@ -15,10 +15,11 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use super::record::Record;
-use super::spool::{unix_ms, Finished, Queue, Spool};
+use super::spool::{unix_ms, Finished, Queue, Spool, SpoolError};
 use super::{relay, Upstreams};
 use crate::metrics::{ForwardResult, Metrics};
 use crate::routes::Route;
+use crate::upstream::ExchangeError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -92,6 +93,11 @@ impl BackgroundService for DeliveryService {
             self.deliver_stats(stats_rx, &connector, shutdown.clone()),
             self.purge(shutdown.clone()),
         );
+        // Removals and remembered answers since the last durable commit become durable
+        // now, before the process exits.
+        if let Err(e) = self.spool.flush().await {
+            tracing::warn!(error = %e, "spool flush at shutdown failed");
+        }
     }
 }
 
@@ -104,7 +110,15 @@ impl DeliveryService {
         // The last record handed to `finish_later`: the next one comes after it, whether
         // or not its removal has been committed yet.
         let mut last: Option<u64> = None;
+        let mut committing: Option<tokio::sync::oneshot::Receiver<Result<(), SpoolError>>> = None;
         while !*shutdown.borrow() {
+            // The previous removal must have committed before reading past it; if it
+            // failed, read from the start again (that record is delivered once more).
+            if let Some(rx) = committing.take() {
+                if !matches!(rx.await, Ok(Ok(()))) {
+                    last = None;
+                }
+            }
             let spool = self.spool.clone();
             let next =
                 tokio::task::spawn_blocking(move || spool.next_after_blocking(q, last)).await;
@@ -153,6 +167,20 @@ impl DeliveryService {
                         self.metrics.forward_delivery(route).observe(secs);
                         break Finished::Delivered(answer);
                     }
+                    // A 2xx whose answer body is too large to keep: delivered all the same.
+                    Err(ExchangeError::TooLarge { status, .. }) if (200..300).contains(&status) => {
+                        self.metrics.record_forward(route, ForwardResult::Delivered);
+                        break Finished::Delivered(super::record::StoredAnswer {
+                            at_ms: unix_ms(),
+                            status,
+                            content_type: None,
+                            body: bytes::Bytes::new(),
+                        });
+                    }
+                    Err(ExchangeError::Invalid { .. }) => {
+                        self.metrics.record_forward(route, ForwardResult::Failed);
+                        break Finished::Dead;
+                    }
                     Ok(answer)
                         if (400..500).contains(&answer.status)
                             && answer.status != 408
@@ -180,7 +208,10 @@ impl DeliveryService {
                 .finish_later(q, waiting.seq, waiting.len, record.req_id.clone(), how)
                 .await
             {
-                Ok(_committed_later) => last = Some(waiting.seq),
+                Ok(rx) => {
+                    last = Some(waiting.seq);
+                    committing = Some(rx);
+                }
                 Err(e) => {
                     tracing::error!(queue = q.label(), error = %e, "cannot remove a delivered record");
                     if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {

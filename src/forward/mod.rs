@@ -30,7 +30,7 @@ use crate::respond;
 use crate::routes::Route;
 use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
 use record::{Record, StoredAnswer};
-use spool::{unix_ms, Appended, Queue, Spool, SpoolError};
+use spool::{unix_ms, Appended, IdState, Queue, Spool, SpoolError};
 
 /// Stats waiting to be forwarded at most; more are dropped and counted.
 pub const STATS_QUEUE: usize = 1024;
@@ -183,10 +183,25 @@ impl Forwarder {
     }
 
     async fn event(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        if let Some(answer) = self.already_delivered(Queue::Events, &record).await {
-            self.metrics
-                .record_forward(Route::Event, ForwardResult::Deduplicated);
-            return write_answer(session, &answer).await;
+        match self.id_state(Queue::Events, &record).await {
+            IdState::Delivered(answer) => {
+                self.metrics
+                    .record_forward(Route::Event, ForwardResult::Deduplicated);
+                return write_answer(session, &answer).await;
+            }
+            IdState::Pending => {
+                self.metrics
+                    .record_forward(Route::Event, ForwardResult::Deduplicated);
+                return accepted(session).await;
+            }
+            IdState::Unknown => {}
+        }
+        // Older events still wait in the spool: this one queues behind them, so events
+        // reach the upstream in arrival order.
+        if self.spool.depth(Queue::Events).entries > 0 {
+            return self
+                .spool_and_answer(session, Route::Event, Queue::Events, &record)
+                .await;
         }
         let upstream = self.relay.events.as_ref().expect("checked by serve");
         match relay(upstream, &self.relay_connector, &record).await {
@@ -215,11 +230,7 @@ impl Forwarder {
     }
 
     async fn logblob(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        if self
-            .already_delivered(Queue::LogBlob, &record)
-            .await
-            .is_some()
-        {
+        if self.id_state(Queue::LogBlob, &record).await != IdState::Unknown {
             self.metrics
                 .record_forward(Route::LogBlob, ForwardResult::Deduplicated);
             return accepted(session).await;
@@ -242,14 +253,15 @@ impl Forwarder {
         json(session, 200, b"{\"status\":200}").await
     }
 
-    async fn already_delivered(&self, queue: Queue, record: &Record) -> Option<StoredAnswer> {
-        let id = record.req_id.clone()?;
+    async fn id_state(&self, queue: Queue, record: &Record) -> IdState {
+        let Some(id) = record.req_id.clone() else {
+            return IdState::Unknown;
+        };
         let spool = self.spool.clone();
         let window = self.dedupe_ms;
-        tokio::task::spawn_blocking(move || spool.delivered_blocking(queue, &id, unix_ms(), window))
+        tokio::task::spawn_blocking(move || spool.id_state_blocking(queue, &id, unix_ms(), window))
             .await
-            .ok()
-            .flatten()
+            .unwrap_or(IdState::Unknown)
     }
 
     async fn spool_and_answer(
@@ -307,7 +319,8 @@ async fn read_body(session: &mut Session, limit: u64) -> pingora::Result<Option<
     if declared.is_some_and(|n| n > limit) {
         return Ok(None);
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    // Do not trust a declared length with memory before the bytes arrive.
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize);
     while let Some(chunk) = session.read_request_body().await? {
         if (buf.len() + chunk.len()) as u64 > limit {
             return Ok(None);

@@ -27,8 +27,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use redb::{
     Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
@@ -48,6 +48,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
 const OPS_QUEUE: usize = 4096;
+/// Page cache of the spool store.
+const SPOOL_CACHE_BYTES: usize = 64 << 20;
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -101,6 +103,14 @@ pub enum Appended {
     AlreadyPending,
 }
 
+/// What is known of a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdState {
+    Delivered(StoredAnswer),
+    Pending,
+    Unknown,
+}
+
 /// A record waiting for delivery.
 #[derive(Debug)]
 pub struct Waiting {
@@ -138,6 +148,10 @@ enum Op {
     Purge {
         before_ms: u64,
     },
+    /// Commits durably (an empty transaction with an fsync).
+    Flush {
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
     /// Keeps the upstream's answer to a request relayed at once (never spooled).
     Remember {
         queue: Queue,
@@ -157,6 +171,8 @@ pub struct Depth {
 struct Counters {
     entries: [AtomicU64; 2],
     bytes: [AtomicU64; 2],
+    /// Bytes of appends sent to the writer and not yet committed or refused.
+    reserved: AtomicU64,
     notify: [Notify; 2],
 }
 
@@ -164,7 +180,7 @@ struct Counters {
 pub struct Spool {
     db: Arc<Database>,
     /// `None` only while dropping, so the writer sees the channel close.
-    ops: Option<SyncSender<Op>>,
+    ops: Option<Sender<Op>>,
     writer: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Counters>,
     max_bytes: u64,
@@ -177,7 +193,10 @@ impl Spool {
         std::fs::create_dir_all(dir)
             .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
         let path = dir.join("spool.redb");
-        let db = match Database::create(&path) {
+        // redb's own page cache; the default (1 GiB) would compete with the video tier.
+        let mut builder = Database::builder();
+        builder.set_cache_size(SPOOL_CACHE_BYTES);
+        let db = match builder.create(&path) {
             Ok(db) => db,
             Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
                 return Err(SpoolError::Storage(format!(
@@ -185,9 +204,13 @@ impl Spool {
                     path.display()
                 )))
             }
-            Err(DatabaseError::Storage(StorageError::Io(e)))
-                if e.kind() != std::io::ErrorKind::InvalidData
-                    && e.kind() != std::io::ErrorKind::UnexpectedEof =>
+            // Only a file that is not a redb store, or one redb reports corrupted, is
+            // set aside; anything else (an upgrade needed, I/O errors) stops the start
+            // rather than losing what the file holds.
+            Err(e)
+                if !matches!(&e, DatabaseError::Storage(StorageError::Corrupted(_)))
+                    && !matches!(&e, DatabaseError::Storage(StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::InvalidData) =>
             {
                 return Err(SpoolError::Storage(format!("{}: {e}", path.display())))
             }
@@ -197,12 +220,13 @@ impl Spool {
                     "spool cannot be opened; moving it aside and starting a new one");
                 metrics.spool_corrupt.inc();
                 std::fs::rename(&path, &aside).map_err(|e| SpoolError::Storage(e.to_string()))?;
-                Database::create(&path).map_err(storage)?
+                builder.create(&path).map_err(storage)?
             }
         };
         let counters = Arc::new(Counters {
             entries: Default::default(),
             bytes: Default::default(),
+            reserved: AtomicU64::new(0),
             notify: Default::default(),
         });
         {
@@ -228,7 +252,7 @@ impl Spool {
             }
         }
         let db = Arc::new(db);
-        let (ops, rx) = sync_channel(OPS_QUEUE);
+        let (ops, rx) = channel(OPS_QUEUE);
         let (wdb, wcounters) = (db.clone(), counters.clone());
         let writer = std::thread::Builder::new()
             .name("cdn-edge spool writer".into())
@@ -252,13 +276,16 @@ impl Spool {
     pub async fn append(&self, queue: Queue, record: &Record) -> Result<Appended, SpoolError> {
         let encoded = record.encode();
         let len = encoded.len() as u64;
-        let total: u64 = self
+        // Reserve first, so concurrent appends cannot all pass the check together.
+        let reserved = self.counters.reserved.fetch_add(len, Ordering::AcqRel) + len;
+        let stored: u64 = self
             .counters
             .bytes
             .iter()
-            .map(|b| b.load(Ordering::Relaxed))
+            .map(|b| b.load(Ordering::Acquire))
             .sum();
-        if total + len > self.max_bytes {
+        if stored + reserved > self.max_bytes {
+            self.counters.reserved.fetch_sub(len, Ordering::AcqRel);
             return Err(SpoolError::Full);
         }
         let (done, wait) = oneshot::channel();
@@ -339,21 +366,20 @@ impl Spool {
         }
     }
 
-    async fn send(&self, mut op: Op) -> Result<(), SpoolError> {
-        // The writer is a thread: wait for room without blocking the runtime.
+    async fn send(&self, op: Op) -> Result<(), SpoolError> {
         let ops = self.ops.as_ref().expect("open until dropped");
-        loop {
-            match ops.try_send(op) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Full(back)) => {
-                    op = back;
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    return Err(SpoolError::Storage("spool writer stopped".into()))
-                }
-            }
-        }
+        ops.send(op)
+            .await
+            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))
+    }
+
+    /// Makes every commit so far durable (removals and remembered answers are committed
+    /// without an fsync of their own); called at shutdown.
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Op::Flush { done }).await?;
+        wait.await
+            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
     }
 
     /// The oldest waiting record of a queue. Blocking (reads the store): call from a
@@ -386,6 +412,32 @@ impl Spool {
                 record: Record::decode(raw).map_err(|_| raw.to_vec()),
             }
         }))
+    }
+
+    /// What the spool knows of a request id: delivered within `window_ms` (with the
+    /// upstream's answer), waiting for delivery, or nothing. Blocking.
+    pub fn id_state_blocking(
+        &self,
+        queue: Queue,
+        req_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> IdState {
+        if let Some(a) = self.delivered_blocking(queue, req_id, now_ms, window_ms) {
+            return IdState::Delivered(a);
+        }
+        let pending = self.db.begin_read().ok().and_then(|read| {
+            let table = read.open_table(PENDING).ok()?;
+            table
+                .get(queue.id_key(req_id).as_str())
+                .ok()
+                .flatten()
+                .map(|_| ())
+        });
+        match pending {
+            Some(()) => IdState::Pending,
+            None => IdState::Unknown,
+        }
     }
 
     /// The stored answer for a request id delivered within `window_ms`. Blocking.
@@ -444,8 +496,13 @@ enum Outcome {
     Nothing,
 }
 
-fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metrics: Arc<Metrics>) {
-    while let Ok(first) = rx.recv() {
+fn run_writer(
+    db: Arc<Database>,
+    mut rx: Receiver<Op>,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -463,12 +520,13 @@ fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metr
                         (Op::Append { done, .. }, Outcome::Appended(q, len, a)) => {
                             if let Appended::Stored(_) = a {
                                 counters.entries[q.index()].fetch_add(1, Ordering::Relaxed);
-                                counters.bytes[q.index()].fetch_add(len, Ordering::Relaxed);
+                                counters.bytes[q.index()].fetch_add(len, Ordering::AcqRel);
                                 woke[q.index()] = true;
                             }
+                            counters.reserved.fetch_sub(len, Ordering::AcqRel);
                             let _ = done.send(Ok(a));
                         }
-                        (Op::Remember { done, .. }, _) => {
+                        (Op::Remember { done, .. }, _) | (Op::Flush { done }, _) => {
                             let _ = done.send(Ok(()));
                         }
                         (Op::Finish { done, .. }, Outcome::Finished(q, len)) => {
@@ -486,7 +544,13 @@ fn run_writer(db: Arc<Database>, rx: Receiver<Op>, counters: Arc<Counters>, metr
                 tracing::error!(error = %e, "spool commit failed");
                 for op in batch {
                     match op {
-                        Op::Append { done, .. } => {
+                        Op::Append { done, record, .. } => {
+                            counters
+                                .reserved
+                                .fetch_sub(record.len() as u64, Ordering::AcqRel);
+                            let _ = done.send(Err(e.clone()));
+                        }
+                        Op::Flush { done } => {
                             let _ = done.send(Err(e.clone()));
                         }
                         Op::Finish { done, .. } => {
@@ -513,7 +577,12 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
     let mut txn = db.begin_write().map_err(storage)?;
     // Only appends are acknowledged as durable; a batch of removals (and remembered
     // answers) is persisted by the next durable commit, or redone after a crash.
-    let durable = batch.iter().any(|op| matches!(op, Op::Append { .. }));
+    let durable = batch.iter().any(|op| {
+        matches!(
+            op,
+            Op::Append { .. } | Op::Remember { .. } | Op::Flush { .. }
+        )
+    });
     txn.set_durability(if durable {
         Durability::Immediate
     } else {
@@ -545,7 +614,11 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                     let key = req_id.as_deref().map(|id| queue.id_key(id));
                     if let Some(k) = &key {
                         if pending.get(k.as_str()).map_err(storage)?.is_some() {
-                            outcomes.push(Outcome::Appended(*queue, 0, Appended::AlreadyPending));
+                            outcomes.push(Outcome::Appended(
+                                *queue,
+                                record.len() as u64,
+                                Appended::AlreadyPending,
+                            ));
                             continue;
                         }
                     }
@@ -600,6 +673,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                         .map_err(storage)?;
                     outcomes.push(Outcome::Nothing);
                 }
+                Op::Flush { .. } => outcomes.push(Outcome::Nothing),
                 Op::Purge { before_ms } => {
                     let old: Vec<String> = delivered
                         .iter()

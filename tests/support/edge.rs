@@ -199,7 +199,8 @@ shutdown_timeout_secs = 1
             }
             assert!(
                 Instant::now() < deadline,
-                "{series} stayed at {now}, expected {value}"
+                "{series} stayed at {now}, expected {value}; edge log:\n{}",
+                self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
