@@ -42,7 +42,7 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let metrics = Arc::new(Metrics::new());
-    let spool = Arc::new(Spool::open(dir.path(), 1 << 40, metrics.clone()).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 40, 600_000, metrics.clone()).unwrap());
     let body = Bytes::from(vec![b'e'; 10_000]);
 
     rt.block_on(async {

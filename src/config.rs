@@ -719,6 +719,18 @@ fn validate_forward(raw: file::Forward) -> Result<Forward, ConfigError> {
     if raw.spool_dir.as_os_str().is_empty() {
         return Err(invalid("forward.spool_dir", "must not be empty"));
     }
+    if raw.max_body_bytes == 0 || raw.max_body_bytes > 64 << 20 {
+        return Err(invalid(
+            "forward.max_body_bytes",
+            "must be between 1 and 67108864 (64 MiB)",
+        ));
+    }
+    if raw.spool_max_bytes < raw.max_body_bytes {
+        return Err(invalid(
+            "forward.spool_max_bytes",
+            "must hold at least one request (>= forward.max_body_bytes)",
+        ));
+    }
     let url = |key: &str, v: &Option<String>| {
         v.as_deref().map(|u| parse_upstream_url(key, u)).transpose()
     };

@@ -240,10 +240,23 @@ async fn acknowledged_requests_survive_kill_9_and_arrive_in_order() {
 async fn a_full_spool_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://{}", dead_addr());
-    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "spool_max_bytes = 4000")).await;
+    let edge = Edge::start(opts(
+        dir.path(),
+        &url,
+        &url,
+        &url,
+        "spool_max_bytes = 70000",
+    ))
+    .await;
     let mut accepted = 0;
     let refused = loop {
-        let r = post(edge.http, &blob(&format!("f{accepted}")), &[], &[b'z'; 500]).await;
+        let r = post(
+            edge.http,
+            &blob(&format!("f{accepted}")),
+            &[],
+            &[b'z'; 5000],
+        )
+        .await;
         if r.status != 202 {
             break r;
         }
@@ -413,4 +426,30 @@ async fn permanent_failures_are_set_aside_and_429_is_retried() {
         .filter(|r| r.target == blob("rejected"))
         .count();
     assert_eq!(rejected, 1, "a permanent failure is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_of_an_event_reach_the_upstream_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&event("same"), 200, &[], b"once");
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    up.hold();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = edge.http;
+            tokio::spawn(async move { post(addr, &event("same"), &[], b"e").await })
+        })
+        .collect();
+    wait_until("the first relay", || up.requests() == 1).await;
+    up.release();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"once"[..]));
+    }
+    assert_eq!(
+        up.requests(),
+        1,
+        "ten concurrent duplicates, one upstream request"
+    );
 }

@@ -86,6 +86,8 @@ pub struct Forwarder {
     stats_rx: Mutex<Option<mpsc::Receiver<Record>>>,
     max_body: u64,
     pub dedupe_ms: u64,
+    /// Relays in flight by reqId: concurrent duplicates share one upstream request.
+    relaying: moka::future::Cache<String, StoredAnswer>,
     metrics: Arc<Metrics>,
 }
 
@@ -95,9 +97,11 @@ impl Forwarder {
         keepalive_pool: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ForwardSetupError> {
+        let dedupe_ms = cfg.dedupe_secs.saturating_mul(1000);
         let spool = Arc::new(Spool::open(
             &cfg.spool_dir,
             cfg.spool_max_bytes,
+            dedupe_ms,
             metrics.clone(),
         )?);
         let (stats_tx, stats_rx) = mpsc::channel(STATS_QUEUE);
@@ -108,7 +112,11 @@ impl Forwarder {
             stats_tx,
             stats_rx: Mutex::new(Some(stats_rx)),
             max_body: cfg.max_body_bytes,
-            dedupe_ms: cfg.dedupe_secs.saturating_mul(1000),
+            dedupe_ms,
+            relaying: moka::future::Cache::builder()
+                .max_capacity(65_536)
+                .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
             metrics,
         })
     }
@@ -204,19 +212,35 @@ impl Forwarder {
                 .await;
         }
         let upstream = self.relay.events.as_ref().expect("checked by serve");
-        match relay(upstream, &self.relay_connector, &record).await {
+        let relayed = match &record.req_id {
+            Some(id) => {
+                let shared = self
+                    .relaying
+                    .try_get_with(id.clone(), relay(upstream, &self.relay_connector, &record))
+                    .await
+                    .map_err(|e| (*e).clone());
+                if let Ok(answer) = &shared {
+                    if answer.status < 500 {
+                        // Remembered before the in-flight entry goes, so a later
+                        // duplicate finds the answer.
+                        if let Err(e) = self
+                            .spool
+                            .remember(Queue::Events, id.clone(), answer.clone())
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot keep an event answer for deduplication");
+                        }
+                    }
+                }
+                self.relaying.invalidate(id).await;
+                shared
+            }
+            None => relay(upstream, &self.relay_connector, &record).await,
+        };
+        match relayed {
             Ok(answer) if answer.status < 500 => {
                 self.metrics
                     .record_forward(Route::Event, ForwardResult::Relayed);
-                if let Some(id) = &record.req_id {
-                    if let Err(e) = self
-                        .spool
-                        .remember(Queue::Events, id.clone(), answer.clone())
-                        .await
-                    {
-                        tracing::warn!(error = %e, "cannot keep an event answer for deduplication");
-                    }
-                }
                 write_answer(session, &answer).await
             }
             outcome => {
@@ -276,7 +300,7 @@ impl Forwarder {
                 self.metrics.record_forward(route, ForwardResult::Spooled);
                 accepted(session).await
             }
-            Ok(Appended::AlreadyPending) => {
+            Ok(Appended::Duplicate) => {
                 self.metrics
                     .record_forward(route, ForwardResult::Deduplicated);
                 accepted(session).await

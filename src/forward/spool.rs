@@ -99,8 +99,9 @@ pub enum SpoolError {
 pub enum Appended {
     /// Durably stored under this sequence number.
     Stored(u64),
-    /// A record with the same request id is already waiting; nothing stored.
-    AlreadyPending,
+    /// The same request id is already waiting, or was delivered within the dedupe
+    /// window; nothing stored.
+    Duplicate,
 }
 
 /// What is known of a request id.
@@ -135,6 +136,9 @@ enum Op {
         queue: Queue,
         record: Vec<u8>,
         req_id: Option<String>,
+        /// A delivered answer for the same id stored at or after this time (unix ms)
+        /// means the request was already delivered: nothing is stored.
+        delivered_since_ms: u64,
         done: oneshot::Sender<Result<Appended, SpoolError>>,
     },
     Finish {
@@ -184,12 +188,18 @@ pub struct Spool {
     writer: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Counters>,
     max_bytes: u64,
+    dedupe_ms: u64,
     path: PathBuf,
 }
 
 impl Spool {
     /// Opens (or creates) `<dir>/spool.redb` and starts the writer thread.
-    pub fn open(dir: &Path, max_bytes: u64, metrics: Arc<Metrics>) -> Result<Self, SpoolError> {
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        dedupe_ms: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
         let path = dir.join("spool.redb");
@@ -264,6 +274,7 @@ impl Spool {
             writer: Some(writer),
             counters,
             max_bytes,
+            dedupe_ms,
             path,
         })
     }
@@ -293,6 +304,7 @@ impl Spool {
             queue,
             record: encoded,
             req_id: record.req_id.clone(),
+            delivered_since_ms: unix_ms().saturating_sub(self.dedupe_ms),
             done,
         };
         self.send(op).await?;
@@ -609,15 +621,24 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                     queue,
                     record,
                     req_id,
+                    delivered_since_ms,
                     ..
                 } => {
                     let key = req_id.as_deref().map(|id| queue.id_key(id));
                     if let Some(k) = &key {
-                        if pending.get(k.as_str()).map_err(storage)?.is_some() {
+                        // Checked here too, where the writer sees every removal: a
+                        // retry racing its first copy's delivery is not stored again.
+                        let delivered_recently = delivered
+                            .get(k.as_str())
+                            .map_err(storage)?
+                            .and_then(|v| StoredAnswer::decode(v.value()).ok())
+                            .is_some_and(|a| a.at_ms >= *delivered_since_ms);
+                        if delivered_recently || pending.get(k.as_str()).map_err(storage)?.is_some()
+                        {
                             outcomes.push(Outcome::Appended(
                                 *queue,
                                 record.len() as u64,
-                                Appended::AlreadyPending,
+                                Appended::Duplicate,
                             ));
                             continue;
                         }
@@ -715,7 +736,7 @@ mod tests {
     }
 
     fn open(dir: &Path, max: u64) -> Spool {
-        Spool::open(dir, max, Arc::new(Metrics::new())).unwrap()
+        Spool::open(dir, max, 600_000, Arc::new(Metrics::new())).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -801,7 +822,7 @@ mod tests {
                 .append(Queue::Events, &record(Some("r1"), b"x"))
                 .await
                 .unwrap(),
-            Appended::AlreadyPending
+            Appended::Duplicate
         );
         assert_eq!(spool.depth(Queue::Events).entries, 1);
         let answer = StoredAnswer {
@@ -835,21 +856,21 @@ mod tests {
             None,
             "window over"
         );
-        // Once delivered, the same id may be spooled again (a new request).
-        assert!(matches!(
+        // Delivered within the dedupe window: a retry is not stored again.
+        assert_eq!(
             spool
                 .append(Queue::Events, &record(Some("r1"), b"x"))
                 .await
                 .unwrap(),
-            Appended::Stored(_)
-        ));
+            Appended::Duplicate
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_share_commits() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let spool = Arc::new(Spool::open(dir.path(), 1 << 30, metrics.clone()).unwrap());
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 30, 600_000, metrics.clone()).unwrap());
         let tasks: Vec<_> = (0..200)
             .map(|_| {
                 let s = spool.clone();
@@ -876,7 +897,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("spool.redb"), vec![0xA5u8; 10_000]).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let spool = Spool::open(dir.path(), 1 << 20, metrics.clone()).unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 600_000, metrics.clone()).unwrap();
         assert_eq!(metrics.spool_corrupt.get(), 1);
         assert!(spool
             .append(Queue::Events, &record(None, b"x"))
