@@ -308,8 +308,7 @@ impl Spool {
             done,
         };
         self.send(op).await?;
-        wait.await
-            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+        committed(wait).await
     }
 
     /// Queues the end of a record's delivery without waiting for its commit. Removals
@@ -345,10 +344,8 @@ impl Spool {
         req_id: Option<String>,
         how: Finished,
     ) -> Result<(), SpoolError> {
-        let committed = self.finish_later(queue, seq, len, req_id, how).await?;
-        committed
-            .await
-            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+        let rx = self.finish_later(queue, seq, len, req_id, how).await?;
+        committed(rx).await
     }
 
     /// Keeps the answer to a request delivered without spooling, for deduplication;
@@ -367,8 +364,7 @@ impl Spool {
             done,
         })
         .await?;
-        wait.await
-            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+        committed(wait).await
     }
 
     /// Forgets delivered answers older than `before_ms` (their dedupe window is over).
@@ -380,9 +376,7 @@ impl Spool {
 
     async fn send(&self, op: Op) -> Result<(), SpoolError> {
         let ops = self.ops.as_ref().expect("open until dropped");
-        ops.send(op)
-            .await
-            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))
+        ops.send(op).await.map_err(|_| stopped())
     }
 
     /// Makes every commit so far durable (removals and remembered answers are committed
@@ -390,8 +384,7 @@ impl Spool {
     pub async fn flush(&self) -> Result<(), SpoolError> {
         let (done, wait) = oneshot::channel();
         self.send(Op::Flush { done }).await?;
-        wait.await
-            .map_err(|_| SpoolError::Storage("spool writer stopped".into()))?
+        committed(wait).await
     }
 
     /// The oldest waiting record of a queue. Blocking (reads the store): call from a
@@ -489,6 +482,15 @@ impl Drop for Spool {
             let _ = w.join();
         }
     }
+}
+
+/// The writer's answer to an operation.
+async fn committed<T>(rx: oneshot::Receiver<Result<T, SpoolError>>) -> Result<T, SpoolError> {
+    rx.await.map_err(|_| stopped())?
+}
+
+fn stopped() -> SpoolError {
+    SpoolError::Storage("spool writer stopped".into())
 }
 
 fn storage(e: impl std::fmt::Display) -> SpoolError {
