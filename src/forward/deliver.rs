@@ -95,8 +95,9 @@ impl BackgroundService for DeliveryService {
         );
         // Removals and remembered answers since the last durable commit become durable
         // now, before the process exits.
-        if let Err(e) = self.spool.flush().await {
-            tracing::warn!(error = %e, "spool flush at shutdown failed");
+        match self.spool.flush().await {
+            Ok(()) => tracing::info!("spool flushed at shutdown"),
+            Err(e) => tracing::warn!(error = %e, "spool flush at shutdown failed"),
         }
     }
 }

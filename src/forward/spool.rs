@@ -31,8 +31,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
-    TableDefinition,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    StorageError, TableDefinition,
 };
 use tokio::sync::{oneshot, Notify};
 
@@ -48,6 +48,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
 const OPS_QUEUE: usize = 4096;
+/// Dead letters kept at most (the oldest are dropped first, with a warning).
+pub const DEAD_LETTERS_MAX: u64 = 10_000;
 /// Page cache of the spool store.
 const SPOOL_CACHE_BYTES: usize = 64 << 20;
 /// Most operations committed in one transaction.
@@ -673,13 +675,31 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                         let k = queue.id_key(id);
                         pending.remove(k.as_str()).map_err(storage)?;
                         if let Finished::Delivered(answer) = how {
+                            // A log blob retry is answered 202 whatever the upstream
+                            // said: keep only that it was delivered, and when.
+                            let kept = match queue {
+                                Queue::Events => answer.clone(),
+                                Queue::LogBlob => StoredAnswer {
+                                    at_ms: answer.at_ms,
+                                    status: answer.status,
+                                    content_type: None,
+                                    body: bytes::Bytes::new(),
+                                },
+                            };
                             delivered
-                                .insert(k.as_str(), answer.encode().as_slice())
+                                .insert(k.as_str(), kept.encode().as_slice())
                                 .map_err(storage)?;
                         }
                     }
                     if let (Finished::Dead, Some(rec)) = (how, &record) {
                         dead.insert(*seq, rec.as_slice()).map_err(storage)?;
+                        // Bounded: the oldest dead letters go first.
+                        while dead.len().map_err(storage)? > DEAD_LETTERS_MAX {
+                            if dead.pop_first().map_err(storage)?.is_none() {
+                                break;
+                            }
+                            tracing::warn!("dead letters full; the oldest was dropped");
+                        }
                     }
                     let len = if record.is_some() { *len } else { 0 };
                     outcomes.push(Outcome::Finished(*queue, len));

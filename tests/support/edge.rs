@@ -22,6 +22,8 @@ pub struct EdgeOptions {
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
     pub retry_unhealthy_ms: u64,
+    /// SIGTERM grace period; 0 makes a stop immediate.
+    pub grace_period_secs: u64,
     /// More TOML appended to the config (e.g. `[dictionary]`, `[cors]`).
     pub extra: String,
 }
@@ -37,6 +39,7 @@ impl EdgeOptions {
             clock_skew_secs: 30,
             disk: None,
             retry_unhealthy_ms: 10_000,
+            grace_period_secs: 0,
             extra: String::new(),
         }
     }
@@ -105,7 +108,7 @@ retry_unhealthy_ms = {retry}
 
 [server]
 threads = 2
-grace_period_secs = 0
+grace_period_secs = {grace}
 shutdown_timeout_secs = 1
 
 {extra}
@@ -117,6 +120,7 @@ shutdown_timeout_secs = 1
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
             retry = opts.retry_unhealthy_ms,
+            grace = opts.grace_period_secs,
             extra = opts.extra,
         );
         let conf_path = dir.path().join("edge.toml");
@@ -204,6 +208,20 @@ shutdown_timeout_secs = 1
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Stops the edge with SIGTERM (graceful shutdown), waits for it to exit, and
+    /// returns its log.
+    pub async fn terminate(mut self) -> String {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.is_running() {
+            assert!(Instant::now() < deadline, "edge did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.log_text()
     }
 
     /// Whether the process is still running.
