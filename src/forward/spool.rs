@@ -44,6 +44,10 @@ const LOGBLOB: TableDefinition<u64, &[u8]> = TableDefinition::new("logblob");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
 const DELIVERED: TableDefinition<&str, &[u8]> = TableDefinition::new("delivered");
+/// `delivered` by time, so the purge reads only what expired.
+const DELIVERED_AT: TableDefinition<(u64, &str), ()> = TableDefinition::new("delivered_at");
+/// Entries the purge removes per transaction at most, so appends never wait long.
+const PURGE_CHUNK: usize = 10_000;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
@@ -248,6 +252,7 @@ impl Spool {
             }
             txn.open_table(PENDING).map_err(storage)?;
             txn.open_table(DELIVERED).map_err(storage)?;
+            txn.open_table(DELIVERED_AT).map_err(storage)?;
             txn.open_table(META).map_err(storage)?;
             txn.commit().map_err(storage)?;
             let read = db.begin_read().map_err(storage)?;
@@ -486,6 +491,22 @@ impl Drop for Spool {
     }
 }
 
+/// Keeps an answer under its key and in the time index.
+fn remember_answer(
+    delivered: &mut redb::Table<&str, &[u8]>,
+    delivered_at: &mut redb::Table<(u64, &str), ()>,
+    key: &str,
+    answer: &StoredAnswer,
+) -> Result<(), SpoolError> {
+    delivered
+        .insert(key, answer.encode().as_slice())
+        .map_err(storage)?;
+    delivered_at
+        .insert((answer.at_ms, key), ())
+        .map_err(storage)?;
+    Ok(())
+}
+
 /// The writer's answer to an operation.
 async fn committed<T>(rx: oneshot::Receiver<Result<T, SpoolError>>) -> Result<T, SpoolError> {
     rx.await.map_err(|_| stopped())?
@@ -610,6 +631,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
         let mut meta = txn.open_table(META).map_err(storage)?;
         let mut pending = txn.open_table(PENDING).map_err(storage)?;
         let mut delivered = txn.open_table(DELIVERED).map_err(storage)?;
+        let mut delivered_at = txn.open_table(DELIVERED_AT).map_err(storage)?;
         let mut dead = txn.open_table(DEAD).map_err(storage)?;
         let mut queues = [
             txn.open_table(EVENTS).map_err(storage)?,
@@ -686,9 +708,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                                     body: bytes::Bytes::new(),
                                 },
                             };
-                            delivered
-                                .insert(k.as_str(), kept.encode().as_slice())
-                                .map_err(storage)?;
+                            remember_answer(&mut delivered, &mut delivered_at, &k, &kept)?;
                         }
                     }
                     if let (Finished::Dead, Some(rec)) = (how, &record) {
@@ -711,24 +731,31 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                     ..
                 } => {
                     let k = queue.id_key(req_id);
-                    delivered
-                        .insert(k.as_str(), answer.encode().as_slice())
-                        .map_err(storage)?;
+                    remember_answer(&mut delivered, &mut delivered_at, &k, answer)?;
                     outcomes.push(Outcome::Nothing);
                 }
                 Op::Flush { .. } => outcomes.push(Outcome::Nothing),
                 Op::Purge { before_ms } => {
-                    let old: Vec<String> = delivered
-                        .iter()
+                    let old: Vec<(u64, String)> = delivered_at
+                        .range((0u64, "")..(*before_ms, ""))
                         .map_err(storage)?
+                        .take(PURGE_CHUNK)
                         .filter_map(|item| item.ok())
-                        .filter(|(_, v)| {
-                            StoredAnswer::decode(v.value()).map_or(true, |a| a.at_ms < *before_ms)
+                        .map(|(k, _)| {
+                            let (at, key) = k.value();
+                            (at, key.to_string())
                         })
-                        .map(|(k, _)| k.value().to_string())
                         .collect();
-                    for k in old {
-                        delivered.remove(k.as_str()).map_err(storage)?;
+                    for (at, key) in old {
+                        delivered_at.remove((at, key.as_str())).map_err(storage)?;
+                        // The key may have been delivered again since; keep that answer.
+                        let current = delivered
+                            .get(key.as_str())
+                            .map_err(storage)?
+                            .and_then(|v| StoredAnswer::decode(v.value()).ok());
+                        if current.is_none_or(|a| a.at_ms < *before_ms) {
+                            delivered.remove(key.as_str()).map_err(storage)?;
+                        }
                     }
                     outcomes.push(Outcome::Nothing);
                 }
@@ -935,5 +962,43 @@ mod tests {
             })
             .count();
         assert_eq!(aside, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purge_forgets_only_expired_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = open(dir.path(), 1 << 20);
+        let answer = |at_ms| StoredAnswer {
+            at_ms,
+            status: 200,
+            content_type: None,
+            body: Bytes::new(),
+        };
+        spool
+            .remember(Queue::Events, "old".into(), answer(1_000))
+            .await
+            .unwrap();
+        spool
+            .remember(Queue::Events, "new".into(), answer(9_000))
+            .await
+            .unwrap();
+        spool
+            .remember(Queue::Events, "again".into(), answer(1_000))
+            .await
+            .unwrap();
+        spool
+            .remember(Queue::Events, "again".into(), answer(9_500))
+            .await
+            .unwrap();
+        spool.purge(5_000);
+        spool.flush().await.unwrap();
+        let has = |id: &str| {
+            spool
+                .delivered_blocking(Queue::Events, id, 10_000, u64::MAX)
+                .is_some()
+        };
+        assert!(!has("old"));
+        assert!(has("new"));
+        assert!(has("again"), "delivered again after the cut-off: kept");
     }
 }
