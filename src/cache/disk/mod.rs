@@ -455,11 +455,14 @@ mod tests {
         assert!(err.to_string().starts_with("cache.disk.path "), "{err}");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_slice_not_yet_indexed_is_found_at_its_path() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Writes slice 1 with 4 KiB slicing, then reopens the directory with
+    /// `reopen_slice_bytes` and the rebuild left to the test.
+    async fn stored_then_reopened(
+        dir: &Path,
+        reopen_slice_bytes: u64,
+    ) -> (SliceKey, CachedSlice, DiskTier, Arc<Metrics>) {
         let cfg = DiskCache {
-            path: dir.path().to_path_buf(),
+            path: dir.to_path_buf(),
             max_bytes: 1 << 30,
         };
         let (a, sa) = slice(1);
@@ -472,12 +475,19 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let tier = DiskTier::open_with(
             &cfg,
-            4096,
+            reopen_slice_bytes,
             metrics.clone(),
             Box::new(FsStorage),
             Rebuild::Manual,
         )
         .unwrap();
+        (a, sa, tier, metrics)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slice_not_yet_indexed_is_found_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, sa, tier, metrics) = stored_then_reopened(dir.path(), 4096).await;
         assert!(!tier.contains(&a) && !tier.stats().index_ready);
         let got = tier
             .read(&a)
@@ -511,26 +521,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn files_cut_with_another_slice_size_are_replaced_not_misread() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = DiskCache {
-            path: dir.path().to_path_buf(),
-            max_bytes: 1 << 30,
-        };
-        let (a, sa) = slice(1);
-        {
-            let metrics = Arc::new(Metrics::new());
-            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
-            tier.store(a, &sa);
-            until("write", || metrics.disk_writes.get() == 1).await;
-        }
-        let metrics = Arc::new(Metrics::new());
-        let tier = DiskTier::open_with(
-            &cfg,
-            8192,
-            metrics.clone(),
-            Box::new(FsStorage),
-            Rebuild::Manual,
-        )
-        .unwrap();
+        let (a, _, tier, metrics) = stored_then_reopened(dir.path(), 8192).await;
         assert!(
             tier.read(&a).await.is_none(),
             "a 4 KiB slice 1 is not an 8 KiB slice 1"
