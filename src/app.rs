@@ -9,10 +9,12 @@ use crate::cache::SliceStore;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::dictionary::store::DictionaryStore;
+use crate::forward::spool::SpoolError;
 use crate::forward::{ForwardSetupError, Forwarder};
 use crate::metrics::Metrics;
 use crate::origin::OriginClient;
 use crate::routes::Router;
+use crate::upstream::ConnectorSettings;
 use crate::upstream::ResolveError;
 
 /// Everything a request handler needs. Immutable after start; interior state (caches,
@@ -41,12 +43,25 @@ pub enum StateError {
     Forward(#[from] ForwardSetupError),
 }
 
+impl StateError {
+    /// The disk tier or the spool is held by another process, such as the one handing
+    /// over its listeners during an upgrade.
+    pub fn is_in_use(&self) -> bool {
+        match self {
+            StateError::Disk(e) => e.is_in_use(),
+            StateError::Forward(ForwardSetupError::Spool(SpoolError::InUse(_))) => true,
+            _ => false,
+        }
+    }
+}
+
 impl AppState {
     pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {
         let metrics = Arc::new(Metrics::new());
+        let connectors = ConnectorSettings::from_config(config);
         let origin = Arc::new(OriginClient::new(
             &config.origin,
-            config.server.upstream_keepalive_pool,
+            &connectors,
             metrics.clone(),
         )?);
         let disk = config
@@ -70,14 +85,12 @@ impl AppState {
         let dictionary = config
             .dictionary
             .as_ref()
-            .map(|d| {
-                DictionaryStore::new(d, config.server.upstream_keepalive_pool, metrics.clone())
-            })
+            .map(|d| DictionaryStore::new(d, &connectors, metrics.clone()))
             .transpose()?;
         let forwarder = config
             .forward
             .as_ref()
-            .map(|f| Forwarder::new(f, config.server.upstream_keepalive_pool, metrics.clone()))
+            .map(|f| Forwarder::new(f, &connectors, metrics.clone()))
             .transpose()?;
         Ok(Arc::new(Self {
             dictionary,

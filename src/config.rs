@@ -36,6 +36,20 @@ pub const DEFAULT_GRACE_PERIOD_SECS: u64 = 5;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 /// Default size of the idle keep-alive pool towards origins and upstreams.
 pub const DEFAULT_UPSTREAM_KEEPALIVE_POOL: usize = 256;
+/// Default Unix socket on which a new process receives the listeners of the old one.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/run/cdn-edge/upgrade.sock";
+/// Default cap on open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+/// Default largest request head (request line and headers), in bytes.
+pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+/// Largest accepted `limits.max_request_head_bytes` (the HTTP/1 parser stops near 1 MiB).
+pub const MAX_REQUEST_HEAD_LIMIT: usize = 512 << 10;
+/// Default time a client has to send a whole request once its first byte arrived.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Default time a connection may go without the edge reading a request or writing a byte.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default number of requests served on one HTTP/1.1 connection before it is closed.
+pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 10_000;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +80,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: Listen,
-    pub tls: Option<Tls>,
+    pub tls: Tls,
     pub signing: Signing,
     pub cache: Cache,
     pub origin: Origin,
@@ -74,6 +88,8 @@ pub struct Config {
     pub cors: Cors,
     pub forward: Option<Forward>,
     pub server: Server,
+    pub limits: Limits,
+    pub log: Log,
 }
 
 #[derive(Debug, Clone)]
@@ -83,8 +99,17 @@ pub struct Listen {
     pub admin: SocketAddr,
 }
 
-#[derive(Debug, Clone)]
+/// `[tls]`: the HTTPS listener's certificate, and the trust store for HTTPS upstreams.
+#[derive(Debug, Clone, Default)]
 pub struct Tls {
+    /// Certificate chain and private key; required by `listen.https`.
+    pub server: Option<ServerCert>,
+    /// PEM bundle that replaces the system roots when verifying HTTPS origins and upstreams.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerCert {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
@@ -244,6 +269,50 @@ pub struct Server {
     pub grace_period_secs: u64,
     pub shutdown_timeout_secs: u64,
     pub upstream_keepalive_pool: usize,
+    /// Where a process started with `--upgrade` receives the listeners.
+    pub upgrade_sock: PathBuf,
+}
+
+/// Client-facing limits (`[limits]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections; further ones are closed at once.
+    pub max_connections: usize,
+    /// Largest request head; larger ones get 431.
+    pub max_request_head_bytes: usize,
+    /// Time to send a whole request (head and body) once its first byte has arrived.
+    pub request_timeout: Duration,
+    /// Time a connection may go without a request starting or a response byte being written.
+    pub idle_timeout: Duration,
+    /// Requests served on one HTTP/1.1 connection before the edge closes it.
+    pub keepalive_requests: u32,
+}
+
+/// Logging (`[log]`); `CDN_EDGE_LOG` in the environment overrides `level`.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// A tracing filter: `info`, `warn,cdn_edge=debug`, …
+    pub level: String,
+    /// One JSON line per request on the `access` target.
+    pub access: bool,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".to_string(),
+            access: true,
+            format: LogFormat::Json,
+        }
+    }
 }
 
 impl Config {
@@ -303,7 +372,8 @@ mod file {
     #[serde(deny_unknown_fields)]
     pub struct Root {
         pub listen: Listen,
-        pub tls: Option<Tls>,
+        #[serde(default)]
+        pub tls: Tls,
         pub signing: Signing,
         #[serde(default)]
         pub cache: Cache,
@@ -314,6 +384,10 @@ mod file {
         pub forward: Option<Forward>,
         #[serde(default)]
         pub server: Server,
+        #[serde(default)]
+        pub limits: Limits,
+        #[serde(default)]
+        pub log: Log,
     }
 
     #[derive(Deserialize)]
@@ -324,11 +398,53 @@ mod file {
         pub admin: String,
     }
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     pub struct Tls {
-        pub cert: PathBuf,
-        pub key: PathBuf,
+        pub cert: Option<PathBuf>,
+        pub key: Option<PathBuf>,
+        pub ca_file: Option<PathBuf>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Limits {
+        pub max_connections: usize,
+        pub max_request_head_bytes: usize,
+        pub request_timeout_ms: u64,
+        pub idle_timeout_ms: u64,
+        pub keepalive_requests: u32,
+    }
+
+    impl Default for Limits {
+        fn default() -> Self {
+            Self {
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_request_head_bytes: DEFAULT_MAX_REQUEST_HEAD_BYTES,
+                request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+                idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+                keepalive_requests: DEFAULT_KEEPALIVE_REQUESTS,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Log {
+        pub level: String,
+        pub access: bool,
+        pub format: LogFormat,
+    }
+
+    impl Default for Log {
+        fn default() -> Self {
+            let d = super::Log::default();
+            Self {
+                level: d.level,
+                access: d.access,
+                format: d.format,
+            }
+        }
     }
 
     #[derive(Deserialize)]
@@ -490,6 +606,7 @@ mod file {
         pub grace_period_secs: u64,
         pub shutdown_timeout_secs: u64,
         pub upstream_keepalive_pool: usize,
+        pub upgrade_sock: PathBuf,
     }
 
     impl Default for Server {
@@ -499,6 +616,7 @@ mod file {
                 grace_period_secs: DEFAULT_GRACE_PERIOD_SECS,
                 shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
                 upstream_keepalive_pool: DEFAULT_UPSTREAM_KEEPALIVE_POOL,
+                upgrade_sock: PathBuf::from(DEFAULT_UPGRADE_SOCK),
             }
         }
     }
@@ -516,13 +634,9 @@ impl file::Root {
                 .transpose()?,
             admin: parse_addr("listen.admin", &self.listen.admin)?,
         };
-        if listen.https.is_some() && self.tls.is_none() {
-            return Err(invalid("listen.https", "needs a [tls] section"));
-        }
-        let tls = self.tls.map(|t| Tls {
-            cert: t.cert,
-            key: t.key,
-        });
+        let tls = validate_tls(self.tls, listen.https.is_some())?;
+        let limits = validate_limits(self.limits)?;
+        let log = validate_log(self.log)?;
 
         let signing = validate_signing(self.signing, env)?;
         let cache = validate_cache(self.cache)?;
@@ -559,9 +673,66 @@ impl file::Root {
                 grace_period_secs: self.server.grace_period_secs,
                 shutdown_timeout_secs: self.server.shutdown_timeout_secs,
                 upstream_keepalive_pool: self.server.upstream_keepalive_pool,
+                upgrade_sock: self.server.upgrade_sock,
             },
+            limits,
+            log,
         })
     }
+}
+
+fn validate_tls(raw: file::Tls, https: bool) -> Result<Tls, ConfigError> {
+    let server = match (raw.cert, raw.key) {
+        (Some(cert), Some(key)) => Some(ServerCert { cert, key }),
+        (Some(_), None) => return Err(invalid("tls.key", "tls.cert needs its private key")),
+        (None, Some(_)) => return Err(invalid("tls.cert", "tls.key needs its certificate")),
+        (None, None) if https => {
+            return Err(invalid(
+                "listen.https",
+                "needs tls.cert and tls.key in the [tls] section",
+            ))
+        }
+        (None, None) => None,
+    };
+    Ok(Tls {
+        server,
+        ca_file: raw.ca_file,
+    })
+}
+
+fn validate_limits(raw: file::Limits) -> Result<Limits, ConfigError> {
+    if raw.max_connections == 0 {
+        return Err(invalid("limits.max_connections", "must be greater than 0"));
+    }
+    if !(1024..=MAX_REQUEST_HEAD_LIMIT).contains(&raw.max_request_head_bytes) {
+        return Err(invalid(
+            "limits.max_request_head_bytes",
+            format!("must be between 1024 and {MAX_REQUEST_HEAD_LIMIT}"),
+        ));
+    }
+    if raw.keepalive_requests == 0 {
+        return Err(invalid(
+            "limits.keepalive_requests",
+            "must be greater than 0",
+        ));
+    }
+    Ok(Limits {
+        max_connections: raw.max_connections,
+        max_request_head_bytes: raw.max_request_head_bytes,
+        request_timeout: positive_ms("limits.request_timeout_ms", raw.request_timeout_ms)?,
+        idle_timeout: positive_ms("limits.idle_timeout_ms", raw.idle_timeout_ms)?,
+        keepalive_requests: raw.keepalive_requests,
+    })
+}
+
+fn validate_log(raw: file::Log) -> Result<Log, ConfigError> {
+    tracing_subscriber::EnvFilter::try_new(&raw.level)
+        .map_err(|e| invalid("log.level", format!("{:?}: {e}", raw.level)))?;
+    Ok(Log {
+        level: raw.level,
+        access: raw.access,
+        format: raw.format,
+    })
 }
 
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {

@@ -11,13 +11,14 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
+use crate::config::{Limits, Log};
 use crate::dictionary;
 use crate::respond;
 use crate::routes::Route;
 use crate::video;
 
-/// Largest request head (request line and headers) accepted, in bytes.
-pub const MAX_REQUEST_HEAD_BYTES: usize = 32 * 1024;
+/// Longest path written to the access log; longer ones are cut.
+const MAX_LOGGED_PATH: usize = 512;
 
 /// Per-request context: filled in by the handler, read by `logging`.
 pub struct RequestCtx {
@@ -30,11 +31,18 @@ pub struct RequestCtx {
 /// The edge's proxy application.
 pub struct Edge {
     state: Arc<AppState>,
+    /// Largest request head (request line and headers) accepted, in bytes.
+    max_head_bytes: usize,
+    access_log: bool,
 }
 
 impl Edge {
-    pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<AppState>, limits: &Limits, log: &Log) -> Self {
+        Self {
+            state,
+            max_head_bytes: limits.max_request_head_bytes,
+            access_log: log.access,
+        }
     }
 }
 
@@ -59,7 +67,7 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
         ctx.route = self.state.router.route(session.req_header().uri.path());
-        if request_head_bytes(session) > MAX_REQUEST_HEAD_BYTES {
+        if request_head_bytes(session) > self.max_head_bytes {
             ctx.body_bytes =
                 respond::plain(session, 431, "request header fields too large").await?;
             return Ok(true);
@@ -95,7 +103,55 @@ impl ProxyHttp for Edge {
         if let Some(e) = error {
             tracing::debug!(route = ctx.route.label(), status, error = %e, "request ended with an error");
         }
+        if self.access_log {
+            access_log(session, ctx, status, error);
+        }
     }
+}
+
+/// One JSON line per request on the `access` target. The query string is never logged:
+/// it carries the signature (`sc`) and the client token (`t`).
+fn access_log(session: &Session, ctx: &RequestCtx, status: u16, error: Option<&Error>) {
+    let req = session.req_header();
+    let path = req.uri.path();
+    let path = match path.char_indices().nth(MAX_LOGGED_PATH) {
+        Some((cut, _)) => &path[..cut],
+        None => path,
+    };
+    let cache = session
+        .response_written()
+        .and_then(|r| r.headers.get("cache-status"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("cdn-edge; "))
+        .unwrap_or("");
+    let range = req
+        .headers
+        .get(http::header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .unwrap_or("");
+    let client = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let proto = if session.is_http2() { "h2" } else { "http/1.1" };
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    tracing::info!(
+        target: "access",
+        client = %client,
+        method = %req.method,
+        path,
+        route = ctx.route.label(),
+        status,
+        bytes = ctx.body_bytes,
+        duration_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
+        cache,
+        range,
+        proto,
+        tls,
+        error = error.map(|e| e.etype().as_str()).unwrap_or(""),
+    );
 }
 
 /// Approximate size of the request head as received.

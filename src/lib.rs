@@ -8,6 +8,7 @@ pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)
 pub mod cache; // slice cache tiers and coalesced fills
 pub mod config; // typed, validated configuration
+pub mod connection; // client connection cap, request and idle deadlines
 pub mod cors; // CORS allow-list and preflight constants
 pub mod demo; // `cdn-edge demo`: sample origin and instructions
 pub mod demo_dictionary; // the demo's sample dictionary upstream
@@ -21,5 +22,7 @@ pub mod range; // range parsing and slice arithmetic (pure)
 pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)
 pub mod server; // Pingora server and services from config
+pub mod systemd; // sd_notify readiness for Type=notify units
+pub mod tls; // TLS files checked at start, HTTPS listener settings
 pub mod upstream; // upstream resolution and whole-body exchanges
 pub mod video; // the signed video routes

@@ -8,8 +8,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use cdn_edge::config::Config;
-use cdn_edge::{auth, demo, server::EdgeServer};
+use cdn_edge::config::{Config, Log, LogFormat};
+use cdn_edge::server::{EdgeServer, StartMode};
+use cdn_edge::{auth, demo, systemd};
 
 /// Characters a token keeps unencoded: RFC 3986 unreserved.
 const TOKEN_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -32,6 +33,10 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, short = 'c', default_value = "conf/edge.toml")]
         conf: PathBuf,
+        /// Take over the listeners of the running edge: start this, then send the running
+        /// process SIGQUIT within 5 s. See README "Upgrades without downtime".
+        #[arg(long, short = 'u')]
+        upgrade: bool,
     },
     /// Validate a configuration file and exit.
     CheckConfig {
@@ -86,7 +91,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -99,13 +103,29 @@ fn main() -> ExitCode {
 #[allow(clippy::print_stdout)]
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { conf } => {
+        Command::Serve { conf, upgrade } => {
             let config = Config::load(&conf)?;
-            let edge = EdgeServer::build(&config).context("cannot start")?;
-            tracing::info!(http = %config.listen.http, admin = %config.listen.admin, "cdn-edge starting");
+            init_logging(Some(&config.log));
+            let mode = if upgrade {
+                StartMode::Upgrade
+            } else {
+                StartMode::Fresh
+            };
+            let edge = EdgeServer::build_with(&config, mode).context("cannot start")?;
+            tracing::info!(
+                http = %config.listen.http,
+                https = ?config.listen.https,
+                admin = %config.listen.admin,
+                upgrade,
+                "cdn-edge serving"
+            );
+            if let Err(e) = systemd::notify_ready() {
+                tracing::warn!(error = %e, "cannot notify systemd");
+            }
             edge.run()
         }
         Command::CheckConfig { file } => {
+            init_logging(None);
             Config::load(&file)?;
             println!("{}: ok", file.display());
             Ok(())
@@ -118,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
             token,
         } => {
+            init_logging(None);
             let config = Config::load(&conf)?;
             let Some(k) = config.signing.keys.iter().find(|k| k.id == key) else {
                 bail!("{}: no signing key with id {key:?}", conf.display());
@@ -154,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             disk,
             disk_bytes,
         } => {
+            init_logging(Some(&Log::default()));
             let addrs = demo::DemoOptions {
                 http,
                 admin,
@@ -172,11 +194,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr: `log` from the config (JSON lines by default), plain text at `info`
+/// for the one-shot commands. `CDN_EDGE_LOG` (a tracing filter) overrides the level.
+fn init_logging(log: Option<&Log>) {
+    let level = log.map_or("info", |l| l.level.as_str());
     let filter = tracing_subscriber::EnvFilter::try_from_env("CDN_EDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match log.map(|l| l.format) {
+        Some(LogFormat::Json) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        _ => builder.init(),
+    }
 }

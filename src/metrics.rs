@@ -233,6 +233,10 @@ pub struct Metrics {
     pub stats_dropped: IntCounter,
     pub spool_entries: IntGaugeVec,
     pub spool_bytes: IntGaugeVec,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
+    pub connection_timeouts_request: IntCounter,
+    pub connection_timeouts_idle: IntCounter,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -606,6 +610,35 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let connections_open = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_client_connections",
+                "Client connections open on the public listeners.",
+            )
+            .expect("valid metric"),
+        );
+        let connections_refused = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_client_connections_refused_total",
+                "Client connections closed at once because limits.max_connections were open.",
+            )
+            .expect("valid metric"),
+        );
+        let timeouts = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_client_timeouts_total",
+                    "Client connections closed by a deadline: request (not sent in time) or idle.",
+                ),
+                &["phase"],
+            )
+            .expect("valid metric"),
+        );
+        let connection_timeouts_request = timeouts.with_label_values(&["request"]);
+        let connection_timeouts_idle = timeouts.with_label_values(&["idle"]);
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -656,6 +689,10 @@ impl Metrics {
             stats_dropped,
             spool_entries,
             spool_bytes,
+            connections_open,
+            connections_refused,
+            connection_timeouts_request,
+            connection_timeouts_idle,
         }
     }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
@@ -23,6 +22,7 @@ use std::sync::Arc;
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
 use crate::range::ByteRange;
+use crate::upstream::ConnectorSettings;
 use crate::upstream::{self, ResolveError, POOL_IDLE};
 
 /// Consecutive failures after which an origin is tried after the healthy ones.
@@ -129,7 +129,7 @@ impl OriginClient {
     /// Resolves every origin host once (at start) and builds the connection pool.
     pub fn new(
         cfg: &config::Origin,
-        keepalive_pool: usize,
+        connectors: &ConnectorSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ResolveError> {
         let origins = cfg
@@ -148,7 +148,7 @@ impl OriginClient {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
+            connector: Connector::new(Some(connectors.options())),
             origins,
             started: Instant::now(),
             retry_unhealthy_ms: cfg.retry_unhealthy.as_millis() as u64,

@@ -2,18 +2,28 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::app::AppState;
 use crate::app::StateError;
 use crate::config::Config;
+use crate::connection::GuardedApp;
 use crate::edge::Edge;
 use crate::forward::deliver::DeliveryService;
-use pingora::services::background::background_service;
+use crate::tls::{self, TlsError};
+use crate::upstream::ConnectorSettings;
+
+/// Time the old process keeps serving after handing over its listeners (Pingora's
+/// CLOSE_TIMEOUT), before its own graceful shutdown starts.
+const HANDOVER_CLOSE_SECS: u64 = 5;
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +38,21 @@ pub enum StartError {
         addr: SocketAddr,
         error: std::io::Error,
     },
-    #[error("listen.https is not supported yet; remove it to serve plain HTTP")]
-    HttpsUnsupported,
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    #[error("upgrade: the previous process still holds the disk tier or the spool after {secs} s: {source}")]
+    HandoverTimeout { secs: u64, source: StateError },
+}
+
+/// How the process starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StartMode {
+    /// Bind the listeners.
+    #[default]
+    Fresh,
+    /// Receive the listeners from the running process over `server.upgrade_sock`, which is
+    /// sent SIGQUIT once this one waits; then take over its disk tier and spool.
+    Upgrade,
 }
 
 /// A built, not yet running edge: the Pingora server with the public and admin services.
@@ -39,25 +62,61 @@ pub struct EdgeServer {
 }
 
 impl EdgeServer {
-    /// Builds the server. Fails with a clear error when a listen address is taken or an
-    /// origin host does not resolve, instead of failing later inside a service thread.
+    /// Builds a freshly started server; see [`EdgeServer::build_with`].
     pub fn build(config: &Config) -> Result<Self, StartError> {
-        if config.listen.https.is_some() {
-            return Err(StartError::HttpsUnsupported);
+        Self::build_with(config, StartMode::Fresh)
+    }
+
+    /// Builds the server. Fails with a clear error when a listen address is taken, a TLS
+    /// file is unusable or an origin host does not resolve, instead of failing later
+    /// inside a service thread.
+    pub fn build_with(config: &Config, mode: StartMode) -> Result<Self, StartError> {
+        let https = match (&config.listen.https, &config.tls.server) {
+            (Some(addr), Some(cert)) => Some((addr, tls::listener_settings(cert)?)),
+            _ => None,
+        };
+        if let Some(ca) = &config.tls.ca_file {
+            tls::check_ca_file(ca)?;
         }
-        check_bindable("listen.http", config.listen.http)?;
-        check_bindable("listen.admin", config.listen.admin)?;
+        let opt = Opt {
+            upgrade: mode == StartMode::Upgrade,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+        let state = match mode {
+            StartMode::Fresh => {
+                check_bindable("listen.http", config.listen.http)?;
+                if let Some(addr) = config.listen.https {
+                    check_bindable("listen.https", addr)?;
+                }
+                check_bindable("listen.admin", config.listen.admin)?;
+                let state = AppState::new(config)?;
+                server.bootstrap();
+                state
+            }
+            StartMode::Upgrade => {
+                // Blocks until the old process, sent SIGQUIT, hands over its listeners;
+                // exits the process after 5 s without them.
+                server.bootstrap();
+                take_over_state(config)?
+            }
+        };
 
-        let state = AppState::new(config)?;
-        let mut server = Server::new_with_opt_and_conf(None::<Opt>, server_conf(config));
-        server.bootstrap();
-
-        let mut edge = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            Edge::new(state.clone()),
-            "cdn-edge public",
+        let mut options = HttpServerOptions::default();
+        options.keepalive_request_limit = Some(config.limits.keepalive_requests);
+        options.h2_idle_timeout = Some(config.limits.idle_timeout);
+        let mut proxy = HttpProxy::new(
+            Edge::new(state.clone(), &config.limits, &config.log),
+            server.configuration.clone(),
         );
+        proxy.server_options = Some(options);
+        proxy.handle_init_modules();
+        let app = GuardedApp::new(proxy, &config.limits, state.metrics.clone());
+        let mut edge = Service::new("cdn-edge public".to_string(), app);
         edge.add_tcp(&config.listen.http.to_string());
+        if let Some((addr, settings)) = https {
+            edge.add_tls_with_settings(&addr.to_string(), None, settings);
+        }
         server.add_service(edge);
 
         let mut admin = Service::new("cdn-edge admin".to_string(), AdminApp::new(state.clone()));
@@ -69,7 +128,7 @@ impl EdgeServer {
             let delivery = DeliveryService::new(
                 forwarder,
                 cfg,
-                config.server.upstream_keepalive_pool,
+                &ConnectorSettings::from_config(config),
                 state.metrics.clone(),
             )
             .map_err(|e| StartError::State(StateError::Resolve(e)))?;
@@ -91,10 +150,32 @@ fn server_conf(config: &Config) -> ServerConf {
         grace_period_seconds: Some(config.server.grace_period_secs),
         graceful_shutdown_timeout_seconds: Some(config.server.shutdown_timeout_secs),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool,
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
     conf.version = 1;
     conf
+}
+
+/// Opens the disk tier and the spool once the process that handed over its listeners
+/// has let go of them: it serves for [`HANDOVER_CLOSE_SECS`], then shuts down within its
+/// grace period and shutdown timeout. Both processes share one config, so those are ours.
+fn take_over_state(config: &Config) -> Result<Arc<AppState>, StartError> {
+    let secs = HANDOVER_CLOSE_SECS
+        + config.server.grace_period_secs
+        + config.server.shutdown_timeout_secs
+        + 5;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match AppState::new(config) {
+            Ok(state) => return Ok(state),
+            Err(e) if e.is_in_use() && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) if e.is_in_use() => return Err(StartError::HandoverTimeout { secs, source: e }),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Fails with a clear error when `addr` cannot be listened on (taken, not local).

@@ -7,14 +7,39 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use crate::config::UpstreamUrl;
+use crate::config::{Config, UpstreamUrl};
 
 /// How long an idle pooled upstream connection is kept.
 pub const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// How every connector towards origins and upstreams is built.
+#[derive(Debug, Clone)]
+pub struct ConnectorSettings {
+    /// Idle connections kept per connector.
+    pub keepalive_pool: usize,
+    /// Trust store replacing the system roots for HTTPS upstreams.
+    pub ca_file: Option<String>,
+}
+
+impl ConnectorSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            keepalive_pool: config.server.upstream_keepalive_pool,
+            ca_file: config.tls.ca_file.as_ref().map(|p| p.display().to_string()),
+        }
+    }
+
+    pub fn options(&self) -> ConnectorOptions {
+        let mut options = ConnectorOptions::new(self.keepalive_pool);
+        options.ca_file = self.ca_file.clone();
+        options
+    }
+}
 
 /// Why an upstream host could not be resolved at start.
 #[derive(Debug, thiserror::Error)]

@@ -13,12 +13,12 @@ use bytes::Bytes;
 use http::HeaderValue;
 use moka::Expiry;
 use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 
 use super::encoding::{self, Encoding};
 use super::policy::{storable, Storable};
 use crate::config::Dictionary as DictionaryConfig;
 use crate::metrics::{DictionaryResult, Metrics};
+use crate::upstream::ConnectorSettings;
 use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
 
 /// Largest upstream answer accepted.
@@ -172,7 +172,7 @@ pub struct DictionaryStats {
 impl DictionaryStore {
     pub fn new(
         cfg: &DictionaryConfig,
-        keepalive_pool: usize,
+        connectors: &ConnectorSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ResolveError> {
         let upstream = HttpUpstream::new(&cfg.upstream, cfg.connect_timeout, cfg.timeout)?;
@@ -196,7 +196,7 @@ impl DictionaryStore {
                 .time_to_live(Duration::from_secs(1))
                 .build(),
             upstream,
-            connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
+            connector: Connector::new(Some(connectors.options())),
             ttl: Duration::from_secs(cfg.ttl_secs),
             negative_ttl: Duration::from_secs(cfg.negative_ttl_secs),
             stale_if_error: Duration::from_secs(cfg.stale_if_error_secs),

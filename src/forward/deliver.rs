@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -19,6 +18,7 @@ use super::spool::{unix_ms, Finished, Queue, Spool, SpoolError};
 use super::{relay, Upstreams};
 use crate::metrics::{ForwardResult, Metrics};
 use crate::routes::Route;
+use crate::upstream::ConnectorSettings;
 use crate::upstream::ExchangeError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -32,7 +32,7 @@ pub struct DeliveryService {
     upstreams: Upstreams,
     stats: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Record>>>,
     dedupe_ms: u64,
-    keepalive_pool: usize,
+    connectors: ConnectorSettings,
     metrics: Arc<Metrics>,
 }
 
@@ -40,7 +40,7 @@ impl DeliveryService {
     pub fn new(
         forwarder: &super::Forwarder,
         cfg: &crate::config::Forward,
-        keepalive_pool: usize,
+        connectors: &ConnectorSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, crate::upstream::ResolveError> {
         Ok(Self {
@@ -48,7 +48,7 @@ impl DeliveryService {
             upstreams: Upstreams::new(cfg)?,
             stats: std::sync::Mutex::new(forwarder.take_stats_receiver()),
             dedupe_ms: forwarder.dedupe_ms,
-            keepalive_pool,
+            connectors: connectors.clone(),
             metrics,
         })
     }
@@ -83,7 +83,7 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
 #[async_trait]
 impl BackgroundService for DeliveryService {
     async fn start(&self, shutdown: ShutdownWatch) {
-        let connector = Connector::new(Some(ConnectorOptions::new(self.keepalive_pool)));
+        let connector = Connector::new(Some(self.connectors.options()));
         let stats_rx = self.stats.lock().ok().and_then(|mut s| s.take());
         let queues = Queue::ALL.map(|q| self.deliver_queue(q, &connector, shutdown.clone()));
         let [events, logblob] = queues;

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use tokio::sync::mpsc;
@@ -28,6 +27,7 @@ use crate::config::Forward as ForwardConfig;
 use crate::metrics::{ForwardResult, Metrics};
 use crate::respond;
 use crate::routes::Route;
+use crate::upstream::ConnectorSettings;
 use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
 use record::{Record, StoredAnswer};
 use spool::{unix_ms, Appended, IdState, Queue, Spool, SpoolError};
@@ -94,7 +94,7 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn new(
         cfg: &ForwardConfig,
-        keepalive_pool: usize,
+        connectors: &ConnectorSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ForwardSetupError> {
         let dedupe_ms = cfg.dedupe_secs.saturating_mul(1000);
@@ -108,7 +108,7 @@ impl Forwarder {
         Ok(Self {
             spool,
             relay: Upstreams::new(cfg)?,
-            relay_connector: Connector::new(Some(ConnectorOptions::new(keepalive_pool))),
+            relay_connector: Connector::new(Some(connectors.options())),
             stats_tx,
             stats_rx: Mutex::new(Some(stats_rx)),
             max_body: cfg.max_body_bytes,

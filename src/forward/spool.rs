@@ -98,6 +98,8 @@ pub enum SpoolError {
     Full,
     #[error("spool storage failed: {0}")]
     Storage(String),
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// What an append did.
@@ -215,7 +217,7 @@ impl Spool {
         let db = match builder.create(&path) {
             Ok(db) => db,
             Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
-                return Err(SpoolError::Storage(format!(
+                return Err(SpoolError::InUse(format!(
                     "{}: in use by another process: {e}",
                     path.display()
                 )))

@@ -63,6 +63,13 @@ pub struct DiskOpenError {
     error: io::Error,
 }
 
+impl DiskOpenError {
+    /// Another process holds the directory (for instance the one being upgraded).
+    pub fn is_in_use(&self) -> bool {
+        self.error.kind() == io::ErrorKind::WouldBlock
+    }
+}
+
 /// When the index rebuild runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rebuild {

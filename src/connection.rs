@@ -1,0 +1,343 @@
+//! Client connection limits that Pingora does not enforce by itself: a cap on open
+//! connections, a deadline for a whole request (a client trickling bytes, slowloris, is cut
+//! off), and an idle deadline for connections on which nothing moves.
+//!
+//! [`GuardedApp`] wraps the proxy application and puts every accepted stream (after the
+//! TLS handshake) inside a [`GuardedStream`] that keeps the deadlines.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::protocols::{SocketDigest, TimingDigest};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::config::Limits;
+use crate::metrics::Metrics;
+
+/// The deadlines a [`GuardedStream`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// From the first byte of a request until the edge starts answering it.
+    pub request: Duration,
+    /// Without a request starting or a byte being written.
+    pub idle: Duration,
+}
+
+/// Wraps a server application with the connection limits of `[limits]`.
+pub struct GuardedApp<A> {
+    inner: Arc<A>,
+    max_connections: usize,
+    open: AtomicUsize,
+    deadlines: Deadlines,
+    metrics: Arc<Metrics>,
+}
+
+impl<A> GuardedApp<A> {
+    pub fn new(inner: A, limits: &Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            max_connections: limits.max_connections,
+            open: AtomicUsize::new(0),
+            deadlines: Deadlines {
+                request: limits.request_timeout,
+                idle: limits.idle_timeout,
+            },
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for GuardedApp<A>
+where
+    A: ServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel);
+        if open >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.connections_refused.inc();
+            return None;
+        }
+        self.metrics.connections_open.inc();
+        // HTTP/2 multiplexes requests, so only the idle deadline is meaningful for it.
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let deadlines = Deadlines {
+            request: if h2 {
+                self.deadlines.idle
+            } else {
+                self.deadlines.request
+            },
+            idle: self.deadlines.idle,
+        };
+        let mut stream: Stream =
+            Box::new(GuardedStream::new(stream, deadlines, self.metrics.clone()));
+        // The inner application hands back a stream it wants processed again; keep it here
+        // so that it is not wrapped and counted twice.
+        while let Some(next) = self.inner.process_new(stream, shutdown).await {
+            stream = next;
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections_open.dec();
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request, or answering one.
+    Idle,
+    /// A request has started arriving and has not been answered yet.
+    Receiving,
+}
+
+/// A stream that fails reads and writes once its current deadline has passed.
+pub struct GuardedStream {
+    inner: Stream,
+    deadlines: Deadlines,
+    phase: Phase,
+    since: Instant,
+    timer: Pin<Box<Sleep>>,
+    metrics: Arc<Metrics>,
+}
+
+impl GuardedStream {
+    pub fn new(inner: Stream, deadlines: Deadlines, metrics: Arc<Metrics>) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            deadlines,
+            phase: Phase::Idle,
+            since: now,
+            timer: Box::pin(tokio::time::sleep_until((now + deadlines.idle).into())),
+            metrics,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.since
+            + match self.phase {
+                Phase::Idle => self.deadlines.idle,
+                Phase::Receiving => self.deadlines.request,
+            }
+    }
+
+    /// Whether the deadline has passed; otherwise arms the timer so the task wakes then.
+    /// The timer is moved only when it fires early, not on every byte.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let deadline = self.deadline();
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.timer.as_mut().reset(deadline.into());
+        }
+    }
+
+    /// A write means the request has been taken in and is being answered.
+    fn start_answer(&mut self) {
+        if self.phase == Phase::Receiving {
+            self.phase = Phase::Idle;
+            self.since = Instant::now();
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if n > 0 {
+            self.since = Instant::now();
+        }
+    }
+
+    fn timed_out(&self) -> io::Error {
+        match self.phase {
+            Phase::Idle => {
+                self.metrics.connection_timeouts_idle.inc();
+                io::Error::new(io::ErrorKind::TimedOut, "client connection idle too long")
+            }
+            Phase::Receiving => {
+                self.metrics.connection_timeouts_request.inc();
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "client did not send its request in time",
+                )
+            }
+        }
+    }
+}
+
+impl fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("phase", &self.phase)
+            .finish()
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && self.phase == Phase::Idle {
+                    self.phase = Phase::Receiving;
+                    self.since = Instant::now();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.start_answer();
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                self.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.start_answer();
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                self.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
