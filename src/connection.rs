@@ -213,6 +213,11 @@ impl AsyncRead for GuardedStream {
                 if buf.filled().len() > before && self.phase == Phase::Idle {
                     self.phase = Phase::Receiving;
                     self.since = Instant::now();
+                    // The request deadline is usually nearer than the armed idle one.
+                    let deadline = self.deadline();
+                    if deadline < self.timer.deadline().into_std() {
+                        self.timer.as_mut().reset(deadline.into());
+                    }
                 }
                 Poll::Ready(Ok(()))
             }

@@ -103,7 +103,8 @@ impl EdgeServer {
         };
 
         let mut options = HttpServerOptions::default();
-        options.keepalive_request_limit = Some(config.limits.keepalive_requests);
+        // Pingora counts reuses after the first request.
+        options.keepalive_request_limit = Some(config.limits.keepalive_requests - 1);
         options.h2_idle_timeout = Some(config.limits.idle_timeout);
         let mut proxy = HttpProxy::new(
             Edge::new(state.clone(), &config.limits, &config.log),

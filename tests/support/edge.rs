@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::client;
@@ -24,7 +25,11 @@ pub struct EdgeOptions {
     pub retry_unhealthy_ms: u64,
     /// SIGTERM grace period; 0 makes a stop immediate.
     pub grace_period_secs: u64,
-    /// More TOML appended to the config (e.g. `[dictionary]`, `[cors]`).
+    /// An HTTPS listener with this certificate chain and key.
+    pub https: Option<(PathBuf, PathBuf)>,
+    /// `tls.ca_file`: trust store for HTTPS origins.
+    pub ca_file: Option<PathBuf>,
+    /// More TOML appended to the config, right after `[server]` (e.g. `[dictionary]`).
     pub extra: String,
 }
 
@@ -40,6 +45,8 @@ impl EdgeOptions {
             disk: None,
             retry_unhealthy_ms: 10_000,
             grace_period_secs: 0,
+            https: None,
+            ca_file: None,
             extra: String::new(),
         }
     }
@@ -47,10 +54,12 @@ impl EdgeOptions {
 
 pub struct Edge {
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
     child: Child,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    conf: PathBuf,
+    dir: Arc<tempfile::TempDir>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -72,6 +81,20 @@ impl Edge {
     async fn try_start(opts: &EdgeOptions) -> Option<Edge> {
         let dir = tempfile::tempdir().unwrap();
         let (http, admin) = (free_addr(), free_addr());
+        let https = opts.https.as_ref().map(|_| free_addr());
+        let https_line = https.map_or(String::new(), |a| format!("https = \"{a}\""));
+        let mut tls = String::new();
+        if let Some((cert, key)) = &opts.https {
+            tls.push_str(&format!(
+                "cert = {:?}\nkey = {:?}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            ));
+        }
+        if let Some(ca) = &opts.ca_file {
+            tls.push_str(&format!("ca_file = {:?}\n", ca.display().to_string()));
+        }
+        let upgrade_sock = dir.path().join("upgrade.sock").display().to_string();
         let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
         let disk = match &opts.disk {
             Some((path, max)) => format!(
@@ -84,8 +107,11 @@ impl Edge {
             r#"
 [listen]
 http = "{http}"
+{https_line}
 admin = "{admin}"
 
+[tls]
+{tls}
 [signing]
 clock_skew_secs = {skew}
 [[signing.keys]]
@@ -110,6 +136,7 @@ retry_unhealthy_ms = {retry}
 threads = 2
 grace_period_secs = {grace}
 shutdown_timeout_secs = 1
+upgrade_sock = {upgrade_sock:?}
 
 {extra}
 "#,
@@ -126,23 +153,15 @@ shutdown_timeout_secs = 1
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, conf).unwrap();
         let log = dir.path().join("edge.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
-            .arg("serve")
-            .arg("--conf")
-            .arg(&conf_path)
-            .env("CDN_EDGE_TEST_KEY2", KEY2)
-            .env("CDN_EDGE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn cdn-edge");
+        let child = spawn(&conf_path, &log, false);
         let mut edge = Edge {
             http,
+            https,
             admin,
             child,
             log,
-            _dir: dir,
+            conf: conf_path,
+            dir: Arc::new(dir),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -157,6 +176,61 @@ shutdown_timeout_secs = 1
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("edge not listening after 15 s; log:\n{}", edge.log_text());
+    }
+
+    /// Starts a second process with `--upgrade` on the same config (it waits for the
+    /// listeners), then sends this one SIGQUIT to hand them over. Returns the new process
+    /// once it logged that it serves.
+    pub async fn upgrade(&self) -> Edge {
+        let log = self.dir.path().join(format!("edge-{}.log", unix_nanos()));
+        let child = spawn(&self.conf, &log, true);
+        let mut next = Edge {
+            http: self.http,
+            https: self.https,
+            admin: self.admin,
+            child,
+            log,
+            conf: self.conf.clone(),
+            dir: self.dir.clone(),
+        };
+        self.signal("QUIT");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !next.log_text().contains("cdn-edge serving") {
+            assert!(
+                next.is_running(),
+                "upgraded edge exited; log:\n{}",
+                next.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "upgraded edge not serving after 30 s; log:\n{}",
+                next.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        next
+    }
+
+    /// Sends a signal (`TERM`, `QUIT`, …) to the process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits (bounded) for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.is_running() {
+            assert!(
+                Instant::now() < deadline,
+                "edge still running after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -213,14 +287,8 @@ shutdown_timeout_secs = 1
     /// Stops the edge with SIGTERM (graceful shutdown), waits for it to exit, and
     /// returns its log.
     pub async fn terminate(mut self) -> String {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.is_running() {
-            assert!(Instant::now() < deadline, "edge did not exit after SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(15)).await;
         self.log_text()
     }
 
@@ -235,6 +303,28 @@ impl Drop for Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(conf: &std::path::Path, log: &std::path::Path, upgrade: bool) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdn-edge"));
+    cmd.arg("serve").arg("--conf").arg(conf);
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    cmd.env("CDN_EDGE_TEST_KEY2", KEY2)
+        .env("CDN_EDGE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn cdn-edge")
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 pub fn unix_now() -> u64 {

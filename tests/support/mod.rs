@@ -1,6 +1,7 @@
 //! Shared test support: a test origin, a raw HTTP client and the edge process.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod client;
 pub mod edge;
 pub mod origin;

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use pingora::tls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// How the origin answers.
@@ -56,6 +57,7 @@ struct State {
 
 pub struct TestOrigin {
     pub addr: SocketAddr,
+    tls: bool,
     state: Arc<State>,
     stop: watch::Sender<bool>,
 }
@@ -67,6 +69,28 @@ impl TestOrigin {
 
     /// Starts on a given address (e.g. where an earlier origin was, to bring it back).
     pub async fn start_on(addr: SocketAddr) -> Self {
+        Self::start_with(addr, None).await
+    }
+
+    /// Starts an HTTPS origin with this certificate chain and key (PEM files).
+    pub async fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        pingora::tls::install_default_crypto_provider();
+        let (certs, key) = pingora::tls::load_certs_and_key_files(
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+        .expect("readable test certificate")
+        .expect("a certificate and a key");
+        let config = pingora::tls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("matching test certificate and key");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await
+    }
+
+    async fn start_with(addr: SocketAddr, tls: Option<TlsAcceptor>) -> Self {
+        let is_tls = tls.is_some();
         let listener = TcpListener::bind(addr).await.expect("bind test origin");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -92,21 +116,37 @@ impl TestOrigin {
                         st.connections.fetch_add(1, Ordering::SeqCst);
                         let st = st.clone();
                         let mut stop_rx = stop_rx.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
                             tokio::select! {
                                 _ = stop_rx.changed() => {}
-                                _ = serve_connection(sock, st) => {}
+                                _ = async {
+                                    match tls {
+                                        Some(acceptor) => {
+                                            if let Ok(s) = acceptor.accept(sock).await {
+                                                serve_connection(s, st).await;
+                                            }
+                                        }
+                                        None => serve_connection(sock, st).await,
+                                    }
+                                } => {}
                             }
                         });
                     }
                 }
             }
         });
-        Self { addr, state, stop }
+        Self {
+            addr,
+            tls: is_tls,
+            state,
+            stop,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Serves `bytes` at `/objects/{o}/{v}`.
@@ -213,7 +253,7 @@ impl Received {
     }
 }
 
-async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Request> {
+async fn read_request<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut Vec<u8>) -> Option<Request> {
     loop {
         if let Some(end) = find(buf, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_string();
@@ -288,7 +328,7 @@ fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
     Ok((a, b))
 }
 
-async fn serve_connection(mut sock: TcpStream, st: Arc<State>) {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Arc<State>) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
         st.requests.fetch_add(1, Ordering::SeqCst);
