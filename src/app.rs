@@ -56,6 +56,18 @@ impl StateError {
 }
 
 impl AppState {
+    /// Lets go of the disk tier and the spool for the process taking over in an upgrade;
+    /// this one keeps answering from memory and origin until it exits. Blocking.
+    pub fn hand_over_storage(&self) {
+        self.store.hand_over_disk();
+        if let Some(f) = &self.forwarder {
+            if let Err(e) = f.spool.hand_over_blocking() {
+                tracing::error!(error = %e, "spool hand-over failed");
+            }
+        }
+        tracing::info!("disk tier and spool handed over to the new process");
+    }
+
     pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {
         let metrics = Arc::new(Metrics::new());
         let connectors = ConnectorSettings::from_config(config);

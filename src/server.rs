@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::Server;
+use pingora::server::{ExecutionPhase, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
+use tokio::sync::broadcast;
 
 use crate::admin::AdminApp;
 use crate::app::AppState;
@@ -83,6 +84,7 @@ impl EdgeServer {
             ..Opt::default()
         };
         let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+        let phases = server.watch_execution_phase();
         let state = match mode {
             StartMode::Fresh => {
                 check_bindable("listen.http", config.listen.http)?;
@@ -101,6 +103,8 @@ impl EdgeServer {
                 take_over_state(config)?
             }
         };
+
+        hand_over_storage_on_upgrade(phases, state.clone());
 
         let mut options = HttpServerOptions::default();
         // Pingora counts reuses after the first request.
@@ -158,9 +162,34 @@ fn server_conf(config: &Config) -> ServerConf {
     conf
 }
 
+/// Once this process has sent its listeners to a new one (SIGQUIT), it lets go of the
+/// disk tier and the spool at once, so the new process can open them and serve while
+/// this one finishes its in-flight requests.
+fn hand_over_storage_on_upgrade(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    state: Arc<AppState>,
+) {
+    let watcher = std::thread::Builder::new()
+        .name("cdn-edge hand-over".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => {
+                    state.hand_over_storage();
+                    return;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        });
+    if let Err(e) = watcher {
+        tracing::error!(error = %e, "cannot watch for upgrades: an upgrade will wait for this process to exit");
+    }
+}
+
 /// Opens the disk tier and the spool once the process that handed over its listeners
-/// has let go of them: it serves for [`HANDOVER_CLOSE_SECS`], then shuts down within its
-/// grace period and shutdown timeout. Both processes share one config, so those are ours.
+/// has let go of them. It does so right after sending them; should it not (an older
+/// version), it holds them until it exits: [`HANDOVER_CLOSE_SECS`], then its grace
+/// period and shutdown timeout. Both processes share one config, so those are ours.
 fn take_over_state(config: &Config) -> Result<Arc<AppState>, StartError> {
     let secs = HANDOVER_CLOSE_SECS
         + config.server.grace_period_secs

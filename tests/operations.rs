@@ -459,12 +459,19 @@ async fn upgrade_hands_over_listeners_without_refusing_a_request() {
     opts.disk = Some((disk.path().to_path_buf(), 64 << 20));
     opts.grace_period_secs = 1;
     opts.extra = format!(
-        "[forward]\nspool_dir = {:?}\n",
+        "[forward]\nspool_dir = {:?}\nlogblob = \"http://127.0.0.1:9\"\n",
         spool.path().display().to_string()
     );
     let mut old = Edge::start(opts).await;
     let q = signed("movie", "1");
     let http = old.http;
+    // Every slice in memory and on disk before the hand-over.
+    let whole = old.get(&format!("/range/0-1999999?{q}"), &[]).await;
+    assert!(whole.body == bytes);
+    let slices = 2_000_000f64 / (64.0 * 1024.0);
+    old.wait_for_metric("cdn_edge_disk_writes_total", slices.ceil())
+        .await;
+    let origin_before = origin.requests();
 
     // Players keep asking, one new connection per request, through the whole hand-over.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -516,6 +523,26 @@ async fn upgrade_hands_over_listeners_without_refusing_a_request() {
     }
     stop_tx.send(true).unwrap();
     let (ok, failed, slowest) = players.await.unwrap();
+    // The new process took the disk tier over: nothing was fetched again.
+    assert_eq!(
+        origin.requests(),
+        origin_before,
+        "slices were fetched again"
+    );
+    assert!(
+        new.metric("cdn_edge_cache_lookups_total{result=\"hit\",tier=\"disk\"}")
+            .await
+            > 0.0
+    );
+    // And the spool: a log blob is accepted by the new process.
+    let r = client::post(
+        http,
+        "/log/cadmium/logblob/1?reqId=after-upgrade",
+        &[],
+        b"{}",
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", new.log_text());
     assert!(
         failed.is_empty(),
         "{} of {} requests failed: {:?}",

@@ -328,6 +328,14 @@ impl SliceStore {
         }
     }
 
+    /// Gives the disk tier's directory up to the process taking over; see
+    /// [`DiskTier::hand_over`].
+    pub fn hand_over_disk(&self) {
+        if let Some(disk) = &self.disk {
+            disk.hand_over();
+        }
+    }
+
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             memory_bytes: self.memory.weighted_bytes(),

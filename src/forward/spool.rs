@@ -27,7 +27,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use redb::{
@@ -164,6 +164,10 @@ enum Op {
     Flush {
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
+    /// Commits durably, then stops the writer and lets go of the store.
+    Close {
+        done: oneshot::Sender<Result<(), SpoolError>>,
+    },
     /// Keeps the upstream's answer to a request relayed at once (never spooled).
     Remember {
         queue: Queue,
@@ -190,7 +194,8 @@ struct Counters {
 
 /// The spool. One per process.
 pub struct Spool {
-    db: Arc<Database>,
+    /// `None` once handed over to another process.
+    db: RwLock<Option<Arc<Database>>>,
     /// `None` only while dropping, so the writer sees the channel close.
     ops: Option<Sender<Op>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -278,7 +283,7 @@ impl Spool {
             .spawn(move || run_writer(wdb, rx, wcounters, metrics))
             .map_err(|e| SpoolError::Storage(e.to_string()))?;
         Ok(Self {
-            db,
+            db: RwLock::new(Some(db)),
             ops: Some(ops),
             writer: Some(writer),
             counters,
@@ -290,6 +295,27 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn db(&self) -> Result<Arc<Database>, SpoolError> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(stopped)
+    }
+
+    /// Commits what is pending, stops the writer and closes the store so that another
+    /// process (the one taking over in an upgrade) can open it. Later appends and reads
+    /// fail, and are answered 503. Blocking: call outside the async runtime.
+    pub fn hand_over_blocking(&self) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        let ops = self.ops.as_ref().ok_or_else(stopped)?;
+        ops.blocking_send(Op::Close { done })
+            .map_err(|_| stopped())?;
+        let closed = wait.blocking_recv().map_err(|_| stopped())?;
+        self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        closed
     }
 
     /// Durably appends a record; returns once it is committed (or refused).
@@ -409,7 +435,7 @@ impl Spool {
         queue: Queue,
         after: Option<u64>,
     ) -> Result<Option<Waiting>, SpoolError> {
-        let read = self.db.begin_read().map_err(storage)?;
+        let read = self.db()?.begin_read().map_err(storage)?;
         let table = read.open_table(queue.table()).map_err(storage)?;
         let from = after.map_or(0, |s| s.saturating_add(1));
         let first = table
@@ -440,14 +466,18 @@ impl Spool {
         if let Some(a) = self.delivered_blocking(queue, req_id, now_ms, window_ms) {
             return IdState::Delivered(a);
         }
-        let pending = self.db.begin_read().ok().and_then(|read| {
-            let table = read.open_table(PENDING).ok()?;
-            table
-                .get(queue.id_key(req_id).as_str())
-                .ok()
-                .flatten()
-                .map(|_| ())
-        });
+        let pending = self
+            .db()
+            .ok()
+            .and_then(|db| db.begin_read().ok())
+            .and_then(|read| {
+                let table = read.open_table(PENDING).ok()?;
+                table
+                    .get(queue.id_key(req_id).as_str())
+                    .ok()
+                    .flatten()
+                    .map(|_| ())
+            });
         match pending {
             Some(()) => IdState::Pending,
             None => IdState::Unknown,
@@ -462,7 +492,7 @@ impl Spool {
         now_ms: u64,
         window_ms: u64,
     ) -> Option<StoredAnswer> {
-        let read = self.db.begin_read().ok()?;
+        let read = self.db().ok()?.begin_read().ok()?;
         let table = read.open_table(DELIVERED).ok()?;
         let got = table.get(queue.id_key(req_id).as_str()).ok()??;
         let answer = StoredAnswer::decode(got.value()).ok()?;
@@ -549,6 +579,7 @@ fn run_writer(
                 Err(_) => break,
             }
         }
+        let closing = batch.iter().any(|op| matches!(op, Op::Close { .. }));
         let committed = commit(&db, &batch);
         metrics.spool_commits.inc();
         let mut woke = [false; 2];
@@ -565,7 +596,9 @@ fn run_writer(
                             counters.reserved.fetch_sub(len, Ordering::AcqRel);
                             let _ = done.send(Ok(a));
                         }
-                        (Op::Remember { done, .. }, _) | (Op::Flush { done }, _) => {
+                        (Op::Remember { done, .. }, _)
+                        | (Op::Flush { done }, _)
+                        | (Op::Close { done }, _) => {
                             let _ = done.send(Ok(()));
                         }
                         (Op::Finish { done, .. }, Outcome::Finished(q, len)) => {
@@ -589,7 +622,7 @@ fn run_writer(
                                 .fetch_sub(record.len() as u64, Ordering::AcqRel);
                             let _ = done.send(Err(e.clone()));
                         }
-                        Op::Flush { done } => {
+                        Op::Flush { done } | Op::Close { done } => {
                             let _ = done.send(Err(e.clone()));
                         }
                         Op::Finish { done, .. } => {
@@ -609,6 +642,9 @@ fn run_writer(
                 counters.notify[q.index()].notify_one();
             }
         }
+        if closing {
+            return;
+        }
     }
 }
 
@@ -619,7 +655,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
     let durable = batch.iter().any(|op| {
         matches!(
             op,
-            Op::Append { .. } | Op::Remember { .. } | Op::Flush { .. }
+            Op::Append { .. } | Op::Remember { .. } | Op::Flush { .. } | Op::Close { .. }
         )
     });
     txn.set_durability(if durable {
@@ -736,7 +772,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<Vec<Outcome>, SpoolError> {
                     remember_answer(&mut delivered, &mut delivered_at, &k, answer)?;
                     outcomes.push(Outcome::Nothing);
                 }
-                Op::Flush { .. } => outcomes.push(Outcome::Nothing),
+                Op::Flush { .. } | Op::Close { .. } => outcomes.push(Outcome::Nothing),
                 Op::Purge { before_ms } => {
                     let old: Vec<(u64, String)> = delivered_at
                         .range((0u64, "")..(*before_ms, ""))

@@ -85,14 +85,17 @@ pub struct Shared {
     slice_bytes: u64,
     index: moka::sync::Cache<SliceKey, u32>,
     rebuilt: AtomicBool,
+    /// Set once the directory belongs to another process: no more writes or deletions.
+    handed_over: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
 
 /// The disk tier. One per process.
 pub struct DiskTier {
     shared: Arc<Shared>,
-    /// Held for the tier's life (its threads may outlive it briefly, idle).
-    _lock: std::fs::File,
+    /// Held for the tier's life (its threads may outlive it briefly, idle), or until
+    /// the tier is handed over.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
     jobs: SyncSender<WriteJob>,
     reads: Arc<Semaphore>,
     max_bytes: u64,
@@ -156,13 +159,15 @@ impl DiskTier {
 
         let evict_root = root.clone();
         let evict_metrics = metrics.clone();
+        let handed_over = Arc::new(AtomicBool::new(false));
+        let evict_handed_over = handed_over.clone();
         let index = moka::sync::Cache::builder()
             .name("disk-index")
             .eviction_policy(EvictionPolicy::lru())
             .max_capacity(cfg.max_bytes)
             .weigher(|_k: &SliceKey, len: &u32| *len)
             .eviction_listener(move |key: Arc<SliceKey>, _len, cause| {
-                if cause.was_evicted() {
+                if cause.was_evicted() && !evict_handed_over.load(Ordering::Acquire) {
                     let _ = std::fs::remove_file(slice_path(&evict_root, &key));
                     evict_metrics.disk_evictions.inc();
                 }
@@ -173,6 +178,7 @@ impl DiskTier {
             slice_bytes,
             index,
             rebuilt: AtomicBool::new(false),
+            handed_over,
             metrics,
         });
         shared.metrics.disk_index_ready.set(0);
@@ -193,7 +199,7 @@ impl DiskTier {
 
         Ok(Self {
             shared,
-            _lock: lock,
+            lock: std::sync::Mutex::new(Some(lock)),
             jobs,
             reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
             max_bytes: cfg.max_bytes,
@@ -229,8 +235,18 @@ impl DiskTier {
         found
     }
 
+    /// Gives the directory up to the process taking over in an upgrade: stops writing
+    /// and deleting files, and releases the lock. Reads go on; every file is checked.
+    pub fn hand_over(&self) {
+        self.shared.handed_over.store(true, Ordering::Release);
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
     /// Queues a slice fetched from the origin for writing; never waits.
     pub fn store(&self, key: SliceKey, slice: &CachedSlice) {
+        if self.shared.handed_over.load(Ordering::Acquire) {
+            return;
+        }
         let job = WriteJob {
             key,
             payload: slice.bytes.clone(),

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +58,9 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
     let mut paused_until: Option<Instant> = None;
     let pid = std::process::id();
     for (seq, job) in jobs.into_iter().enumerate() {
+        if shared.handed_over.load(Ordering::Acquire) {
+            continue;
+        }
         if paused_until.is_some_and(|t| Instant::now() < t) {
             shared.metrics.disk_writes_dropped.inc();
             continue;
