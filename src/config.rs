@@ -1106,4 +1106,52 @@ urls = ["http://127.0.0.1:9000"]
             .to_string();
         assert!(err.contains("listen.https"), "{err}");
     }
+
+    #[test]
+    fn tls_cert_and_key_come_together_and_ca_file_stands_alone() {
+        let with =
+            |tls: &str| Config::from_toml_with_env(&format!("{MINIMAL}\n[tls]\n{tls}\n"), no_env);
+        let err = with("cert = \"a.pem\"").unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+        let err = with("key = \"a.key\"").unwrap_err().to_string();
+        assert!(err.contains("tls.cert"), "{err}");
+        let c = with("ca_file = \"ca.pem\"").unwrap();
+        assert!(c.tls.server.is_none());
+        assert_eq!(c.tls.ca_file.as_deref(), Some(Path::new("ca.pem")));
+    }
+
+    #[test]
+    fn limits_and_log_have_defaults_and_bounds() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.limits.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.log.access);
+        for (section, bad, key) in [
+            ("limits", "max_connections = 0", "limits.max_connections"),
+            (
+                "limits",
+                "max_request_head_bytes = 100",
+                "limits.max_request_head_bytes",
+            ),
+            (
+                "limits",
+                "request_timeout_ms = 0",
+                "limits.request_timeout_ms",
+            ),
+            (
+                "limits",
+                "keepalive_requests = 0",
+                "limits.keepalive_requests",
+            ),
+            ("log", "level = \"info,=[\"", "log.level"),
+            ("log", "format = \"xml\"", "log.format"),
+        ] {
+            let err =
+                Config::from_toml_with_env(&format!("{MINIMAL}\n[{section}]\n{bad}\n"), no_env)
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
 }
