@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use pingora::apps::ServerApp;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -24,11 +25,14 @@ use pingora::protocols::{
 };
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::config::Limits;
 use crate::metrics::Metrics;
+
+/// Most a first read takes from a new connection before Pingora reads it.
+const PREFETCH_BYTES: usize = 4096;
 
 /// The deadlines a [`GuardedStream`] keeps.
 #[derive(Debug, Clone, Copy)]
@@ -90,8 +94,16 @@ where
             },
             idle: self.deadlines.idle,
         };
-        let mut stream: Stream =
-            Box::new(GuardedStream::new(stream, deadlines, self.metrics.clone()));
+        let mut guarded = GuardedStream::new(stream, deadlines, self.metrics.clone());
+        // Pingora drops a connection still waiting for its first request when shutdown
+        // starts, even one whose request is on its way. Waiting here for the first bytes
+        // means a request that arrives before the process stops is read and answered.
+        if !h2 && !guarded.prefetch().await {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.connections_open.dec();
+            return None;
+        }
+        let mut stream: Stream = Box::new(guarded);
         // The inner application hands back a stream it wants processed again; keep it here
         // so that it is not wrapped and counted twice.
         while let Some(next) = self.inner.process_new(stream, shutdown).await {
@@ -123,6 +135,8 @@ pub struct GuardedStream {
     since: Instant,
     timer: Pin<Box<Sleep>>,
     metrics: Arc<Metrics>,
+    /// Bytes read by [`GuardedStream::prefetch`], handed out before anything else.
+    prefetched: Bytes,
 }
 
 impl GuardedStream {
@@ -135,6 +149,20 @@ impl GuardedStream {
             since: now,
             timer: Box::pin(tokio::time::sleep_until((now + deadlines.idle).into())),
             metrics,
+            prefetched: Bytes::new(),
+        }
+    }
+
+    /// Waits (within the deadlines) for the client's first bytes and keeps them for the
+    /// next read. False when the client closed or failed first.
+    pub async fn prefetch(&mut self) -> bool {
+        let mut buf = BytesMut::with_capacity(PREFETCH_BYTES);
+        match self.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => {
+                self.prefetched = buf.freeze();
+                true
+            }
+            _ => false,
         }
     }
 
@@ -207,6 +235,11 @@ impl AsyncRead for GuardedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefetched.is_empty() {
+            let n = self.prefetched.len().min(buf.remaining());
+            buf.put_slice(&self.prefetched.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

@@ -105,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { conf, upgrade } => {
             let config = Config::load(&conf)?;
-            init_logging(Some(&config.log));
+            let _logs = init_logging(Some(&config.log));
             let mode = if upgrade {
                 StartMode::Upgrade
             } else {
@@ -122,10 +122,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Err(e) = systemd::notify_ready() {
                 tracing::warn!(error = %e, "cannot notify systemd");
             }
-            edge.run()
+            edge.run();
+            Ok(())
         }
         Command::CheckConfig { file } => {
-            init_logging(None);
+            let _logs = init_logging(None);
             Config::load(&file)?;
             println!("{}: ok", file.display());
             Ok(())
@@ -138,7 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
             token,
         } => {
-            init_logging(None);
+            let _logs = init_logging(None);
             let config = Config::load(&conf)?;
             let Some(k) = config.signing.keys.iter().find(|k| k.id == key) else {
                 bail!("{}: no signing key with id {key:?}", conf.display());
@@ -175,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             disk,
             disk_bytes,
         } => {
-            init_logging(Some(&Log::default()));
+            let _logs = init_logging(Some(&Log::default()));
             let addrs = demo::DemoOptions {
                 http,
                 admin,
@@ -189,20 +190,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let edge = demo::build(&addrs).context("cannot start the demo")?;
             println!("{}", demo::instructions(&addrs, demo::unix_now()));
-            edge.run()
+            edge.run();
+            Ok(())
         }
     }
 }
 
 /// Logs to stderr: `log` from the config (JSON lines by default), plain text at `info`
 /// for the one-shot commands. `CDN_EDGE_LOG` (a tracing filter) overrides the level.
-fn init_logging(log: Option<&Log>) {
+/// Lines are written by a background thread, so a slow stderr (a pipe, journald) never
+/// holds up a request; if it falls 128k lines behind, new lines are dropped. The returned
+/// guard writes out what is queued when dropped.
+fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuard {
     let level = log.map_or("info", |l| l.level.as_str());
     let filter = tracing_subscriber::EnvFilter::try_from_env("CDN_EDGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match log.map(|l| l.format) {
         Some(LogFormat::Json) => builder
             .json()
@@ -212,4 +218,5 @@ fn init_logging(log: Option<&Log>) {
             .init(),
         _ => builder.init(),
     }
+    guard
 }

@@ -143,9 +143,9 @@ impl EdgeServer {
         Ok(Self { server, state })
     }
 
-    /// Runs until SIGTERM (graceful) or SIGINT (fast); never returns.
-    pub fn run(self) -> ! {
-        self.server.run_forever()
+    /// Runs until SIGTERM (graceful), SIGINT (fast) or a hand-over (SIGQUIT) has ended.
+    pub fn run(self) {
+        self.server.run(pingora::server::RunArgs::default())
     }
 }
 
