@@ -205,7 +205,10 @@ fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuar
     let level = log.map_or("info", |l| l.level.as_str());
     let filter = tracing_subscriber::EnvFilter::try_from_env("CDN_EDGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // Buffered: the writer thread flushes whenever it has caught up, so lines go out in
+    // few writes under load and at once when traffic is light.
+    let stderr = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking(stderr);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
