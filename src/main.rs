@@ -176,7 +176,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             disk,
             disk_bytes,
         } => {
-            let _logs = init_logging(Some(&Log::default()));
+            // Read by a person at a terminal: text, not JSON.
+            let _logs = init_logging(Some(&Log {
+                format: LogFormat::Text,
+                ..Log::default()
+            }));
             let addrs = demo::DemoOptions {
                 http,
                 admin,
@@ -219,7 +223,9 @@ fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuar
             .with_current_span(false)
             .with_span_list(false)
             .init(),
-        _ => builder.init(),
+        _ => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
     guard
 }
