@@ -76,8 +76,9 @@ impl ProxyHttp for Edge {
             Route::Range | Route::Object => video::serve(&self.state, session, ctx.route).await?,
             Route::NotFound => respond::plain(session, 404, "not found").await?,
             Route::Dictionary => dictionary::serve(&self.state, session).await?,
+            // Boxed: the video and dictionary routes do not carry its size.
             Route::Event | Route::LogBlob | Route::Stats => match &self.state.forwarder {
-                Some(f) => f.serve(session, ctx.route).await?,
+                Some(f) => Box::pin(f.serve(session, ctx.route)).await?,
                 None => respond::plain(session, 404, "not configured on this edge").await?,
             },
         };

@@ -212,6 +212,16 @@ impl SliceStore {
             });
         }
         self.metrics.memory.misses.inc();
+        // The miss path (moka's entry, disk read, origin exchange) is a large future:
+        // boxed, a hit does not carry its size.
+        Box::pin(self.slice_miss(obj, key)).await
+    }
+
+    async fn slice_miss(
+        &self,
+        obj: &ObjectRef<'_>,
+        key: SliceKey,
+    ) -> Result<Slice, Arc<OriginError>> {
         let from_disk = AtomicBool::new(false);
         let entry = self
             .memory

@@ -221,6 +221,15 @@ impl DictionaryStore {
             });
             return Ok((e.clone(), Outcome::Hit));
         }
+        // Boxed: a hit does not carry the size of the upstream exchange.
+        Box::pin(self.lookup_miss(key, cached)).await
+    }
+
+    async fn lookup_miss(
+        &self,
+        key: Arc<str>,
+        cached: Option<Arc<Entry>>,
+    ) -> Result<(Arc<Entry>, Outcome), LookupError> {
         let fetched = {
             let _pending = Pending::new(&self.metrics);
             let f = self
