@@ -5,7 +5,7 @@
 //! The query is read as `application/x-www-form-urlencoded`: `+` is a space.
 
 use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// Characters left as they are when the canonical query is written: RFC 3986 unreserved.
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
@@ -72,6 +72,10 @@ fn decode(raw: &[u8]) -> Result<String, KeyError> {
         .collect();
     let bytes: Vec<u8> = percent_decode(&plus_as_space).collect();
     let text = String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?;
+    // Players send composed text; only text that may not be NFC is rebuilt.
+    if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        return Ok(text);
+    }
     Ok(text.nfc().collect())
 }
 
