@@ -4,6 +4,8 @@
 //! `form=%EC%96%B4` (NFC) and the same word typed as conjoining jamo (NFD) are one key.
 //! The query is read as `application/x-www-form-urlencoded`: `+` is a space.
 
+use std::borrow::Cow;
+
 use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
@@ -31,7 +33,7 @@ pub enum KeyError {
 /// Builds the canonical `path?query` for a lookup; it is both the cache key and the
 /// upstream request target.
 pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, KeyError> {
-    let mut params: Vec<(String, String)> = Vec::new();
+    let mut params: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
     if let Some(q) = raw_query {
         for pair in q.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
             if params.len() == MAX_PARAMS {
@@ -57,26 +59,40 @@ pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, 
 }
 
 /// Percent-decodes (strictly: `%` must start two hex digits), checks UTF-8, applies NFC.
-fn decode(raw: &[u8]) -> Result<String, KeyError> {
+/// Borrows the raw text when there is nothing to decode or normalise (most parameters).
+fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
+    let mut escaped = false;
     for (i, &b) in raw.iter().enumerate() {
-        if b == b'%'
-            && !(raw.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
-                && raw.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
-        {
-            return Err(KeyError::BadPercentEncoding);
+        match b {
+            b'%' if !(raw.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && raw.get(i + 2).is_some_and(u8::is_ascii_hexdigit)) =>
+            {
+                return Err(KeyError::BadPercentEncoding)
+            }
+            b'%' | b'+' => escaped = true,
+            _ => {}
         }
     }
-    let plus_as_space: Vec<u8> = raw
-        .iter()
-        .map(|&b| if b == b'+' { b' ' } else { b })
-        .collect();
-    let bytes: Vec<u8> = percent_decode(&plus_as_space).collect();
-    let text = String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?;
+    let text: Cow<'_, str> = if escaped {
+        let bytes: Vec<u8> = raw
+            .split(|&b| b == b'+')
+            .enumerate()
+            .flat_map(|(i, part)| {
+                (i > 0)
+                    .then_some(b' ')
+                    .into_iter()
+                    .chain(percent_decode(part))
+            })
+            .collect();
+        Cow::Owned(String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?)
+    } else {
+        Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::NotUtf8)?)
+    };
     // Players send composed text; only text that may not be NFC is rebuilt.
     if is_nfc_quick(text.chars()) == IsNormalized::Yes {
         return Ok(text);
     }
-    Ok(text.nfc().collect())
+    Ok(Cow::Owned(text.nfc().collect()))
 }
 
 #[cfg(test)]
@@ -119,6 +135,10 @@ mod tests {
     #[test]
     fn encodings_of_the_same_text_are_one_key() {
         assert_eq!(key("form=a%20b").unwrap(), key("form=a+b").unwrap());
+        assert_eq!(key("form=+a++").unwrap(), key("form=%20a%20%20").unwrap());
+        // An encoded plus is a plus, not a space.
+        assert_ne!(key("form=a%2Bb").unwrap(), key("form=a+b").unwrap());
+        assert_eq!(key("form=a%2Bb").unwrap(), format!("{P}?form=a%2Bb"));
         assert_eq!(key("form=%41").unwrap(), key("form=A").unwrap());
         assert_eq!(
             key("form=%e3%81%82").unwrap(),
