@@ -10,8 +10,9 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType};
 
+use crate::access_log;
 use crate::app::AppState;
-use crate::config::{Limits, Log};
+use crate::config::{Limits, Log, LogFormat};
 use crate::dictionary;
 use crate::respond;
 use crate::routes::Route;
@@ -33,7 +34,8 @@ pub struct Edge {
     state: Arc<AppState>,
     /// Largest request head (request line and headers) accepted, in bytes.
     max_head_bytes: usize,
-    access_log: bool,
+    /// The access log's format, when it is on.
+    access_log: Option<LogFormat>,
 }
 
 impl Edge {
@@ -41,7 +43,7 @@ impl Edge {
         Self {
             state,
             max_head_bytes: limits.max_request_head_bytes,
-            access_log: log.access,
+            access_log: log.access.then_some(log.format),
         }
     }
 }
@@ -104,15 +106,25 @@ impl ProxyHttp for Edge {
         if let Some(e) = error {
             tracing::debug!(route = ctx.route.label(), status, error = %e, "request ended with an error");
         }
-        if self.access_log {
-            access_log(session, ctx, status, error);
+        if let Some(format) = self.access_log {
+            log_access(session, ctx, status, error, format);
         }
     }
 }
 
-/// One JSON line per request on the `access` target. The query string is never logged:
-/// it carries the signature (`sc`) and the client token (`t`).
-fn access_log(session: &Session, ctx: &RequestCtx, status: u16, error: Option<&Error>) {
+/// One access-log line. The query string is never logged: it carries the signature
+/// (`sc`) and the client token (`t`).
+fn log_access(
+    session: &Session,
+    ctx: &RequestCtx,
+    status: u16,
+    error: Option<&Error>,
+    format: LogFormat,
+) {
+    // The level filter (`[log] level`, `CDN_EDGE_LOG`) applies as to any `info` line.
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
     let req = session.req_header();
     let path = req.uri.path();
     let path = match path.char_indices().nth(MAX_LOGGED_PATH) {
@@ -131,27 +143,33 @@ fn access_log(session: &Session, ctx: &RequestCtx, status: u16, error: Option<&E
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 128)
         .unwrap_or("");
+    let mut client = [0u8; 48];
     let client = session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    let proto = if session.is_http2() { "h2" } else { "http/1.1" };
-    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-    tracing::info!(
-        target: "access",
-        client = %client,
-        method = %req.method,
-        path,
-        route = ctx.route.label(),
-        status,
-        bytes = ctx.body_bytes,
-        duration_ms = ctx.started.elapsed().as_secs_f64() * 1e3,
-        cache,
-        range,
-        proto,
-        tls,
-        error = error.map(|e| e.etype().as_str()).unwrap_or(""),
+        .and_then(|a| {
+            let mut w = &mut client[..];
+            std::io::Write::write_fmt(&mut w, format_args!("{}", a.ip())).ok()?;
+            let left = w.len();
+            std::str::from_utf8(&client[..client.len() - left]).ok()
+        })
+        .unwrap_or("");
+    access_log::write(
+        &access_log::Entry {
+            client,
+            method: req.method.as_str(),
+            path,
+            route: ctx.route.label(),
+            status,
+            bytes: ctx.body_bytes,
+            duration_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
+            cache,
+            range,
+            proto: if session.is_http2() { "h2" } else { "http/1.1" },
+            tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+            error: error.map(|e| e.etype().as_str()).unwrap_or(""),
+        },
+        format,
     );
 }
 

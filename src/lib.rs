@@ -3,6 +3,7 @@
 //! A request flows `edge` (route) → `auth` (signature) → `range` (what bytes) →
 //! `cache` (memory tier, coalesced fills) → `origin` (slice fetch, failover) and back.
 
+pub mod access_log; // one line per request, JSON or text, never the query
 pub mod admin; // /metrics, /healthz, /status on the admin listener
 pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)

@@ -213,6 +213,7 @@ fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuar
     // few writes under load and at once when traffic is light.
     let stderr = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());
     let (writer, guard) = tracing_appender::non_blocking(stderr);
+    cdn_edge::access_log::set_writer(writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
