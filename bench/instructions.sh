@@ -57,7 +57,7 @@ count() {
   # Pingora's timer thread ticks on its own clock, not per request: shown apart.
   local timer
   timer=$(callgrind_annotate --inclusive=yes --threshold=100 "$file" 2>/dev/null |
-    awk '/fast_timeout.rs:std::sys::backtrace::__rust_begin_short_backtrace/ { gsub(",", "", $1); print $1; exit }')
+    awk '/fast_timeout.rs:std::sys::backtrace::__rust_begin_short_backtrace/ && !seen { gsub(",", "", $1); print $1; seen = 1 }')
   timer=${timer:-0}
   echo "$name: $n requests, $((ir / n)) instructions per request (whole process), $(((ir - timer) / n)) without the timer thread"
   if [ -n "${KEEP:-}" ]; then
