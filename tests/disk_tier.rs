@@ -270,7 +270,7 @@ async fn unfinished_writes_are_removed_at_start() {
         !leftover.exists(),
         "a temp file from a killed write must be removed"
     );
-    assert!(edge.log_text().contains("removed unfinished slice writes"));
+    edge.wait_for_log("removed unfinished slice writes").await;
 }
 
 fn flip_byte(path: &Path, at: usize) {

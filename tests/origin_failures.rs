@@ -66,7 +66,7 @@ async fn origin_down_is_502() {
         .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.text().lines().count(), 1);
-    assert!(edge.log_text().contains("origin slice fetch failed"));
+    edge.wait_for_log("origin slice fetch failed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

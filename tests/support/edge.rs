@@ -233,6 +233,20 @@ upgrade_sock = {upgrade_sock:?}
         }
     }
 
+    /// Waits (bounded) until the log contains `needle`: lines are written by a
+    /// background thread, a moment after the event.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not logged within 10 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
