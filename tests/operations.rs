@@ -508,6 +508,12 @@ async fn upgrade_hands_over_listeners_without_refusing_a_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let new = old.upgrade().await;
     old.wait_exit(Duration::from_secs(30)).await;
+    let old_log = old.log_text();
+    assert!(
+        old_log.contains("disk tier and spool handed over"),
+        "{old_log}"
+    );
+    assert!(!old_log.contains("cannot read the spool"), "{old_log}");
     // The new process serves on its own now.
     let served_before = new
         .metric("cdn_edge_requests_total{route=\"range\",status=\"200\"}")

@@ -95,6 +95,10 @@ impl BackgroundService for DeliveryService {
         );
         // Removals and remembered answers since the last durable commit become durable
         // now, before the process exits.
+        // A spool handed over in an upgrade was flushed then.
+        if self.spool.is_handed_over() {
+            return;
+        }
         match self.spool.flush().await {
             Ok(()) => tracing::info!("spool flushed at shutdown"),
             Err(e) => tracing::warn!(error = %e, "spool flush at shutdown failed"),
@@ -133,6 +137,8 @@ impl DeliveryService {
                     }
                     continue;
                 }
+                // The process taking over delivers from here on.
+                Ok(Err(SpoolError::HandedOver)) => return,
                 Ok(Err(e)) => {
                     tracing::error!(queue = q.label(), error = %e, "cannot read the spool");
                     if sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await {

@@ -100,6 +100,8 @@ pub enum SpoolError {
     Storage(String),
     #[error("{0}")]
     InUse(String),
+    #[error("the spool was handed over to another process")]
+    HandedOver,
 }
 
 /// What an append did.
@@ -302,7 +304,12 @@ impl Spool {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(stopped)
+            .ok_or(SpoolError::HandedOver)
+    }
+
+    /// Whether [`Spool::hand_over_blocking`] has closed the store.
+    pub fn is_handed_over(&self) -> bool {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 
     /// Commits what is pending, stops the writer and closes the store so that another
@@ -824,6 +831,37 @@ mod tests {
 
     fn open(dir: &Path, max: u64) -> Spool {
         Spool::open(dir, max, 600_000, Arc::new(Metrics::new())).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handed_over_spool_lets_another_open_it_and_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = open(dir.path(), 1 << 20);
+        old.append(Queue::LogBlob, &record(Some("kept"), b"kept"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            Spool::open(dir.path(), 1 << 20, 600_000, Arc::new(Metrics::new())),
+            Err(SpoolError::InUse(_))
+        ));
+        let old = Arc::new(old);
+        let o = old.clone();
+        tokio::task::spawn_blocking(move || o.hand_over_blocking())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(old.is_handed_over());
+        // The old handle still exists; the store is free for the next process anyway.
+        let new = open(dir.path(), 1 << 20);
+        assert_eq!(new.depth(Queue::LogBlob).entries, 1);
+        assert!(old
+            .append(Queue::LogBlob, &record(None, b"late"))
+            .await
+            .is_err());
+        assert!(matches!(
+            old.oldest_blocking(Queue::LogBlob),
+            Err(SpoolError::HandedOver)
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
