@@ -27,7 +27,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc::{channel, Receiver, Sender};
 
 use redb::{
@@ -200,7 +200,7 @@ pub struct Spool {
     db: RwLock<Option<Arc<Database>>>,
     /// `None` only while dropping, so the writer sees the channel close.
     ops: Option<Sender<Op>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     counters: Arc<Counters>,
     max_bytes: u64,
     dedupe_ms: u64,
@@ -287,7 +287,7 @@ impl Spool {
         Ok(Self {
             db: RwLock::new(Some(db)),
             ops: Some(ops),
-            writer: Some(writer),
+            writer: Mutex::new(Some(writer)),
             counters,
             max_bytes,
             dedupe_ms,
@@ -321,6 +321,11 @@ impl Spool {
         ops.blocking_send(Op::Close { done })
             .map_err(|_| stopped())?;
         let closed = wait.blocking_recv().map_err(|_| stopped())?;
+        // The writer has answered; once it has returned, its handle on the store is gone.
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
         self.db.write().unwrap_or_else(|e| e.into_inner()).take();
         closed
     }
@@ -524,7 +529,8 @@ impl Drop for Spool {
     /// file can be opened again at once.
     fn drop(&mut self) {
         self.ops.take();
-        if let Some(w) = self.writer.take() {
+        let writer = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = writer.take() {
             let _ = w.join();
         }
     }
