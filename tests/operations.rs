@@ -396,6 +396,45 @@ async fn access_log_is_json_with_no_signature_or_token() {
     }
 }
 
+/// Access lines after one signed range request, for a `[log]` section and `CDN_EDGE_LOG`.
+async fn access_lines(log_section: &str, log_env: Option<&str>) -> Vec<String> {
+    let (origin, _) = origin_with_object().await;
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.extra = format!("[log]\n{log_section}\n");
+    opts.log_env = log_env.map(str::to_string);
+    let edge = Edge::start(opts).await;
+    let q = signed("movie", "1");
+    assert_eq!(edge.get(&format!("/range/0-9?{q}"), &[]).await.status, 200);
+    let log = edge.terminate().await;
+    log.lines()
+        .filter(|l| l.contains("\"target\":\"access\"") || l.contains("INFO access:"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_settings_come_from_the_config_and_the_environment_wins() {
+    // The configured level hides info lines, access lines included.
+    assert!(access_lines("level = \"warn\"", None).await.is_empty());
+    // CDN_EDGE_LOG overrides the configured level.
+    assert_eq!(
+        access_lines("level = \"warn\"", Some("info")).await.len(),
+        1
+    );
+    // access = false turns the access log off at any level.
+    assert!(access_lines("access = false", Some("info"))
+        .await
+        .is_empty());
+    // format = "text": a readable line, not JSON.
+    let text = access_lines("format = \"text\"", Some("info")).await;
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(
+        text[0].contains("INFO access: client=127.0.0.1 method=GET path=\"/range/0-9\""),
+        "{text:?}"
+    );
+    assert!(!text[0].contains("sc="), "{text:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_large_transfer_finish() {
     let origin = TestOrigin::start().await;

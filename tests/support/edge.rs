@@ -31,6 +31,8 @@ pub struct EdgeOptions {
     pub ca_file: Option<PathBuf>,
     /// More TOML appended to the config, right after `[server]` (e.g. `[dictionary]`).
     pub extra: String,
+    /// `CDN_EDGE_LOG` for the process; `None` leaves the level to `[log]`.
+    pub log_env: Option<String>,
 }
 
 impl EdgeOptions {
@@ -48,6 +50,7 @@ impl EdgeOptions {
             https: None,
             ca_file: None,
             extra: String::new(),
+            log_env: Some("info".to_string()),
         }
     }
 }
@@ -60,6 +63,7 @@ pub struct Edge {
     log: PathBuf,
     conf: PathBuf,
     dir: Arc<tempfile::TempDir>,
+    log_env: Option<String>,
 }
 
 fn free_addr() -> SocketAddr {
@@ -153,7 +157,7 @@ upgrade_sock = {upgrade_sock:?}
         let conf_path = dir.path().join("edge.toml");
         std::fs::write(&conf_path, conf).unwrap();
         let log = dir.path().join("edge.log");
-        let child = spawn(&conf_path, &log, false);
+        let child = spawn(&conf_path, &log, false, opts.log_env.as_deref());
         let mut edge = Edge {
             http,
             https,
@@ -162,6 +166,7 @@ upgrade_sock = {upgrade_sock:?}
             log,
             conf: conf_path,
             dir: Arc::new(dir),
+            log_env: opts.log_env.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -183,7 +188,7 @@ upgrade_sock = {upgrade_sock:?}
     /// once it logged that it serves.
     pub async fn upgrade(&self) -> Edge {
         let log = self.dir.path().join(format!("edge-{}.log", unix_nanos()));
-        let child = spawn(&self.conf, &log, true);
+        let child = spawn(&self.conf, &log, true, self.log_env.as_deref());
         let mut next = Edge {
             http: self.http,
             https: self.https,
@@ -192,6 +197,7 @@ upgrade_sock = {upgrade_sock:?}
             log,
             conf: self.conf.clone(),
             dir: self.dir.clone(),
+            log_env: self.log_env.clone(),
         };
         self.signal("QUIT");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -319,14 +325,22 @@ impl Drop for Edge {
     }
 }
 
-fn spawn(conf: &std::path::Path, log: &std::path::Path, upgrade: bool) -> Child {
+fn spawn(
+    conf: &std::path::Path,
+    log: &std::path::Path,
+    upgrade: bool,
+    log_env: Option<&str>,
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdn-edge"));
     cmd.arg("serve").arg("--conf").arg(conf);
     if upgrade {
         cmd.arg("--upgrade");
     }
+    match log_env {
+        Some(level) => cmd.env("CDN_EDGE_LOG", level),
+        None => cmd.env_remove("CDN_EDGE_LOG"),
+    };
     cmd.env("CDN_EDGE_TEST_KEY2", KEY2)
-        .env("CDN_EDGE_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
