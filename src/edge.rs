@@ -1,14 +1,20 @@
-//! The public listener's `ProxyHttp` implementation: route → handler, and metrics in
-//! `logging`. Every route is answered from `request_filter`; nothing is proxied blindly.
+//! The public listener's HTTP application: read a request, route it to its handler,
+//! answer it, account for it. Every route is answered by the edge itself; nothing is
+//! proxied blindly, so Pingora's proxy state machine (and the 13 KB future it moves per
+//! request) is not used: the edge is a plain [`HttpServerApp`].
 
+use std::future::{poll_fn, Future};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use pingora::modules::http::HttpModules;
-use pingora::proxy::{ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorType};
+use http::Method;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora::server::ShutdownWatch;
+use pingora::{Error, ErrorSource, ErrorType};
+use tokio::sync::Notify;
 
 use crate::access_log;
 use crate::app::AppState;
@@ -18,10 +24,13 @@ use crate::respond;
 use crate::routes::Route;
 use crate::video;
 
+/// A client's HTTP/1.1 or HTTP/2 request, as the handlers see it.
+pub type Session = pingora::protocols::http::ServerSession;
+
 /// Longest path written to the access log; longer ones are cut.
 const MAX_LOGGED_PATH: usize = 512;
 
-/// Per-request context: filled in by the handler, read by `logging`.
+/// Per-request context: filled in by the handler, read when the request is accounted.
 pub struct RequestCtx {
     pub route: Route,
     pub started: Instant,
@@ -29,74 +38,69 @@ pub struct RequestCtx {
     pub body_bytes: u64,
 }
 
-/// The edge's proxy application.
+/// The edge's public HTTP application.
 pub struct Edge {
     state: Arc<AppState>,
     /// Largest request head (request line and headers) accepted, in bytes.
     max_head_bytes: usize,
     /// The access log's format, when it is on.
     access_log: Option<LogFormat>,
+    options: HttpServerOptions,
+    /// Set when the service starts shutting down; idle keep-alive connections waiting
+    /// for their next request are woken through `shutdown` and closed.
+    shutting_down: AtomicBool,
+    shutdown: Notify,
 }
 
 impl Edge {
-    pub fn new(state: Arc<AppState>, limits: &Limits, log: &Log) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        limits: &Limits,
+        log: &Log,
+        options: HttpServerOptions,
+    ) -> Self {
         Self {
             state,
             max_head_bytes: limits.max_request_head_bytes,
             access_log: log.access.then_some(log.format),
-        }
-    }
-}
-
-#[async_trait]
-impl ProxyHttp for Edge {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            route: Route::NotFound,
-            started: Instant::now(),
-            body_bytes: 0,
+            options,
+            shutting_down: AtomicBool::new(false),
+            shutdown: Notify::new(),
         }
     }
 
-    /// No downstream modules: video must never be compressed, and the rest is small.
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+    async fn shutdown_started(&self) {
+        let notified = self.shutdown.notified();
+        tokio::pin!(notified);
+        poll_fn(|cx| {
+            if notified.as_mut().poll(cx).is_ready() || self.shutting_down.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
 
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> pingora::Result<bool> {
-        ctx.route = self.state.router.route(session.req_header().uri.path());
+    /// Answers one request; returns the body bytes written.
+    async fn answer(&self, session: &mut Session, route: Route) -> pingora::Result<u64> {
         if request_head_bytes(session) > self.max_head_bytes {
-            ctx.body_bytes =
-                respond::plain(session, 431, "request header fields too large").await?;
-            return Ok(true);
+            return respond::plain(session, 431, "request header fields too large").await;
         }
-        ctx.body_bytes = match ctx.route {
-            Route::Range | Route::Object => video::serve(&self.state, session, ctx.route).await?,
-            Route::NotFound => respond::plain(session, 404, "not found").await?,
-            Route::Dictionary => dictionary::serve(&self.state, session).await?,
+        match route {
+            Route::Range | Route::Object => video::serve(&self.state, session, route).await,
+            Route::NotFound => respond::plain(session, 404, "not found").await,
+            Route::Dictionary => dictionary::serve(&self.state, session).await,
             // Boxed: the video and dictionary routes do not carry its size.
             Route::Event | Route::LogBlob | Route::Stats => match &self.state.forwarder {
-                Some(f) => Box::pin(f.serve(session, ctx.route)).await?,
-                None => respond::plain(session, 404, "not configured on this edge").await?,
+                Some(f) => Box::pin(f.serve(session, route)).await,
+                None => respond::plain(session, 404, "not configured on this edge").await,
             },
-        };
-        Ok(true)
+        }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        // request_filter answers every request; reaching here is a bug, not a 502.
-        Error::e_explain(ErrorType::InternalError, "no upstream for this route")
-    }
-
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+    /// Metrics and the access log line for a finished request.
+    fn account(&self, session: &Session, error: Option<&Error>, ctx: &RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let m = &self.state.metrics;
         m.record_request(ctx.route, status);
@@ -109,6 +113,96 @@ impl ProxyHttp for Edge {
         if let Some(format) = self.access_log {
             log_access(session, ctx, status, error, format);
         }
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Edge {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: Session,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let read = tokio::select! {
+            // Biased: a request already buffered is read, not dropped, at shutdown.
+            biased;
+            read = session.read_request() => read,
+            _ = self.shutdown_started() => return None,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
+                    tracing::debug!(error = %e, "malformed request");
+                    // The connection is closed right after; a failed write changes nothing.
+                    let _ = session.respond_error(400).await;
+                }
+                session.shutdown().await;
+                return None;
+            }
+        }
+        // CONNECT changes how the message is framed; the edge tunnels nothing.
+        if session.req_header().method == Method::CONNECT {
+            let _ = session.respond_error(405).await;
+            session.shutdown().await;
+            return None;
+        }
+        if *shutdown.borrow() {
+            // Answer this request, then close: the process is about to stop.
+            session.set_keepalive(None);
+        }
+        let route = self.state.router.route(session.req_header().uri.path());
+        let mut ctx = RequestCtx {
+            route,
+            started: Instant::now(),
+            body_bytes: 0,
+        };
+        match self.answer(&mut session, route).await {
+            Ok(bytes) => {
+                ctx.body_bytes = bytes;
+                self.account(&session, None, &ctx);
+                let settings = HttpPersistentSettings::for_session(&session);
+                let reusable = session.finish().await.ok().flatten()?;
+                Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+            }
+            Err(e) => {
+                if session.response_written().is_none() {
+                    if let Some(status) = error_status(&e) {
+                        // The connection is closed right after; a failed write changes nothing.
+                        let _ = session.respond_error(status).await;
+                    }
+                }
+                self.account(&session, Some(&e), &ctx);
+                // A response cut short, or a client that failed: never reused.
+                session.shutdown().await;
+                None
+            }
+        }
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        Some(&self.options)
+    }
+
+    async fn http_cleanup(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.shutdown.notify_waiters();
+    }
+}
+
+/// The status sent for a handler error that came before any response header; `None`
+/// when the client's connection itself failed and nothing can be sent.
+fn error_status(e: &Error) -> Option<u16> {
+    match (e.etype(), e.esource()) {
+        (ErrorType::HTTPStatus(code), _) => Some(*code),
+        (_, ErrorSource::Upstream) => Some(502),
+        (
+            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+            ErrorSource::Downstream,
+        ) => None,
+        (_, ErrorSource::Downstream) => Some(400),
+        _ => Some(500),
     }
 }
 

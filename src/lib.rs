@@ -15,7 +15,7 @@ pub mod demo; // `cdn-edge demo`: sample origin and instructions
 pub mod demo_dictionary; // the demo's sample dictionary upstream
 pub mod demo_sink; // the demo's event sink
 pub mod dictionary; // dictionary lookup cache
-pub mod edge; // ProxyHttp: route → handler, metrics in logging
+pub mod edge; // the public HTTP app: route → handler, metrics, access log
 pub mod forward; // events, log blobs and stats: relay, durable spool, delivery
 pub mod metrics; // every metric, registered once
 pub mod origin; // origin client: slice fetch, validation, failover

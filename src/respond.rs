@@ -3,10 +3,10 @@
 //! Unlike Pingora's `respond_error`, these keep the connection alive, so a client that
 //! gets a 403 can reuse its connection for the next (signed) request.
 
+use crate::edge::Session;
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 
 /// Writes `status` with a one-line plain-text body (`message` + newline). Returns the
 /// number of body bytes written.
@@ -30,14 +30,12 @@ pub async fn plain_with(
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
     extra(&mut resp)?;
     let head = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head).await?;
+    session.write_response_header(Box::new(resp)).await?;
     if head {
         return Ok(0);
     }
     let len = body.len() as u64;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await?;
+    session.write_response_body(Bytes::from(body), true).await?;
     Ok(len)
 }
 

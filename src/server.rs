@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server};
 use pingora::services::background::background_service;
@@ -110,13 +109,8 @@ impl EdgeServer {
         // Pingora counts reuses after the first request.
         options.keepalive_request_limit = Some(config.limits.keepalive_requests - 1);
         options.h2_idle_timeout = Some(config.limits.idle_timeout);
-        let mut proxy = HttpProxy::new(
-            Edge::new(state.clone(), &config.limits, &config.log),
-            server.configuration.clone(),
-        );
-        proxy.server_options = Some(options);
-        proxy.handle_init_modules();
-        let app = GuardedApp::new(proxy, &config.limits, state.metrics.clone());
+        let edge_app = Edge::new(state.clone(), &config.limits, &config.log, options);
+        let app = GuardedApp::new(edge_app, &config.limits, state.metrics.clone());
         let mut edge = Service::new("cdn-edge public".to_string(), app);
         edge.add_tcp(&config.listen.http.to_string());
         if let Some((addr, settings)) = https {

@@ -7,10 +7,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::edge::Session;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method};
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
@@ -113,7 +113,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         Some(r) if !head => r,
         _ => {
             let resp = response_header(status, range, meta, &meta.content_type, all_cached)?;
-            session.write_response_header(resp, true).await?;
+            session.write_response_header(resp).await?;
             return Ok(0);
         }
     };
@@ -133,7 +133,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         Err(_) => return respond::plain(session, 502, "bad gateway: inconsistent object").await,
     };
     let resp = response_header(status, range, meta, &content_type, all_cached)?;
-    session.write_response_header(resp, false).await?;
+    session.write_response_header(resp).await?;
     let mut chunk = Some(chunk);
     let mut written = 0u64;
     loop {
@@ -143,12 +143,12 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         };
         written += this.len() as u64;
         let Some(next) = pieces.next() else {
-            session.write_response_body(Some(this), true).await?;
+            session.write_response_body(this, true).await?;
             return Ok(written);
         };
         // Performance: the next slice is fetched while this one drains to the socket.
         let (sent, fetched) = tokio::join!(
-            session.write_response_body(Some(this), false),
+            session.write_response_body(this, false),
             state.store.slice(&obj, next.index)
         );
         if let Err(e) = sent {

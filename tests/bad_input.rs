@@ -204,3 +204,15 @@ async fn other_methods_are_405_and_reserved_routes_are_not_served() {
     }
     still_serving(&mut edge).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_request_is_400_and_connect_is_405_then_closed() {
+    let (origin, mut edge) = setup().await;
+    assert_eq!(raw_status(&edge, b"GARBAGE\r\n\r\n").await, Some(400));
+    // Keep-alive is asked for; the edge answers and closes all the same (send_raw reads
+    // to the end of the stream, so a connection left open would time out here).
+    let connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+    assert_eq!(raw_status(&edge, connect).await, Some(405));
+    assert_eq!(origin.requests(), 0);
+    still_serving(&mut edge).await;
+}

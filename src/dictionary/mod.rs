@@ -12,9 +12,9 @@ pub mod store;
 
 use std::time::Instant;
 
+use crate::edge::Session;
 use http::{header, HeaderValue, Method};
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 
 use crate::app::AppState;
 use crate::cors::{ALLOWED_METHODS, PREFLIGHT_MAX_AGE};
@@ -95,12 +95,12 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
         resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
     }
     if head || bodiless || body.is_empty() {
-        session.write_response_header(Box::new(resp), true).await?;
+        session.write_response_header(Box::new(resp)).await?;
         return Ok(0);
     }
-    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_header(Box::new(resp)).await?;
     let len = body.len() as u64;
-    session.write_response_body(Some(body), true).await?;
+    session.write_response_body(body, true).await?;
     Ok(len)
 }
 
@@ -147,6 +147,6 @@ async fn preflight(
         "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
     )?;
     resp.insert_header(header::CONTENT_LENGTH, 0)?;
-    session.write_response_header(Box::new(resp), true).await?;
+    session.write_response_header(Box::new(resp)).await?;
     Ok(0)
 }

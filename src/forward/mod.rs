@@ -16,11 +16,11 @@ pub mod spool;
 
 use std::sync::{Arc, Mutex};
 
+use crate::edge::Session;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use tokio::sync::mpsc;
 
 use crate::config::Forward as ForwardConfig;
@@ -404,10 +404,10 @@ async fn write_answer(session: &mut Session, answer: &StoredAnswer) -> pingora::
     }
     resp.insert_header(header::CONTENT_LENGTH, answer.body.len())?;
     let empty = answer.body.is_empty();
-    session.write_response_header(Box::new(resp), empty).await?;
+    session.write_response_header(Box::new(resp)).await?;
     if !empty {
         session
-            .write_response_body(Some(answer.body.clone()), true)
+            .write_response_body(answer.body.clone(), true)
             .await?;
     }
     Ok(answer.body.len() as u64)
@@ -417,9 +417,9 @@ async fn json(session: &mut Session, status: u16, body: &'static [u8]) -> pingor
     let mut resp = ResponseHeader::build(status, Some(2))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
-    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_header(Box::new(resp)).await?;
     session
-        .write_response_body(Some(Bytes::from_static(body)), true)
+        .write_response_body(Bytes::from_static(body), true)
         .await?;
     Ok(body.len() as u64)
 }
