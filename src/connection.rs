@@ -34,6 +34,11 @@ use crate::metrics::Metrics;
 /// Most a first read takes from a new connection before Pingora reads it.
 const PREFETCH_BYTES: usize = 4096;
 
+/// Writes up to this size (a response head, a small body) are held until the next write
+/// or flush, so that a head and its body leave in one `writev`: one segment and one
+/// wake-up of the client instead of two.
+const HOLD_BYTES: usize = 4096;
+
 /// The deadlines a [`GuardedStream`] keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -137,6 +142,8 @@ pub struct GuardedStream {
     metrics: Arc<Metrics>,
     /// Bytes read by [`GuardedStream::prefetch`], handed out before anything else.
     prefetched: Bytes,
+    /// Small writes accepted and not yet passed on (see [`HOLD_BYTES`]).
+    held: Vec<u8>,
 }
 
 impl GuardedStream {
@@ -150,6 +157,7 @@ impl GuardedStream {
             timer: Box::pin(tokio::time::sleep_until((now + deadlines.idle).into())),
             metrics,
             prefetched: Bytes::new(),
+            held: Vec::new(),
         }
     }
 
@@ -214,6 +222,20 @@ impl GuardedStream {
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
             other => other,
         }
+    }
+
+    /// Passes the held bytes on, however many writes that takes.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let written = Pin::new(&mut self.inner).poll_write(cx, &self.held);
+            match self.after_write(cx, written) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => drop(self.held.drain(..n)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn timed_out(&self) -> io::Error {
@@ -281,8 +303,34 @@ impl AsyncWrite for GuardedStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.start_answer();
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.after_write(cx, written)
+        if self.held.len() + buf.len() <= HOLD_BYTES {
+            self.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        if self.held.is_empty() {
+            let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+            return self.after_write(cx, written);
+        }
+        // The held head and this write in one system call.
+        loop {
+            let this = &mut *self;
+            let bufs = [io::IoSlice::new(&this.held), io::IoSlice::new(buf)];
+            let written = Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs);
+            match self.after_write(cx, written) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) if n > self.held.len() => {
+                    let from_buf = n - self.held.len();
+                    self.held.clear();
+                    return Poll::Ready(Ok(from_buf));
+                }
+                Poll::Ready(Ok(n)) => drop(self.held.drain(..n)),
+                other => return other,
+            }
+            if self.held.is_empty() {
+                let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+                return self.after_write(cx, written);
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -291,6 +339,9 @@ impl AsyncWrite for GuardedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.start_answer();
+        if let Err(e) = std::task::ready!(self.poll_release(cx)) {
+            return Poll::Ready(Err(e));
+        }
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.after_write(cx, written)
     }
@@ -300,6 +351,9 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = std::task::ready!(self.poll_release(cx)) {
+            return Poll::Ready(Err(e));
+        }
         match Pin::new(&mut self.inner).poll_flush(cx) {
             Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
             other => other,
@@ -307,6 +361,9 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = std::task::ready!(self.poll_release(cx)) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -314,6 +371,8 @@ impl AsyncWrite for GuardedStream {
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
+        // Held bytes go out first; a client that is gone is closed all the same.
+        let _ = std::future::poll_fn(|cx| self.poll_release(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -376,5 +435,140 @@ impl GetSocketDigest for GuardedStream {
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    /// Records each write call as one entry; reads never complete.
+    #[derive(Debug, Default, Clone)]
+    struct Recorder {
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl Recorder {
+        fn writes(&self) -> Vec<Vec<u8>> {
+            self.writes.lock().unwrap().clone()
+        }
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.writes.lock().unwrap().push(all);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[async_trait]
+    impl Shutdown for Recorder {
+        async fn shutdown(&mut self) {}
+    }
+    impl UniqueID for Recorder {
+        fn id(&self) -> UniqueIDType {
+            0
+        }
+    }
+    impl Ssl for Recorder {}
+    impl GetTimingDigest for Recorder {
+        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+            Vec::new()
+        }
+    }
+    impl GetProxyDigest for Recorder {
+        fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+            None
+        }
+    }
+    impl GetSocketDigest for Recorder {
+        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+            None
+        }
+    }
+    impl Peek for Recorder {}
+
+    fn guarded(recorder: &Recorder) -> GuardedStream {
+        let deadlines = Deadlines {
+            request: Duration::from_secs(10),
+            idle: Duration::from_secs(10),
+        };
+        GuardedStream::new(
+            Box::new(recorder.clone()),
+            deadlines,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_small_head_leaves_with_the_body_in_one_write() {
+        let rec = Recorder::default();
+        let mut s = guarded(&rec);
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n".to_vec();
+        let body = vec![7u8; 10_000];
+        s.write_all(&head).await.unwrap();
+        assert!(rec.writes().is_empty(), "the head is held");
+        s.write_all(&body).await.unwrap();
+        assert_eq!(rec.writes(), vec![[head.clone(), body.clone()].concat()]);
+        s.write_all(&body).await.unwrap();
+        assert_eq!(rec.writes().len(), 2, "nothing held: written through");
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_on_flush_and_shutdown() {
+        let rec = Recorder::default();
+        let mut s = guarded(&rec);
+        s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(b"and a small body").await.unwrap();
+        assert!(rec.writes().is_empty());
+        s.flush().await.unwrap();
+        assert_eq!(
+            rec.writes(),
+            vec![b"HTTP/1.1 204 No Content\r\n\r\nand a small body".to_vec()]
+        );
+        s.write_all(b"last words").await.unwrap();
+        Shutdown::shutdown(&mut s).await;
+        assert_eq!(rec.writes().last().unwrap(), b"last words");
     }
 }

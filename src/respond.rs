@@ -5,8 +5,24 @@
 
 use crate::edge::Session;
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderMap, HeaderName, StatusCode};
 use pingora::http::ResponseHeader;
+use pingora::OrErr;
+
+/// `Cache-Status` (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// A response head from a ready header map. Names and values are valid already, so
+/// nothing is parsed again, and no per-name case map is kept: standard names go out in
+/// their usual capitalisation (`Content-Type`), others in lower case.
+pub fn head(status: u16, headers: HeaderMap) -> pingora::Result<ResponseHeader> {
+    let status = StatusCode::from_u16(status)
+        .or_err(pingora::ErrorType::InternalError, "invalid response status")?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    Ok(ResponseHeader::from(parts))
+}
 
 /// Writes `status` with a one-line plain-text body (`message` + newline). Returns the
 /// number of body bytes written.
@@ -24,7 +40,7 @@ pub async fn plain_with(
     let mut body = String::with_capacity(message.len() + 1);
     body.push_str(message);
     body.push('\n');
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    let mut resp = ResponseHeader::build_no_case(status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::edge::Session;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method};
+use http::{header, HeaderMap, HeaderValue, Method};
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType};
 
@@ -175,24 +175,34 @@ fn response_header(
     content_type: &HeaderValue,
     all_cached: bool,
 ) -> pingora::Result<Box<ResponseHeader>> {
-    let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header(header::CONTENT_TYPE, content_type.clone())?;
-    resp.insert_header(header::CONTENT_LENGTH, range.map_or(0, ByteRange::len))?;
+    let mut h = HeaderMap::with_capacity(8);
+    h.insert(header::CONTENT_TYPE, content_type.clone());
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(range.map_or(0, ByteRange::len)),
+    );
     if status == 206 {
         if let Some(r) = range {
-            resp.insert_header(
-                "Content-Range",
-                format!("bytes {}-{}/{}", r.start, r.end, meta.size),
-            )?;
+            h.insert(header::CONTENT_RANGE, content_range(r, meta.size));
         }
     }
-    resp.insert_header(header::ACCEPT_RANGES, BYTES)?;
-    resp.insert_header("ETag", meta.etag.clone())?;
-    resp.insert_header(
-        "Cache-Status",
+    h.insert(header::ACCEPT_RANGES, BYTES);
+    h.insert(header::ETAG, meta.etag.clone());
+    h.insert(
+        respond::CACHE_STATUS,
         if all_cached { CACHE_HIT } else { CACHE_MISS },
-    )?;
-    Ok(Box::new(resp))
+    );
+    Ok(Box::new(respond::head(status, h)?))
+}
+
+/// `bytes {start}-{end}/{size}`, formatted without a heap string.
+fn content_range(r: ByteRange, size: u64) -> HeaderValue {
+    let mut buf = [0u8; 80];
+    let mut w = &mut buf[..];
+    // Three u64s and "bytes -/" fit in 80 bytes.
+    let _ = std::io::Write::write_fmt(&mut w, format_args!("bytes {}-{}/{}", r.start, r.end, size));
+    let n = 80 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).expect("digits, a space, '-' and '/' are a valid value")
 }
 
 /// The piece of a slice a response needs, shared with the cache (no copy). The slice

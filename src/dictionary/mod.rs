@@ -13,7 +13,7 @@ pub mod store;
 use std::time::Instant;
 
 use crate::edge::Session;
-use http::{header, HeaderValue, Method};
+use http::{header, HeaderMap, HeaderValue, Method};
 use pingora::http::ResponseHeader;
 
 use crate::app::AppState;
@@ -77,23 +77,30 @@ pub async fn serve(state: &AppState, session: &mut Session) -> pingora::Result<u
     // 204 and 304 carry no body and no Content-Length (RFC 9110 §8.6).
     let bodiless = matches!(entry.status, 204 | 304);
     let (enc, body) = entry.body_for(wanted);
-    let mut resp = ResponseHeader::build(entry.status, Some(10))?;
-    resp.insert_header(header::CONTENT_TYPE, entry.content_type.clone())?;
+    let mut h = HeaderMap::with_capacity(10);
+    h.insert(header::CONTENT_TYPE, entry.content_type.clone());
     if !bodiless {
-        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    resp.insert_header("Cache-Status", cache_status(outcome))?;
-    resp.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
-    resp.insert_header(header::VARY, VARY)?;
+    h.insert(respond::CACHE_STATUS, cache_status(outcome));
+    h.insert(
+        header::AGE,
+        HeaderValue::from(entry.age_secs(Instant::now())),
+    );
+    h.insert(header::VARY, VARY);
     if let Some(cc) = &entry.cache_control {
-        resp.insert_header(header::CACHE_CONTROL, cc.clone())?;
+        h.insert(header::CACHE_CONTROL, cc.clone());
     }
     if enc != encoding::Encoding::Identity {
-        resp.insert_header(header::CONTENT_ENCODING, enc.token())?;
+        h.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static(enc.token()),
+        );
     }
     if let Some(origin) = allow_origin {
-        resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     }
+    let resp = respond::head(entry.status, h)?;
     if head || bodiless || body.is_empty() {
         session.write_response_header(Box::new(resp)).await?;
         return Ok(0);
@@ -135,7 +142,7 @@ async fn preflight(
         .headers
         .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
         .cloned();
-    let mut resp = ResponseHeader::build(204, Some(6))?;
+    let mut resp = ResponseHeader::build_no_case(204, Some(6))?;
     resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
     resp.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS)?;
     if let Some(h) = requested_headers {

@@ -398,7 +398,7 @@ pub async fn relay(
 }
 
 async fn write_answer(session: &mut Session, answer: &StoredAnswer) -> pingora::Result<u64> {
-    let mut resp = ResponseHeader::build(answer.status, Some(3))?;
+    let mut resp = ResponseHeader::build_no_case(answer.status, Some(3))?;
     if let Some(ct) = &answer.content_type {
         resp.insert_header(header::CONTENT_TYPE, ct.as_str())?;
     }
@@ -414,7 +414,7 @@ async fn write_answer(session: &mut Session, answer: &StoredAnswer) -> pingora::
 }
 
 async fn json(session: &mut Session, status: u16, body: &'static [u8]) -> pingora::Result<u64> {
-    let mut resp = ResponseHeader::build(status, Some(2))?;
+    let mut resp = ResponseHeader::build_no_case(status, Some(2))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len())?;
     session.write_response_header(Box::new(resp)).await?;
