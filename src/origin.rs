@@ -385,14 +385,27 @@ async fn read_slice(
     }
     let content_type = resp.headers.get(http::header::CONTENT_TYPE).cloned();
     let mut buf = BytesMut::with_capacity(len as usize);
+    // False when the chunk would overrun the announced length.
+    let append = |buf: &mut BytesMut, chunk: &[u8]| {
+        let fits = (buf.len() + chunk.len()) as u64 <= len;
+        if fits {
+            buf.extend_from_slice(chunk);
+        }
+        fits
+    };
     loop {
-        match session.read_response_body().await {
-            Ok(Some(chunk)) => {
-                if (buf.len() + chunk.len()) as u64 > len {
-                    return Err(invalid("body longer than its Content-Range"));
-                }
-                buf.extend_from_slice(&chunk);
-            }
+        // Over HTTP/1.1 each chunk is copied straight from the session's read buffer into
+        // the slice, not through an allocation of its own.
+        let read = match &mut *session {
+            HttpSession::H1(h1) => h1.read_body_ref().await.map(|c| c.map(|c| append(&mut buf, c))),
+            other => other
+                .read_response_body()
+                .await
+                .map(|c| c.map(|c| append(&mut buf, &c))),
+        };
+        match read {
+            Ok(Some(true)) => {}
+            Ok(Some(false)) => return Err(invalid("body longer than its Content-Range")),
             Ok(None) => break,
             Err(e) => {
                 return Err(OriginError::Unreachable {
