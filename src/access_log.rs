@@ -92,11 +92,22 @@ fn json_line(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
     out.extend_from_slice(b",\"target\":\"access\"}\n");
 }
 
+/// `,"key":"value"`. Keys are fixed identifiers; values are escaped unless they are
+/// plain printable ASCII (most are), which is copied as it is.
 fn json_field(out: &mut Vec<u8>, key: &str, value: &str) {
-    out.push(b',');
-    let _ = serde_json::to_writer(&mut *out, key);
-    out.push(b':');
-    let _ = serde_json::to_writer(&mut *out, value);
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, value);
+    }
 }
 
 fn text_line(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
@@ -126,14 +137,31 @@ fn rfc3339(out: &mut Vec<u8>, now: SystemTime) {
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    // Fixed-width digits written directly: this runs once per request.
+    digits(out, year.clamp(0, 9999) as u64, 4);
+    out.push(b'-');
+    digits(out, month.into(), 2);
+    out.push(b'-');
+    digits(out, day.into(), 2);
+    out.push(b'T');
+    digits(out, rem / 3600, 2);
+    out.push(b':');
+    digits(out, rem / 60 % 60, 2);
+    out.push(b':');
+    digits(out, rem % 60, 2);
+    out.push(b'.');
+    digits(out, since.subsec_micros().into(), 6);
+    out.push(b'Z');
+}
+
+/// `value` as exactly `width` decimal digits (zero-padded; higher digits dropped).
+fn digits(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    let start = out.len();
+    out.resize(start + width, b'0');
+    for slot in out[start..].iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's

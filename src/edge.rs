@@ -14,6 +14,7 @@ use http::Method;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorSource, ErrorType};
+use thread_local::ThreadLocal;
 use tokio::sync::Notify;
 
 use crate::access_log;
@@ -47,9 +48,11 @@ pub struct Edge {
     access_log: Option<LogFormat>,
     options: HttpServerOptions,
     /// Set when the service starts shutting down; idle keep-alive connections waiting
-    /// for their next request are woken through `shutdown` and closed.
+    /// for their next request are woken through `shutdown` and closed. One `Notify` per
+    /// worker thread: every request waits on it, and a shared one would be a lock that
+    /// all threads take.
     shutting_down: AtomicBool,
-    shutdown: Notify,
+    shutdown: ThreadLocal<Notify>,
 }
 
 impl Edge {
@@ -65,12 +68,12 @@ impl Edge {
             access_log: log.access.then_some(log.format),
             options,
             shutting_down: AtomicBool::new(false),
-            shutdown: Notify::new(),
+            shutdown: ThreadLocal::new(),
         }
     }
 
     async fn shutdown_started(&self) {
-        let notified = self.shutdown.notified();
+        let notified = self.shutdown.get_or_default().notified();
         tokio::pin!(notified);
         poll_fn(|cx| {
             if notified.as_mut().poll(cx).is_ready() || self.shutting_down.load(Ordering::Acquire) {
@@ -187,7 +190,9 @@ impl HttpServerApp for Edge {
 
     async fn http_cleanup(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.shutdown.notify_waiters();
+        for notify in self.shutdown.iter() {
+            notify.notify_waiters();
+        }
     }
 }
 

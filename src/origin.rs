@@ -397,7 +397,10 @@ async fn read_slice(
         // Over HTTP/1.1 each chunk is copied straight from the session's read buffer into
         // the slice, not through an allocation of its own.
         let read = match &mut *session {
-            HttpSession::H1(h1) => h1.read_body_ref().await.map(|c| c.map(|c| append(&mut buf, c))),
+            HttpSession::H1(h1) => h1
+                .read_body_ref()
+                .await
+                .map(|c| c.map(|c| append(&mut buf, c))),
             other => other
                 .read_response_body()
                 .await
