@@ -12,11 +12,6 @@ use cdn_edge::config::{Config, Log, LogFormat};
 use cdn_edge::server::{EdgeServer, StartMode};
 use cdn_edge::{auth, demo, systemd};
 
-/// Per-thread heaps: small per-request allocations (headers, keys, log lines) made on
-/// one worker thread and freed on another cost a fraction of what glibc's malloc does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Characters a token keeps unencoded: RFC 3986 unreserved.
 const TOKEN_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')

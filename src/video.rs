@@ -43,6 +43,14 @@ impl Want {
             Want::Header(spec) => spec.and_then(RangeSpec::known_start),
         }
     }
+
+    /// The last byte asked for, when both ends are given.
+    fn known_end(self) -> Option<u64> {
+        match self {
+            Want::Path(_, end) | Want::Header(Some(RangeSpec::FromTo(_, end))) => Some(end),
+            Want::Header(_) => None,
+        }
+    }
 }
 
 /// Serves a video request and returns the number of body bytes written.
@@ -80,7 +88,12 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     let obj = ObjectRef::new(signed.object, signed.version);
     let slice_bytes = state.store.slice_bytes();
     let hint = want.known_start().map_or(0, |start| start / slice_bytes);
-    let lookup = match state.store.meta(&obj, hint).await {
+    // A body that runs into the next slice: on a cold object both are fetched at once.
+    let next = want
+        .known_end()
+        .filter(|&end| !head && end / slice_bytes > hint)
+        .map(|_| hint + 1);
+    let lookup = match state.store.meta(&obj, hint, next).await {
         Ok(l) => l,
         Err(e) => return origin_failure(session, &e).await,
     };

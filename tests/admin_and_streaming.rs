@@ -41,7 +41,9 @@ async fn admin_endpoints_answer_and_are_not_public() {
     for series in [
         r#"cdn_edge_requests_total{route="range",status="200"} 2"#,
         r#"cdn_edge_requests_total{route="range",status="403"} 1"#,
-        r#"cdn_edge_cache_lookups_total{result="hit",tier="memory"} 3"#,
+        // The cold request fetched slices 0 and 1 together and then found slice 1 in
+        // memory (one hit); the second request hit all three.
+        r#"cdn_edge_cache_lookups_total{result="hit",tier="memory"} 4"#,
         r#"cdn_edge_cache_lookups_total{result="miss",tier="memory"} 3"#,
         r#"cdn_edge_origin_requests_total{result="ok"} 3"#,
         r#"cdn_edge_auth_failures_total{reason="missing_param"} 1"#,

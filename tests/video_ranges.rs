@@ -375,3 +375,30 @@ async fn origin_connections_are_kept_alive_and_reused() {
         origin.connections()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_range_across_two_slices_asks_for_both_at_once() {
+    let (origin, edge, bytes) = setup().await;
+    let q = signed("movie", "v1");
+    let slice = 65_536;
+    let (a, b) = (slice - 1000, slice + 1000);
+    origin.hold();
+    let target = format!("/range/{a}-{b}?{q}");
+    let addr = edge.http;
+    let request = tokio::spawn(async move { support::client::get(addr, &target, &[]).await });
+    // Both slice requests reach the origin while neither has been answered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while origin.requests() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second slice was not asked for alongside the first: {:?}",
+            origin.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    origin.release();
+    let r = request.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == bytes[a..=b]);
+    assert_eq!(origin.requests(), 2, "{:?}", origin.log());
+}

@@ -246,11 +246,15 @@ impl SliceStore {
     }
 
     /// Returns the object's metadata, reading slice `hint_index` (the one the request
-    /// will need first) when it is not known yet.
+    /// will need first) when it is not known yet. On a cold object, slice `next_index`
+    /// (the one the request needs after it) is fetched alongside, so that a range across
+    /// two slices waits for one origin round trip, not two in a row; it only lands in the
+    /// cache, and a failure there is left to the read that needs it.
     pub async fn meta(
         &self,
         obj: &ObjectRef<'_>,
         hint_index: u64,
+        next_index: Option<u64>,
     ) -> Result<MetaLookup, Arc<OriginError>> {
         if let Some(meta) = self.meta.get(&obj.id).await {
             return Ok(MetaLookup {
@@ -259,7 +263,12 @@ impl SliceStore {
                 slice: None,
             });
         }
-        match self.slice(obj, hint_index).await {
+        let first = self.slice(obj, hint_index);
+        let first = match next_index {
+            Some(next) => tokio::join!(first, self.slice(obj, next)).0,
+            None => first.await,
+        };
+        match first {
             Ok(slice) => {
                 let cached = matches!(slice.source, Source::Memory | Source::Disk);
                 if cached {
@@ -328,8 +337,10 @@ impl SliceStore {
             }
             Err(OriginError::NotSatisfiable { size }) => {
                 if known.is_none() {
+                    // Only if still unknown: a slice fetched meanwhile knows the type too.
                     self.meta
-                        .insert(obj.id, Arc::new(ObjectMeta::new(&obj.id, size, None)))
+                        .entry(obj.id)
+                        .or_insert(Arc::new(ObjectMeta::new(&obj.id, size, None)))
                         .await;
                 }
                 Err(OriginError::NotSatisfiable { size })
