@@ -3,7 +3,7 @@
 # in one run, against one shared origin.
 #
 # Usage: [SECS=10] [RUNS=1] [CONNS=32] [ACCESS_LOG=off|on] [CACHE_MB=2048] [BUILD=1] \
-#        bench/compare.sh
+#        [EDGE_THREADS=0] bench/compare.sh
 #
 #   SECS        seconds per wrk run                        RUNS      repeats of every workload
 #   CONNS       wrk connections (1 thread)                 CACHE_MB  memory cache of each edge
@@ -11,6 +11,8 @@
 #               (nginx buffer=64k flush=1s, cdn-edge's log thread, varnishncsa)
 #   BUILD       1: cargo build --release first; 0: use target/release/cdn-edge as it is
 #   SHOW_CONFIG 1: print the generated origin, nginx, Varnish and cdn-edge configs
+#   EDGE_THREADS  cdn-edge [server] threads (default 0: one per cpu, as nginx's
+#               worker_processes auto)
 #   QUIET_WAIT  before each timed run, wait up to this many seconds (default 60) for the
 #               machine to be idle; each run reports the cpu share other work took during it
 #
@@ -19,7 +21,7 @@
 #   origin     nginx: a 256 MiB object (deterministic bytes) at /objects/{o}/{v} for any
 #              o and v, with byte ranges; a 74-byte JSON at /base_dict_getHoverDict_8
 #              (Cache-Control: max-age=86400). Its access log counts origin requests.
-#   cdn-edge   slice 1 MiB, memory tier CACHE_MB, no disk tier, threads = 0.
+#   cdn-edge   slice 1 MiB, memory tier CACHE_MB, no disk tier, threads = EDGE_THREADS.
 #   nginx      secure_link (MD5 of expiry + URI + secret, 403/410), slice 1m, proxy_cache
 #              on tmpfs with proxy_cache_lock, keepalive to the origin, worker_processes auto.
 #   Varnish    malloc storage of CACHE_MB, builtin VCL (caches by URL), unsigned URLs.
@@ -42,7 +44,9 @@ CACHE_MB=${CACHE_MB:-2048}
 BUILD=${BUILD:-1}
 SHOW_CONFIG=${SHOW_CONFIG:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}
+EDGE_THREADS=${EDGE_THREADS:-0}
 case "$ACCESS_LOG" in on | off) ;; *) echo "ACCESS_LOG must be on or off" >&2; exit 2 ;; esac
+[[ "$EDGE_THREADS" =~ ^[0-9]+$ ]] || { echo "EDGE_THREADS: a number (0: one per cpu)" >&2; exit 2; }
 for n in "$SECS" "$RUNS" "$CONNS" "$CACHE_MB"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "SECS, RUNS, CONNS, CACHE_MB: positive integers" >&2; exit 2; }
 done
@@ -167,6 +171,7 @@ echo "date:      $(date -u +%FT%TZ)"
 echo
 echo "== setup"
 echo "load:       wrk -t1 -c$CONNS -d${SECS}s --latency, $RUNS run(s), medians; wrk and the servers share the $(nproc) cpus"
+echo "threads:    cdn-edge $([ "$EDGE_THREADS" = 0 ] && echo "one per cpu ($(nproc))" || echo "$EDGE_THREADS"), nginx one worker per cpu, Varnish its default pools"
 if [ "$ACCESS_LOG" = on ]; then
   echo "access log: ON everywhere: nginx access_log buffer=64k flush=1s, cdn-edge [log] access = true"
   echo "            (its writer thread), Varnish varnishncsa -w; all to files in a temp dir"
@@ -324,7 +329,7 @@ paths = ["$DICT_PATH"]
 upstream = "http://$ORIGIN"
 
 [server]
-threads = 0
+threads = $EDGE_THREADS
 grace_period_secs = 1
 shutdown_timeout_secs = 1
 upgrade_sock = "$work/upgrade.sock"

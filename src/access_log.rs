@@ -47,10 +47,7 @@ pub fn write(entry: &Entry<'_>, format: LogFormat) {
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        match format {
-            LogFormat::Json => json_line(&mut line, entry, SystemTime::now()),
-            LogFormat::Text => text_line(&mut line, entry, SystemTime::now()),
-        }
+        render(&mut line, entry, format, SystemTime::now());
         match WRITER.get() {
             Some(w) => {
                 let _ = w.lock().unwrap_or_else(|e| e.into_inner()).write_all(&line);
@@ -60,6 +57,14 @@ pub fn write(entry: &Entry<'_>, format: LogFormat) {
             }
         }
     });
+}
+
+/// Appends one line (newline included) in `format`, stamped `now`.
+pub fn render(out: &mut Vec<u8>, entry: &Entry<'_>, format: LogFormat, now: SystemTime) {
+    match format {
+        LogFormat::Json => json_line(out, entry, now),
+        LogFormat::Text => text_line(out, entry, now),
+    }
 }
 
 fn json_line(out: &mut Vec<u8>, e: &Entry<'_>, now: SystemTime) {
