@@ -2,7 +2,7 @@
 //! connections, a deadline for a whole request (a client trickling bytes, slowloris, is cut
 //! off), and an idle deadline for connections on which nothing moves.
 //!
-//! [`GuardedApp`] wraps the proxy application and puts every accepted stream (after the
+//! [`GuardedApp`] wraps the HTTP application and puts every accepted stream (after the
 //! TLS handshake) inside a [`GuardedStream`] that keeps the deadlines.
 
 use std::fmt;
