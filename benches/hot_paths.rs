@@ -11,12 +11,12 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 
+use cdn_edge::access_log::{self, Entry};
 use cdn_edge::auth::{sign_query, Verifier};
 use cdn_edge::cache::memory::MemoryTier;
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
-use cdn_edge::config::SigningKey;
-use cdn_edge::access_log::{self, Entry};
 use cdn_edge::config::LogFormat;
+use cdn_edge::config::SigningKey;
 use cdn_edge::dictionary::key::canonical_target;
 use cdn_edge::range::{parse_range_header, parse_range_path, slice_pieces, ByteRange};
 use cdn_edge::respond;
@@ -126,7 +126,12 @@ fn dictionary_key(c: &mut Criterion) {
     // The player's hover lookup: six parameters, one percent-encoded Hangul syllable.
     let query = b"form=%EC%96%B4&lemma=&sl=ko&tl=en&pos=NOUN&pow=n";
     g.bench_function("canonical_key_6_params", |b| {
-        b.iter(|| canonical_target(black_box("/base_dict_getHoverDict_8"), Some(black_box(query))))
+        b.iter(|| {
+            canonical_target(
+                black_box("/base_dict_getHoverDict_8"),
+                Some(black_box(query)),
+            )
+        })
     });
     g.finish();
 }
@@ -136,11 +141,26 @@ fn response(c: &mut Criterion) {
     g.bench_function("range_head_6_headers", |b| {
         b.iter(|| {
             let mut h = http::HeaderMap::with_capacity(8);
-            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("video/mp4"));
-            h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(black_box(310_491u64)));
-            h.insert(http::header::ACCEPT_RANGES, http::HeaderValue::from_static("bytes"));
-            h.insert(http::header::ETAG, http::HeaderValue::from_static("\"254d93920ae6eea26996a21105ef4aff\""));
-            h.insert(respond::CACHE_STATUS, http::HeaderValue::from_static("cdn-edge; hit"));
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("video/mp4"),
+            );
+            h.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(black_box(310_491u64)),
+            );
+            h.insert(
+                http::header::ACCEPT_RANGES,
+                http::HeaderValue::from_static("bytes"),
+            );
+            h.insert(
+                http::header::ETAG,
+                http::HeaderValue::from_static("\"254d93920ae6eea26996a21105ef4aff\""),
+            );
+            h.insert(
+                respond::CACHE_STATUS,
+                http::HeaderValue::from_static("cdn-edge; hit"),
+            );
             respond::head(200, h).unwrap()
         })
     });
@@ -160,7 +180,10 @@ fn response(c: &mut Criterion) {
     };
     let now = std::time::SystemTime::now();
     let mut line = Vec::with_capacity(512);
-    for (name, format) in [("access_line_json", LogFormat::Json), ("access_line_text", LogFormat::Text)] {
+    for (name, format) in [
+        ("access_line_json", LogFormat::Json),
+        ("access_line_text", LogFormat::Text),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 line.clear();
@@ -172,5 +195,12 @@ fn response(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, signature, ranges, slice_lookup, dictionary_key, response);
+criterion_group!(
+    benches,
+    signature,
+    ranges,
+    slice_lookup,
+    dictionary_key,
+    response
+);
 criterion_main!(benches);
