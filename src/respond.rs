@@ -3,11 +3,12 @@
 //! Unlike Pingora's `respond_error`, these keep the connection alive, so a client that
 //! gets a 403 can reuse its connection for the next (signed) request.
 
-use crate::edge::Session;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::OrErr;
+
+use crate::edge::Session;
 
 /// `Cache-Status` (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

@@ -7,7 +7,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::edge::Session;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
 use pingora::http::ResponseHeader;
@@ -15,6 +14,7 @@ use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
 use crate::cache::{ObjectMeta, ObjectRef};
+use crate::edge::Session;
 use crate::origin::OriginError;
 use crate::range::{
     parse_range_header, parse_range_path, resolve_range_path, slice_len, slice_pieces, ByteRange,

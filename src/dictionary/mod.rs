@@ -12,12 +12,12 @@ pub mod store;
 
 use std::time::Instant;
 
-use crate::edge::Session;
 use http::{header, HeaderMap, HeaderValue, Method};
 use pingora::http::ResponseHeader;
 
 use crate::app::AppState;
 use crate::cors::{ALLOWED_METHODS, PREFLIGHT_MAX_AGE};
+use crate::edge::Session;
 use crate::respond;
 use store::Outcome;
 

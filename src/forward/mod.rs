@@ -16,7 +16,6 @@ pub mod spool;
 
 use std::sync::{Arc, Mutex};
 
-use crate::edge::Session;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method};
 use pingora::connectors::http::Connector;
@@ -24,6 +23,7 @@ use pingora::http::ResponseHeader;
 use tokio::sync::mpsc;
 
 use crate::config::Forward as ForwardConfig;
+use crate::edge::Session;
 use crate::metrics::{ForwardResult, Metrics};
 use crate::respond;
 use crate::routes::Route;
