@@ -176,6 +176,17 @@ upgrade_sock = {upgrade_sock:?}
             if tokio::net::TcpStream::connect(edge.admin).await.is_ok()
                 && tokio::net::TcpStream::connect(edge.http).await.is_ok()
             {
+                // The public port may be another test's server while this edge is
+                // failing to bind it: only the edge answers an unparsable request with
+                // 400 (test origins close), and nothing is counted in its metrics.
+                let mine = client::send_raw(edge.http, b"GARBAGE\r\n\r\n")
+                    .await
+                    .ok()
+                    .and_then(|raw| client::parse(&raw, false))
+                    .is_some_and(|r| r.status == 400);
+                if !mine || matches!(edge.child.try_wait(), Ok(Some(_))) {
+                    return None;
+                }
                 return Some(edge);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
