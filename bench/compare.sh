@@ -3,7 +3,7 @@
 # in one run, against one shared origin.
 #
 # Usage: [SECS=10] [RUNS=1] [CONNS=32] [ACCESS_LOG=off|on] [CACHE_MB=2048] [BUILD=1] \
-#        [EDGE_THREADS=0] bench/compare.sh
+#        [EDGE_THREADS=0] [WRK_THREADS=1] bench/compare.sh
 #
 #   SECS        seconds per wrk run                        RUNS      repeats of every workload
 #   CONNS       wrk connections (1 thread)                 CACHE_MB  memory cache of each edge
@@ -13,6 +13,8 @@
 #   SHOW_CONFIG 1: print the generated origin, nginx, Varnish and cdn-edge configs
 #   EDGE_THREADS  cdn-edge [server] threads (default 0: one per cpu, as nginx's
 #               worker_processes auto)
+#   WRK_THREADS wrk threads (default 1; with one, wrk itself limits range hits at
+#               about 3.5 GB/s on a 2-cpu machine)
 #   QUIET_WAIT  before each timed run, wait up to this many seconds (default 60) for the
 #               machine to be idle; each run reports the cpu share other work took during it
 #
@@ -25,7 +27,7 @@
 #   nginx      secure_link (MD5 of expiry + URI + secret, 403/410), slice 1m, proxy_cache
 #              on tmpfs with proxy_cache_lock, keepalive to the origin, worker_processes auto.
 #   Varnish    malloc storage of CACHE_MB, builtin VCL (caches by URL), unsigned URLs.
-# Workloads (wrk -t1 -cCONNS -dSECS --latency, bench/wrk/compare.lua): random 310,491-byte
+# Workloads (wrk -tWRK_THREADS -cCONNS -dSECS --latency, bench/wrk/compare.lua): random 310,491-byte
 # range hits, dictionary hits; then a cold-miss storm: 100 concurrent requests (curl
 # --parallel) for distinct ranges of a version no edge has cached, with the origin
 # requests it caused. Every cell is the median of RUNS runs; each run's numbers are
@@ -45,7 +47,9 @@ BUILD=${BUILD:-1}
 SHOW_CONFIG=${SHOW_CONFIG:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}
 EDGE_THREADS=${EDGE_THREADS:-0}
+WRK_THREADS=${WRK_THREADS:-1}
 case "$ACCESS_LOG" in on | off) ;; *) echo "ACCESS_LOG must be on or off" >&2; exit 2 ;; esac
+[[ "$WRK_THREADS" =~ ^[1-9][0-9]*$ ]] || { echo "WRK_THREADS: a positive number" >&2; exit 2; }
 [[ "$EDGE_THREADS" =~ ^[0-9]+$ ]] || { echo "EDGE_THREADS: a number (0: one per cpu)" >&2; exit 2; }
 for n in "$SECS" "$RUNS" "$CONNS" "$CACHE_MB"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "SECS, RUNS, CONNS, CACHE_MB: positive integers" >&2; exit 2; }
@@ -170,7 +174,7 @@ echo "cdn-edge:  $("$bin" --version | awk '{print $2}'), commit $commit"
 echo "date:      $(date -u +%FT%TZ)"
 echo
 echo "== setup"
-echo "load:       wrk -t1 -c$CONNS -d${SECS}s --latency, $RUNS run(s), medians; wrk and the servers share the $(nproc) cpus"
+echo "load:       wrk -t$WRK_THREADS -c$CONNS -d${SECS}s --latency, $RUNS run(s), medians; wrk and the servers share the $(nproc) cpus"
 echo "threads:    cdn-edge $([ "$EDGE_THREADS" = 0 ] && echo "one per cpu ($(nproc))" || echo "$EDGE_THREADS"), nginx one worker per cpu, Varnish its default pools"
 if [ "$ACCESS_LOG" = on ]; then
   echo "access log: ON everywhere: nginx access_log buffer=64k flush=1s, cdn-edge [log] access = true"
@@ -498,7 +502,7 @@ label() { # system [workload]
 run_wrk() { # key url [env...]: runs wrk and stores the parsed result under key
   local key=$1 url=$2 out
   shift 2
-  out=$(env "$@" timeout $((SECS + 60)) wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 5s --latency -s "$lua" "$url" || true)
+  out=$(env "$@" timeout $((SECS + 60)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"${SECS}s" --timeout 5s --latency -s "$lua" "$url" || true)
   R[$key]=$(awk '/^RESULT/ {
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       d = v["duration_us"] / 1e6
@@ -704,7 +708,7 @@ table() { # workload reference-system systems...
   done
 }
 runs_note="median of $RUNS run(s)"
-echo "== results ($runs_note; wrk -t1 -c$CONNS -d${SECS}s; access log $ACCESS_LOG)"
+echo "== results ($runs_note; wrk -t$WRK_THREADS -c$CONNS -d${SECS}s; access log $ACCESS_LOG)"
 if [ "$disturbed" -gt 0 ]; then
   echo "!! $disturbed of the $((RUNS * 10)) timed runs shared the cpus with other work (over 5%, flagged above):"
   echo "!! those numbers are low; rerun on an idle machine."
