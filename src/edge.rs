@@ -3,10 +3,8 @@
 //! proxied blindly, so Pingora's proxy state machine (and the 13 KB future it moves per
 //! request) is not used: the edge is a plain [`HttpServerApp`].
 
-use std::future::{poll_fn, Future};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -73,16 +71,12 @@ impl Edge {
     }
 
     async fn shutdown_started(&self) {
+        // Created before the flag is read: a `notify_waiters` after this point wakes it.
         let notified = self.shutdown.get_or_default().notified();
-        tokio::pin!(notified);
-        poll_fn(|cx| {
-            if notified.as_mut().poll(cx).is_ready() || self.shutting_down.load(Ordering::Acquire) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        if self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await
     }
 
     /// Answers one request; returns the body bytes written.
