@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::auth::Verifier;
 use crate::cache::disk::{DiskOpenError, DiskTier};
+use crate::cache::pages::PagePool;
 use crate::cache::SliceStore;
 use crate::config::Config;
 use crate::cors::Cors;
@@ -71,10 +72,22 @@ impl AppState {
     pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {
         let metrics = Arc::new(Metrics::new());
         let connectors = ConnectorSettings::from_config(config);
+        let pages = config
+            .cache
+            .sendfile
+            .then(|| {
+                PagePool::for_tier(config.cache.slice_bytes, config.cache.memory_bytes)
+                    .inspect_err(|e| {
+                        tracing::warn!(error = %e, "no page pool for the memory tier; slices are copied to clients")
+                    })
+                    .ok()
+            })
+            .flatten();
         let origin = Arc::new(OriginClient::new(
             &config.origin,
             &connectors,
             metrics.clone(),
+            pages.clone(),
         )?);
         let disk = config
             .cache
@@ -85,6 +98,7 @@ impl AppState {
         let store = SliceStore::new(
             config.cache.slice_bytes,
             config.cache.memory_bytes,
+            pages,
             disk,
             origin.clone(),
             metrics.clone(),

@@ -140,6 +140,9 @@ impl std::fmt::Debug for SigningKey {
 pub struct Cache {
     pub slice_bytes: u64,
     pub memory_bytes: u64,
+    /// Memory-tier slices live in a memfd and plain-TCP responses send them with
+    /// `sendfile` (no copy through user space).
+    pub sendfile: bool,
     pub disk: Option<DiskCache>,
 }
 
@@ -472,6 +475,7 @@ mod file {
     pub struct Cache {
         pub slice_bytes: u64,
         pub memory_bytes: u64,
+        pub sendfile: bool,
         pub disk: Option<Disk>,
     }
 
@@ -480,6 +484,7 @@ mod file {
             Self {
                 slice_bytes: DEFAULT_SLICE_BYTES,
                 memory_bytes: DEFAULT_MEMORY_BYTES,
+                sendfile: true,
                 disk: None,
             }
         }
@@ -820,6 +825,7 @@ fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
     Ok(Cache {
         slice_bytes: raw.slice_bytes,
         memory_bytes: raw.memory_bytes,
+        sendfile: raw.sendfile,
         disk,
     })
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -28,6 +29,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::cache::pages::{self, SENDFILE_MIN};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 
@@ -144,11 +146,17 @@ pub struct GuardedStream {
     prefetched: Bytes,
     /// Small writes accepted and not yet passed on (see [`HOLD_BYTES`]).
     held: Vec<u8>,
+    /// Whether `inner` writes straight to a socket (plain TCP, not TLS): then a write of
+    /// bytes from the page pool may be sent from the pool's file instead.
+    raw_socket: bool,
 }
 
 impl GuardedStream {
     pub fn new(inner: Stream, deadlines: Deadlines, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
+        // Pingora's L4 stream of an accepted connection has no write buffer (capacity 0):
+        // what it accepts is in the socket, so the socket may be written to beside it.
+        let raw_socket = inner.as_any().is::<L4Stream>();
         Self {
             inner,
             deadlines,
@@ -158,6 +166,7 @@ impl GuardedStream {
             metrics,
             prefetched: Bytes::new(),
             held: Vec::new(),
+            raw_socket,
         }
     }
 
@@ -238,6 +247,38 @@ impl GuardedStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Sends `buf`, which lies in the page pool, from the pool's file: the held head
+    /// first (corked, so it leaves with the body), then the bytes by file offset. `None`
+    /// when the socket is full or this path does not apply; the caller then writes `buf`
+    /// the usual way, which also waits for the socket to drain.
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if !self.raw_socket {
+            return None;
+        }
+        let range = pages::locate(buf)?;
+        let socket = pages::socket_of(self.inner.as_any().downcast_ref::<L4Stream>()?);
+        while !self.held.is_empty() {
+            match pages::send_more(socket, &self.held) {
+                Ok(n) => drop(self.held.drain(..n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) => return Some(Poll::Ready(Err(e))),
+            }
+        }
+        match range.send(socket, buf.len()) {
+            Ok(0) => None,
+            Ok(n) => {
+                self.metrics.client_sendfile_bytes.inc_by(n as u64);
+                Some(self.after_write(cx, Poll::Ready(Ok(n))))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Poll::Ready(Err(e))),
+        }
+    }
+
     fn timed_out(&self) -> io::Error {
         match self.phase {
             Phase::Idle => {
@@ -306,6 +347,11 @@ impl AsyncWrite for GuardedStream {
         if self.held.len() + buf.len() <= HOLD_BYTES {
             self.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
+        }
+        if buf.len() >= SENDFILE_MIN {
+            if let Some(done) = self.poll_send_file(cx, buf) {
+                return done;
+            }
         }
         if self.held.is_empty() {
             let written = Pin::new(&mut self.inner).poll_write(cx, buf);
@@ -439,136 +485,5 @@ impl Peek for GuardedStream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-    use tokio::io::AsyncWriteExt;
-
-    /// Records each write call as one entry; reads never complete.
-    #[derive(Debug, Default, Clone)]
-    struct Recorder {
-        writes: Arc<Mutex<Vec<Vec<u8>>>>,
-    }
-
-    impl Recorder {
-        fn writes(&self) -> Vec<Vec<u8>> {
-            self.writes.lock().unwrap().clone()
-        }
-    }
-
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.writes.lock().unwrap().push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            let n = all.len();
-            self.writes.lock().unwrap().push(all);
-            Poll::Ready(Ok(n))
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    #[async_trait]
-    impl Shutdown for Recorder {
-        async fn shutdown(&mut self) {}
-    }
-    impl UniqueID for Recorder {
-        fn id(&self) -> UniqueIDType {
-            0
-        }
-    }
-    impl Ssl for Recorder {}
-    impl GetTimingDigest for Recorder {
-        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-            Vec::new()
-        }
-    }
-    impl GetProxyDigest for Recorder {
-        fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-            None
-        }
-    }
-    impl GetSocketDigest for Recorder {
-        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-            None
-        }
-    }
-    impl Peek for Recorder {}
-
-    fn guarded(recorder: &Recorder) -> GuardedStream {
-        let deadlines = Deadlines {
-            request: Duration::from_secs(10),
-            idle: Duration::from_secs(10),
-        };
-        GuardedStream::new(
-            Box::new(recorder.clone()),
-            deadlines,
-            Arc::new(Metrics::new()),
-        )
-    }
-
-    #[tokio::test]
-    async fn a_small_head_leaves_with_the_body_in_one_write() {
-        let rec = Recorder::default();
-        let mut s = guarded(&rec);
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n".to_vec();
-        let body = vec![7u8; 10_000];
-        s.write_all(&head).await.unwrap();
-        assert!(rec.writes().is_empty(), "the head is held");
-        s.write_all(&body).await.unwrap();
-        assert_eq!(rec.writes(), vec![[head.clone(), body.clone()].concat()]);
-        s.write_all(&body).await.unwrap();
-        assert_eq!(rec.writes().len(), 2, "nothing held: written through");
-    }
-
-    #[tokio::test]
-    async fn held_bytes_go_out_on_flush_and_shutdown() {
-        let rec = Recorder::default();
-        let mut s = guarded(&rec);
-        s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-            .await
-            .unwrap();
-        s.write_all(b"and a small body").await.unwrap();
-        assert!(rec.writes().is_empty());
-        s.flush().await.unwrap();
-        assert_eq!(
-            rec.writes(),
-            vec![b"HTTP/1.1 204 No Content\r\n\r\nand a small body".to_vec()]
-        );
-        s.write_all(b"last words").await.unwrap();
-        Shutdown::shutdown(&mut s).await;
-        assert_eq!(rec.writes().last().unwrap(), b"last words");
-    }
-}
+#[path = "connection_tests.rs"]
+mod tests;

@@ -220,6 +220,7 @@ pub struct Metrics {
     pub origin_failovers: IntCounter,
     auth_failures: Vec<IntCounter>,
     pub stream_aborts: IntCounter,
+    pub client_sendfile_bytes: IntCounter,
     dictionary_lookups: Vec<IntCounter>,
     dictionary_upstream: Vec<IntCounter>,
     pub dictionary_upstream_duration: Histogram,
@@ -461,6 +462,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let client_sendfile_bytes = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_client_sendfile_bytes_total",
+                "Response bytes sent to clients from the memory tier's pages by sendfile, without a copy.",
+            )
+            .expect("valid metric"),
+        );
         let dict_vec = registered(
             r,
             IntCounterVec::new(
@@ -676,6 +685,7 @@ impl Metrics {
             origin_failovers,
             auth_failures,
             stream_aborts,
+            client_sendfile_bytes,
             dictionary_lookups,
             dictionary_upstream,
             dictionary_upstream_duration,

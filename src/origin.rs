@@ -19,6 +19,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use std::sync::Arc;
 
+use crate::cache::pages::{PagePool, SlotWriter};
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
 use crate::range::ByteRange;
@@ -123,6 +124,8 @@ pub struct OriginClient {
     path: PathTemplate,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    /// Where slice bodies are read into when they are big enough (see [`PagePool`]).
+    pages: Option<PagePool>,
 }
 
 impl OriginClient {
@@ -131,6 +134,7 @@ impl OriginClient {
         cfg: &config::Origin,
         connectors: &ConnectorSettings,
         metrics: Arc<Metrics>,
+        pages: Option<PagePool>,
     ) -> Result<Self, ResolveError> {
         let origins = cfg
             .urls
@@ -155,6 +159,7 @@ impl OriginClient {
             path: cfg.path.clone(),
             timeout: cfg.timeout,
             metrics,
+            pages,
         })
     }
 
@@ -280,7 +285,8 @@ impl OriginClient {
                 }
                 return Err(unreachable(e));
             }
-            let body = read_slice(origin, &mut session, range, expected_size).await?;
+            let pages = self.pages.as_ref();
+            let body = read_slice(origin, &mut session, range, expected_size, pages).await?;
             self.connector
                 .release_http_session(session, &origin.peer, Some(POOL_IDLE))
                 .await;
@@ -333,6 +339,7 @@ async fn read_slice(
     session: &mut HttpSession,
     range: ByteRange,
     expected_size: Option<u64>,
+    pages: Option<&PagePool>,
 ) -> Result<SliceBody, OriginError> {
     let invalid = |why: &'static str| OriginError::Invalid {
         origin: origin.url.clone(),
@@ -384,12 +391,12 @@ async fn read_slice(
         }
     }
     let content_type = resp.headers.get(http::header::CONTENT_TYPE).cloned();
-    let mut buf = BytesMut::with_capacity(len as usize);
+    let mut buf = SliceBuf::new(len, pages);
     // False when the chunk would overrun the announced length.
-    let append = |buf: &mut BytesMut, chunk: &[u8]| {
+    let append = |buf: &mut SliceBuf, chunk: &[u8]| {
         let fits = (buf.len() + chunk.len()) as u64 <= len;
         if fits {
-            buf.extend_from_slice(chunk);
+            buf.append(chunk);
         }
         fits
     };
@@ -422,10 +429,56 @@ async fn read_slice(
         return Err(invalid("body shorter than its Content-Range"));
     }
     Ok(SliceBody {
-        bytes: buf.freeze(),
+        bytes: buf.finish(),
         total,
         content_type,
     })
+}
+
+/// A slice body being read: in a page-pool slot when one is free and the slice is worth
+/// it, otherwise on the heap.
+enum SliceBuf {
+    Heap(BytesMut),
+    Pool(SlotWriter),
+}
+
+impl SliceBuf {
+    fn new(len: u64, pages: Option<&PagePool>) -> Self {
+        match pages.and_then(|p| p.writer(len as usize)) {
+            Some(w) => Self::Pool(w),
+            None => Self::Heap(BytesMut::with_capacity(len as usize)),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Heap(b) => b.len(),
+            Self::Pool(w) => w.written_len(),
+        }
+    }
+
+    /// The caller keeps within the length given to [`SliceBuf::new`].
+    fn append(&mut self, chunk: &[u8]) {
+        match self {
+            Self::Heap(b) => b.extend_from_slice(chunk),
+            Self::Pool(w) => {
+                if w.write(chunk).is_err() {
+                    // The pool's file refused: carry on on the heap.
+                    let mut heap = BytesMut::with_capacity(w.capacity());
+                    heap.extend_from_slice(w.written());
+                    heap.extend_from_slice(chunk);
+                    *self = Self::Heap(heap);
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        match self {
+            Self::Heap(b) => b.freeze(),
+            Self::Pool(w) => w.finish(),
+        }
+    }
 }
 
 /// Parses `bytes first-last/total` (total must be known).

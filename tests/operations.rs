@@ -86,6 +86,11 @@ async fn https_serves_h2_and_http11_by_alpn_with_exact_bytes() {
     let (version, status, body) = curl(&pki, port, &format!("/range/0-65535?{q}"), &["--http1.1"]);
     assert_eq!((version.as_str(), status), ("1.1", 200));
     assert!(body == bytes[..65536], "http/1.1 body differs");
+    assert_eq!(
+        edge.metric("cdn_edge_client_sendfile_bytes_total").await,
+        0.0,
+        "TLS responses are encrypted in user space, never sent from the page pool"
+    );
 
     // Plain HTTP keeps working beside HTTPS, and bad signatures are refused over both.
     let plain = edge.get(&format!("/range/0-9?{q}"), &[]).await;

@@ -402,3 +402,41 @@ async fn a_cold_range_across_two_slices_asks_for_both_at_once() {
     assert!(r.body == bytes[a..=b]);
     assert_eq!(origin.requests(), 2, "{:?}", origin.log());
 }
+
+/// Over plain HTTP, warm slices leave from the memory tier's page pool by `sendfile`, byte
+/// for byte; with `cache.sendfile = false` they are copied, with the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_slices_are_sent_by_file_offset_unless_turned_off() {
+    for sendfile in [true, false] {
+        let origin = TestOrigin::start().await;
+        let bytes = object_bytes(42, SIZE);
+        origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+        let mut opts = EdgeOptions::new(vec![origin.url()]);
+        opts.sendfile = sendfile;
+        let edge = Edge::start(opts).await;
+        let q = signed("movie", "v1");
+        for _ in 0..2 {
+            let whole = edge.get(&format!("/?{q}"), &[]).await;
+            assert_eq!(whole.status, 200);
+            assert!(
+                whole.body == bytes,
+                "whole object differs (sendfile {sendfile})"
+            );
+            let part = edge
+                .get(&format!("/?{q}"), &[("Range", "bytes=70000-333333")])
+                .await;
+            assert_eq!(part.status, 206);
+            assert!(
+                part.body == bytes[70000..=333333],
+                "range differs (sendfile {sendfile})"
+            );
+        }
+        assert_eq!(origin.requests(), SIZE.div_ceil(SLICE as usize) as u64);
+        let sent = edge.metric("cdn_edge_client_sendfile_bytes_total").await;
+        if sendfile {
+            assert!(sent >= SIZE as f64, "only {sent} bytes sent from the pool");
+        } else {
+            assert_eq!(sent, 0.0);
+        }
+    }
+}

@@ -13,6 +13,7 @@
 
 pub mod disk;
 pub mod memory;
+pub mod pages;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::range::slice_bounds;
 
 use disk::{DiskStats, DiskTier};
 use memory::MemoryTier;
+use pages::PagePool;
 
 /// Most objects whose metadata is remembered.
 const METADATA_ENTRIES: u64 = 262_144;
@@ -158,6 +160,8 @@ pub struct CacheStats {
 pub struct SliceStore {
     slice_bytes: u64,
     memory: MemoryTier,
+    /// Where memory-tier slices are kept when they can be sent by file offset.
+    pages: Option<PagePool>,
     disk: Option<DiskTier>,
     meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
     origin: Arc<OriginClient>,
@@ -168,6 +172,7 @@ impl SliceStore {
     pub fn new(
         slice_bytes: u64,
         memory_bytes: u64,
+        pages: Option<PagePool>,
         disk: Option<DiskTier>,
         origin: Arc<OriginClient>,
         metrics: Arc<Metrics>,
@@ -175,6 +180,7 @@ impl SliceStore {
         Self {
             slice_bytes,
             memory: MemoryTier::new(memory_bytes),
+            pages,
             disk,
             meta: moka::future::Cache::builder()
                 .name("object-metadata")
@@ -304,7 +310,10 @@ impl SliceStore {
             if let Some(cached) = disk.read(&key).await {
                 if known.as_ref().is_none_or(|m| m.size == cached.meta.size) {
                     from_disk.store(true, Ordering::Relaxed);
-                    return Ok(cached);
+                    return Ok(CachedSlice {
+                        bytes: self.adopt(cached.bytes),
+                        meta: cached.meta,
+                    });
                 }
                 // Cut from another size of the object than the one being served.
                 disk.discard(key);
@@ -326,6 +335,7 @@ impl SliceStore {
                         m
                     }
                 };
+                // Read into the page pool already, when it had room.
                 let cached = CachedSlice {
                     bytes: body.bytes,
                     meta,
@@ -346,6 +356,14 @@ impl SliceStore {
                 Err(OriginError::NotSatisfiable { size })
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The bytes of a slice entering the memory tier, in the page pool when there is one.
+    fn adopt(&self, bytes: Bytes) -> Bytes {
+        match &self.pages {
+            Some(pages) => pages.adopt(bytes),
+            None => bytes,
         }
     }
 

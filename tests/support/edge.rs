@@ -20,6 +20,8 @@ pub struct EdgeOptions {
     pub origin_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub clock_skew_secs: u64,
+    /// `cache.sendfile`.
+    pub sendfile: bool,
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
     pub retry_unhealthy_ms: u64,
@@ -44,6 +46,7 @@ impl EdgeOptions {
             origin_timeout_ms: 5_000,
             connect_timeout_ms: 1_000,
             clock_skew_secs: 30,
+            sendfile: true,
             disk: None,
             retry_unhealthy_ms: 10_000,
             grace_period_secs: 0,
@@ -128,6 +131,7 @@ secret_env = "CDN_EDGE_TEST_KEY2"
 [cache]
 slice_bytes = {slice}
 memory_bytes = {memory}
+sendfile = {sendfile}
 {disk}
 [origin]
 urls = [{origins}]
@@ -147,6 +151,7 @@ upgrade_sock = {upgrade_sock:?}
             skew = opts.clock_skew_secs,
             slice = opts.slice_bytes,
             memory = opts.memory_bytes,
+            sendfile = opts.sendfile,
             origins = origins.join(", "),
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
