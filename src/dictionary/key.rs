@@ -89,7 +89,8 @@ fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
         Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::NotUtf8)?)
     };
     // Players send composed text; only text that may not be NFC is rebuilt.
-    if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+    // Performance: ASCII is always NFC, and most parameters are ASCII.
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
         return Ok(text);
     }
     Ok(Cow::Owned(text.nfc().collect()))
