@@ -3,7 +3,7 @@
 # in one run, against one shared origin.
 #
 # Usage: [SECS=10] [RUNS=1] [CONNS=32] [ACCESS_LOG=off|on] [CACHE_MB=2048] [BUILD=1] \
-#        [EDGE_THREADS=0] [WRK_THREADS=1] bench/compare.sh
+#        [EDGE_THREADS=0] [EDGE_SENDFILE=true] [WRK_THREADS=1] bench/compare.sh
 #
 #   SECS        seconds per wrk run                        RUNS      repeats of every workload
 #   CONNS       wrk connections (1 thread)                 CACHE_MB  memory cache of each edge
@@ -13,6 +13,8 @@
 #   SHOW_CONFIG 1: print the generated origin, nginx, Varnish and cdn-edge configs
 #   EDGE_THREADS  cdn-edge [server] threads (default 0: one per cpu, as nginx's
 #               worker_processes auto)
+#   EDGE_SENDFILE  cdn-edge cache.sendfile (default true: warm slices leave by sendfile
+#               from its page pool; false: copied into the socket, as Varnish does)
 #   WRK_THREADS wrk threads (default 1; with one, wrk itself limits range hits at
 #               about 3.5 GB/s on a 2-cpu machine)
 #   QUIET_WAIT  before each timed run, wait up to this many seconds (default 60) for the
@@ -23,7 +25,8 @@
 #   origin     nginx: a 256 MiB object (deterministic bytes) at /objects/{o}/{v} for any
 #              o and v, with byte ranges; a 74-byte JSON at /base_dict_getHoverDict_8
 #              (Cache-Control: max-age=86400). Its access log counts origin requests.
-#   cdn-edge   slice 1 MiB, memory tier CACHE_MB, no disk tier, threads = EDGE_THREADS.
+#   cdn-edge   slice 1 MiB, memory tier CACHE_MB, no disk tier, threads = EDGE_THREADS,
+#              sendfile = EDGE_SENDFILE.
 #   nginx      secure_link (MD5 of expiry + URI + secret, 403/410), slice 1m, proxy_cache
 #              on tmpfs with proxy_cache_lock, keepalive to the origin, worker_processes auto.
 #   Varnish    malloc storage of CACHE_MB, builtin VCL (caches by URL), unsigned URLs.
@@ -48,6 +51,8 @@ SHOW_CONFIG=${SHOW_CONFIG:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}
 EDGE_THREADS=${EDGE_THREADS:-0}
 WRK_THREADS=${WRK_THREADS:-1}
+EDGE_SENDFILE=${EDGE_SENDFILE:-true}
+case "$EDGE_SENDFILE" in true | false) ;; *) echo "EDGE_SENDFILE must be true or false" >&2; exit 2 ;; esac
 case "$ACCESS_LOG" in on | off) ;; *) echo "ACCESS_LOG must be on or off" >&2; exit 2 ;; esac
 [[ "$WRK_THREADS" =~ ^[1-9][0-9]*$ ]] || { echo "WRK_THREADS: a positive number" >&2; exit 2; }
 [[ "$EDGE_THREADS" =~ ^[0-9]+$ ]] || { echo "EDGE_THREADS: a number (0: one per cpu)" >&2; exit 2; }
@@ -176,6 +181,7 @@ echo
 echo "== setup"
 echo "load:       wrk -t$WRK_THREADS -c$CONNS -d${SECS}s --latency, $RUNS run(s), medians; wrk and the servers share the $(nproc) cpus"
 echo "threads:    cdn-edge $([ "$EDGE_THREADS" = 0 ] && echo "one per cpu ($(nproc))" || echo "$EDGE_THREADS"), nginx one worker per cpu, Varnish its default pools"
+echo "sendfile:   cdn-edge $([ "$EDGE_SENDFILE" = true ] && echo "from its page pool (cache.sendfile = true)" || echo "off: copies into the socket"); nginx sendfile on (tmpfs cache); Varnish copies"
 if [ "$ACCESS_LOG" = on ]; then
   echo "access log: ON everywhere: nginx access_log buffer=64k flush=1s, cdn-edge [log] access = true"
   echo "            (its writer thread), Varnish varnishncsa -w; all to files in a temp dir"
@@ -323,6 +329,7 @@ secret = "$SECRET"
 [cache]
 slice_bytes = $SLICE
 memory_bytes = $((CACHE_MB * 1048576))
+sendfile = $EDGE_SENDFILE
 
 [origin]
 urls = ["http://$ORIGIN"]
@@ -499,15 +506,37 @@ label() { # system [workload]
     varnish) [ "${2:-}" = dict ] && echo "varnish" || echo "varnish (unsigned)" ;;
   esac
 }
+server_pid() { # system: the pid of its main process
+  case $1 in
+    nginx) echo "${pids[1]%%:*}" ;;
+    varnish) echo "${pids[2]%%:*}" ;;
+    cdn*) echo "${pids[3]%%:*}" ;;
+  esac
+}
+server_ticks() { # pid: user+system cpu ticks of it (all threads) and its worker processes
+  local files=("/proc/$1/stat") k
+  for k in $(ps -o pid= --ppid "$1" 2>/dev/null); do files+=("/proc/$k/stat"); done
+  cat "${files[@]}" 2>/dev/null | awk '{ sub(/^.*\) /, ""); s += $12 + $13 } END { print s + 0 }'
+}
+child_ticks() { # user+system cpu ticks of this script's finished children (wrk)
+  awk '{ sub(/^.*\) /, ""); print $14 + $15 }' /proc/$$/stat
+}
+hz=$(getconf CLK_TCK)
 run_wrk() { # key url [env...]: runs wrk and stores the parsed result under key
-  local key=$1 url=$2 out
+  local key=$1 url=$2 out spid t0 t1 w0 w1
   shift 2
+  spid=$(server_pid "$(cut -d'|' -f2 <<<"$key")")
+  t0=$(server_ticks "$spid") w0=$(child_ticks)
   out=$(env "$@" timeout $((SECS + 60)) wrk -t"$WRK_THREADS" -c"$CONNS" -d"${SECS}s" --timeout 5s --latency -s "$lua" "$url" || true)
-  R[$key]=$(awk '/^RESULT/ {
+  t1=$(server_ticks "$spid") w1=$(child_ticks)
+  # The last two fields: the server's and wrk's cpu time per request, in microseconds.
+  R[$key]=$(awk -v ticks=$((t1 - t0)) -v wticks=$((w1 - w0)) -v hz="$hz" '/^RESULT/ {
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
       d = v["duration_us"] / 1e6
-      printf "%.0f %.0f %.2f %.2f %d %d\n", v["requests"] / d, v["bytes"] / d / 1e6,
-        v["p50_us"] / 1000, v["p99_us"] / 1000, v["non2xx"], v["socket_errors"]
+      n = v["requests"] > 0 ? v["requests"] : 1
+      printf "%.0f %.0f %.2f %.2f %d %d %.1f %.1f\n", v["requests"] / d, v["bytes"] / d / 1e6,
+        v["p50_us"] / 1000, v["p99_us"] / 1000, v["non2xx"], v["socket_errors"],
+        ticks / hz * 1e6 / n, wticks / hz * 1e6 / n
     }' <<<"$out")
   [ -n "${R[$key]}" ] || { echo "$out" >&2; die "wrk gave no result for $key"; }
 }
@@ -566,7 +595,7 @@ raw_line() { # workload system run
   read -ra v <<<"${R[$1|$2|$3]}"
   [ "${v[4]}" != 0 ] || [ "${v[5]}" != 0 ] && warn="  !! non-2xx ${v[4]}, socket errors ${v[5]}"
   warn="$warn$(flag)"
-  printf '  run %d  %-27s %9s req/s %7s MB/s  p50 %7s ms  p99 %7s ms%s\n' "$3" "$(label "$2" "$1")" "${v[0]}" "${v[1]}" "${v[2]}" "${v[3]}" "$warn"
+  printf '  run %d  %-27s %9s req/s %7s MB/s  p50 %7s ms  p99 %7s ms  cpu %6s + wrk %6s us/req%s\n' "$3" "$(label "$2" "$1")" "${v[0]}" "${v[1]}" "${v[2]}" "${v[3]}" "${v[6]}" "${v[7]}" "$warn"
 }
 
 # cold-miss storm: STORM requests for distinct ranges spread evenly over a version that
@@ -690,7 +719,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 table() { # workload reference-system systems...
   local wl=$1 ref=$2
   shift 2
-  printf '%-28s %9s %8s %8s %8s   %-16s %-16s\n' system req/s MB/s "p50 ms" "p99 ms" "req/s ratio" "p99 ratio"
+  printf '%-28s %9s %8s %8s %8s %8s %8s   %-16s %-16s\n' system req/s MB/s "p50 ms" "p99 ms" "cpu us" "wrk us" "req/s ratio" "p99 ratio"
   local sys rq p99 ref_rq ref_p99 path_rq path_p99 rr pr
   ref_rq=$(cell "$wl" "$ref" 0) ref_p99=$(cell "$wl" "$ref" 3)
   if [ "$wl" = range ]; then path_rq=$(cell range cdn-path 0) path_p99=$(cell range cdn-path 3); fi
@@ -703,8 +732,8 @@ table() { # workload reference-system systems...
         rr="$rr (path $(ratio "$path_rq" "$rq"))" pr="$pr (path $(ratio "$path_p99" "$p99"))"
       fi
     fi
-    printf '%-28s %9s %8s %8s %8s   %-16s %-16s\n' "$(label "$sys" "$wl")" "$rq" "$(cell "$wl" "$sys" 1)" \
-      "$(cell "$wl" "$sys" 2)" "$p99" "$rr" "$pr"
+    printf '%-28s %9s %8s %8s %8s %8s %8s   %-16s %-16s\n' "$(label "$sys" "$wl")" "$rq" "$(cell "$wl" "$sys" 1)" \
+      "$(cell "$wl" "$sys" 2)" "$p99" "$(cell "$wl" "$sys" 6)" "$(cell "$wl" "$sys" 7)" "$rr" "$pr"
   done
 }
 runs_note="median of $RUNS run(s)"
@@ -718,6 +747,9 @@ fi
 echo "req/s ratio = cdn-edge req/s / that system's (above 1: cdn-edge serves more);"
 echo "p99 ratio = cdn-edge p99 / that system's (below 1: cdn-edge's tail is shorter)."
 echo "MB/s counts every byte wrk read (headers too), in 10^6 bytes."
+echo "cpu us = the server's own cpu time (all its threads and worker processes) per request, in"
+echo "microseconds: what it costs regardless of how much cpu wrk leaves it; wrk us = the same"
+echo "for wrk, which reads every response on the same cpus (with one thread it tops out at 1e6/wrk us req/s)."
 echo
 echo "1. random 310,491-byte range hits of the warm $((SIZE / 1048576)) MiB object (same seeded sequence for all;"
 echo "   ratios against cdn-edge's / + Range form, the same request the peers get; (path ...) against /range/a-b)"
