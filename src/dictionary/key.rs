@@ -33,7 +33,7 @@ pub enum KeyError {
 /// Builds the canonical `path?query` for a lookup; it is both the cache key and the
 /// upstream request target.
 pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, KeyError> {
-    let mut params: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    let mut params: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(8);
     if let Some(q) = raw_query {
         for pair in q.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
             if params.len() == MAX_PARAMS {
@@ -51,15 +51,28 @@ pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, 
     out.push_str(path);
     for (i, (k, v)) in params.iter().enumerate() {
         out.push(if i == 0 { '?' } else { '&' });
-        out.extend(utf8_percent_encode(k, UNRESERVED));
+        encode_into(&mut out, k);
         out.push('=');
-        out.extend(utf8_percent_encode(v, UNRESERVED));
+        encode_into(&mut out, v);
     }
     Ok(out)
 }
 
 /// Percent-decodes (strictly: `%` must start two hex digits), checks UTF-8, applies NFC.
 /// Borrows the raw text when there is nothing to decode or normalise (most parameters).
+/// Appends `text` percent-encoded (all but the unreserved characters).
+fn encode_into(out: &mut String, text: &str) {
+    // Performance: most keys and values need no escaping at all.
+    if text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    {
+        out.push_str(text);
+    } else {
+        out.extend(utf8_percent_encode(text, UNRESERVED));
+    }
+}
+
 fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     let mut escaped = false;
     for (i, &b) in raw.iter().enumerate() {
@@ -74,16 +87,13 @@ fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
         }
     }
     let text: Cow<'_, str> = if escaped {
-        let bytes: Vec<u8> = raw
-            .split(|&b| b == b'+')
-            .enumerate()
-            .flat_map(|(i, part)| {
-                (i > 0)
-                    .then_some(b' ')
-                    .into_iter()
-                    .chain(percent_decode(part))
-            })
-            .collect();
+        let mut bytes = Vec::with_capacity(raw.len());
+        for (i, part) in raw.split(|&b| b == b'+').enumerate() {
+            if i > 0 {
+                bytes.push(b' ');
+            }
+            bytes.extend(percent_decode(part));
+        }
         Cow::Owned(String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?)
     } else {
         Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::NotUtf8)?)
