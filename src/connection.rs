@@ -249,8 +249,9 @@ impl GuardedStream {
 
     /// Sends `buf`, which lies in the page pool, from the pool's file: the held head
     /// first (corked, so it leaves with the body), then the bytes by file offset. `None`
-    /// when the socket is full or this path does not apply; the caller then writes `buf`
-    /// the usual way, which also waits for the socket to drain.
+    /// when this path does not apply or the socket refused (full, or an error): the
+    /// caller then writes `buf` the usual way, which waits for the socket to drain and
+    /// reports a broken connection as any write does.
     fn poll_send_file(
         &mut self,
         cx: &mut Context<'_>,
@@ -263,19 +264,16 @@ impl GuardedStream {
         let socket = pages::socket_of(self.inner.as_any().downcast_ref::<L4Stream>()?);
         while !self.held.is_empty() {
             match pages::send_more(socket, &self.held) {
-                Ok(n) => drop(self.held.drain(..n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                Err(e) => return Some(Poll::Ready(Err(e))),
+                Ok(n) if n > 0 => drop(self.held.drain(..n)),
+                _ => return None,
             }
         }
         match range.send(socket, buf.len()) {
-            Ok(0) => None,
-            Ok(n) => {
+            Ok(n) if n > 0 => {
                 self.metrics.client_sendfile_bytes.inc_by(n as u64);
                 Some(self.after_write(cx, Poll::Ready(Ok(n))))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => Some(Poll::Ready(Err(e))),
+            _ => None,
         }
     }
 
