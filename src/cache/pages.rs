@@ -331,12 +331,6 @@ pub fn send_more(socket: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-impl AsFd for PagePool {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.pool.file.as_fd()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,7 +351,7 @@ mod tests {
         assert_eq!(pool.free_slots(), 1);
         let part = held.slice(1000..200_000);
         let range = locate(&part).expect("in the pool");
-        assert_eq!(range.file().as_raw_fd(), pool.as_fd().as_raw_fd());
+        assert_eq!(range.file().as_raw_fd(), pool.pool.file.as_raw_fd());
         assert_eq!(range.offset(), 1000);
         let mut read = vec![0u8; part.len()];
         rustix::io::pread(range.file(), &mut read, range.offset()).unwrap();

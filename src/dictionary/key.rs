@@ -63,14 +63,16 @@ pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, 
 /// Appends `text` percent-encoded (all but the unreserved characters).
 fn encode_into(out: &mut String, text: &str) {
     // Performance: most keys and values need no escaping at all.
-    if text
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
-    {
+    if text.bytes().all(is_unreserved) {
         out.push_str(text);
     } else {
         out.extend(utf8_percent_encode(text, UNRESERVED));
     }
+}
+
+/// The bytes [`UNRESERVED`] leaves as they are (a test keeps the two in step).
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
@@ -114,6 +116,15 @@ mod tests {
 
     fn key(q: &str) -> Result<String, KeyError> {
         canonical_target(P, Some(q.as_bytes()))
+    }
+
+    #[test]
+    fn the_fast_path_escapes_exactly_what_the_encode_set_does() {
+        for b in 0u8..0x80 {
+            let s = (b as char).to_string();
+            let encoded = utf8_percent_encode(&s, UNRESERVED).to_string();
+            assert_eq!(is_unreserved(b), encoded == s, "byte {b:#04x}");
+        }
     }
 
     #[test]
