@@ -33,21 +33,34 @@ pub enum KeyError {
 /// Builds the canonical `path?query` for a lookup; it is both the cache key and the
 /// upstream request target.
 pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, KeyError> {
+    // Checked once for the whole query: a byte that is not UTF-8 as sent can never
+    // decode to UTF-8, and splitting at ASCII `&` and `=` keeps every piece valid.
+    let query = match raw_query {
+        Some(q) => std::str::from_utf8(q).map_err(|_| KeyError::NotUtf8)?,
+        None => "",
+    };
     let mut params: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(8);
-    if let Some(q) = raw_query {
-        for pair in q.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-            if params.len() == MAX_PARAMS {
-                return Err(KeyError::TooManyParams);
-            }
-            let (k, v) = match pair.iter().position(|&b| b == b'=') {
-                Some(i) => (&pair[..i], &pair[i + 1..]),
-                None => (pair, &[][..]),
-            };
-            params.push((decode(k)?, decode(v)?));
+    // Performance: positions are found on bytes; slicing at an ASCII byte keeps every
+    // piece valid UTF-8.
+    let mut rest = query;
+    while !rest.is_empty() {
+        let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
+        let pair = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or("");
+        if pair.is_empty() {
+            continue;
         }
+        if params.len() == MAX_PARAMS {
+            return Err(KeyError::TooManyParams);
+        }
+        let (k, v) = match pair.bytes().position(|b| b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, ""),
+        };
+        params.push((decode(k)?, decode(v)?));
     }
     params.sort_unstable();
-    let mut out = String::with_capacity(path.len() + 64);
+    let mut out = String::with_capacity(path.len() + query.len() + 16);
     out.push_str(path);
     for (i, (k, v)) in params.iter().enumerate() {
         out.push(if i == 0 { '?' } else { '&' });
@@ -58,8 +71,6 @@ pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, 
     Ok(out)
 }
 
-/// Percent-decodes (strictly: `%` must start two hex digits), checks UTF-8, applies NFC.
-/// Borrows the raw text when there is nothing to decode or normalise (most parameters).
 /// Appends `text` percent-encoded (all but the unreserved characters).
 fn encode_into(out: &mut String, text: &str) {
     // Performance: most keys and values need no escaping at all.
@@ -75,37 +86,50 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-fn decode(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
+/// Percent-decodes (strictly: `%` must start two hex digits), checks UTF-8, applies NFC.
+/// Borrows the raw text when there is nothing to decode or normalise (most parameters).
+fn decode(raw: &str) -> Result<Cow<'_, str>, KeyError> {
+    let bytes = raw.as_bytes();
     let mut escaped = false;
-    for (i, &b) in raw.iter().enumerate() {
+    let mut ascii = true;
+    for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' if !(raw.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
-                && raw.get(i + 2).is_some_and(u8::is_ascii_hexdigit)) =>
+            b'%' if !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit)) =>
             {
                 return Err(KeyError::BadPercentEncoding)
             }
             b'%' | b'+' => escaped = true,
+            0x80.. => ascii = false,
             _ => {}
         }
     }
-    let text: Cow<'_, str> = if escaped {
-        let mut bytes = Vec::with_capacity(raw.len());
-        for (i, part) in raw.split(|&b| b == b'+').enumerate() {
-            if i > 0 {
-                bytes.push(b' ');
-            }
-            bytes.extend(percent_decode(part));
-        }
-        Cow::Owned(String::from_utf8(bytes).map_err(|_| KeyError::NotUtf8)?)
-    } else {
-        Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::NotUtf8)?)
-    };
-    // Players send composed text; only text that may not be NFC is rebuilt.
-    // Performance: ASCII is always NFC, and most parameters are ASCII.
-    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
-        return Ok(text);
+    // Performance: ASCII is always NFC, and most parameters are plain ASCII.
+    if !escaped {
+        return Ok(if ascii {
+            Cow::Borrowed(raw)
+        } else {
+            nfc(Cow::Borrowed(raw))
+        });
     }
-    Ok(Cow::Owned(text.nfc().collect()))
+    let mut decoded = Vec::with_capacity(bytes.len());
+    for (i, part) in bytes.split(|&b| b == b'+').enumerate() {
+        if i > 0 {
+            decoded.push(b' ');
+        }
+        decoded.extend(percent_decode(part));
+    }
+    let text = String::from_utf8(decoded).map_err(|_| KeyError::NotUtf8)?;
+    Ok(nfc(Cow::Owned(text)))
+}
+
+/// Players send composed text; only text that may not be NFC is rebuilt.
+fn nfc(text: Cow<'_, str>) -> Cow<'_, str> {
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        text
+    } else {
+        Cow::Owned(text.nfc().collect())
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +213,11 @@ mod tests {
         assert_eq!(key("form=%FF%FE"), Err(KeyError::NotUtf8));
         assert_eq!(
             canonical_target(P, Some(b"form=\xff")),
+            Err(KeyError::NotUtf8)
+        );
+        // Bytes that are not UTF-8 as sent are found first, wherever they are.
+        assert_eq!(
+            canonical_target(P, Some(b"form=%ZZ&x=\xff")),
             Err(KeyError::NotUtf8)
         );
         let many = vec!["a=1"; MAX_PARAMS + 1].join("&");

@@ -207,8 +207,7 @@ impl DictionaryStore {
 
     /// Answers `target` (a canonical `path?query`) from cache or upstream.
     pub async fn lookup(&self, target: &str) -> Result<(Arc<Entry>, Outcome), LookupError> {
-        let key: Arc<str> = Arc::from(target);
-        let cached = self.entries.get(&key).await;
+        let cached = self.entries.get(target).await;
         let now = Instant::now();
         if let Some(e) = cached.as_ref().filter(|e| now < e.fresh_until) {
             if e.served_stale {
@@ -222,7 +221,7 @@ impl DictionaryStore {
             return Ok((e.clone(), Outcome::Hit));
         }
         // Boxed: a hit does not carry the size of the upstream exchange.
-        Box::pin(self.lookup_miss(key, cached)).await
+        Box::pin(self.lookup_miss(Arc::from(target), cached)).await
     }
 
     async fn lookup_miss(
