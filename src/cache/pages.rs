@@ -62,16 +62,6 @@ pub fn locate(buf: &[u8]) -> Option<FileRange> {
     })
 }
 
-impl FileRange {
-    pub fn file(&self) -> BorrowedFd<'_> {
-        self.pool.file.as_fd()
-    }
-
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-}
-
 /// The socket under a Pingora L4 stream, borrowed for as long as the stream is.
 #[allow(unsafe_code)]
 pub fn socket_of(stream: &pingora::protocols::l4::stream::Stream) -> BorrowedFd<'_> {
@@ -175,7 +165,8 @@ impl PagePool {
     }
 
     /// Slots not holding a slice.
-    pub fn free_slots(&self) -> usize {
+    #[cfg(test)]
+    fn free_slots(&self) -> usize {
         self.pool
             .free
             .lock()
@@ -302,6 +293,10 @@ impl Drop for Slot {
 }
 
 impl FileRange {
+    fn file(&self) -> BorrowedFd<'_> {
+        self.pool.file.as_fd()
+    }
+
     /// Sends `len` bytes from this range to `socket` without copying them through user
     /// space. The socket must be non-blocking; `WouldBlock` means it is full.
     pub fn send(&self, socket: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
@@ -352,9 +347,9 @@ mod tests {
         let part = held.slice(1000..200_000);
         let range = locate(&part).expect("in the pool");
         assert_eq!(range.file().as_raw_fd(), pool.pool.file.as_raw_fd());
-        assert_eq!(range.offset(), 1000);
+        assert_eq!(range.offset, 1000);
         let mut read = vec![0u8; part.len()];
-        rustix::io::pread(range.file(), &mut read, range.offset()).unwrap();
+        rustix::io::pread(range.file(), &mut read, range.offset).unwrap();
         assert_eq!(read, part);
         assert!(locate(&data).is_none(), "a heap buffer is not in a pool");
     }

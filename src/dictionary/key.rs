@@ -34,14 +34,13 @@ pub enum KeyError {
 /// upstream request target.
 pub fn canonical_target(path: &str, raw_query: Option<&[u8]>) -> Result<String, KeyError> {
     // Checked once for the whole query: a byte that is not UTF-8 as sent can never
-    // decode to UTF-8, and splitting at ASCII `&` and `=` keeps every piece valid.
+    // decode to UTF-8, and splitting at the ASCII bytes `&` and `=` keeps every piece
+    // valid.
     let query = match raw_query {
         Some(q) => std::str::from_utf8(q).map_err(|_| KeyError::NotUtf8)?,
         None => "",
     };
     let mut params: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::with_capacity(8);
-    // Performance: positions are found on bytes; slicing at an ASCII byte keeps every
-    // piece valid UTF-8.
     let mut rest = query;
     while !rest.is_empty() {
         let end = rest.bytes().position(|b| b == b'&').unwrap_or(rest.len());
