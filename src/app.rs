@@ -122,7 +122,8 @@ impl AppState {
             dictionary,
             forwarder,
             cors: Cors::new(&config.cors.allow_origins),
-            verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs),
+            verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs)
+                .with_max_ttl(config.signing.max_ttl_secs),
             router: Router::new(dictionary_paths),
             store,
             origin,

@@ -49,6 +49,8 @@ pub enum AuthFailure {
     Malformed(Param),
     BadSignature,
     Expired,
+    /// Signed, but expiring further ahead than `signing.max_ttl_secs` allows.
+    TooLong,
 }
 
 impl AuthFailure {
@@ -72,11 +74,12 @@ impl AuthFailure {
             AuthFailure::Malformed(Param::Sc) => "bad_signature_format",
             AuthFailure::BadSignature => "bad_signature",
             AuthFailure::Expired => "expired",
+            AuthFailure::TooLong => "lifetime_too_long",
         }
     }
 
     /// Every label [`AuthFailure::reason`] can return, for registering metrics up front.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "missing_param",
         "duplicate_param",
         "bad_object",
@@ -86,6 +89,7 @@ impl AuthFailure {
         "bad_signature_format",
         "bad_signature",
         "expired",
+        "lifetime_too_long",
     ];
 
     /// The one-line plain-text body sent to the client.
@@ -108,6 +112,9 @@ impl AuthFailure {
             }
             AuthFailure::BadSignature => "signature does not match".into(),
             AuthFailure::Expired => "signed URL has expired".into(),
+            AuthFailure::TooLong => {
+                "signed URL expires further ahead than this edge accepts".into()
+            }
         }
     }
 }
@@ -127,6 +134,8 @@ pub struct Verifier {
     // which skips re-hashing the key.
     keys: Box<[HmacSha256]>,
     clock_skew_secs: u64,
+    /// Latest expiry accepted, as seconds after now (`None`: any).
+    max_ttl_secs: Option<u64>,
 }
 
 impl Verifier {
@@ -138,7 +147,16 @@ impl Verifier {
         Self {
             keys,
             clock_skew_secs,
+            max_ttl_secs: None,
         }
+    }
+
+    /// Refuses URLs that expire more than `secs` (plus the clock skew) after now, so a
+    /// leaked URL signed for a far future is not valid until its key is rotated.
+    /// `0` accepts any expiry.
+    pub fn with_max_ttl(mut self, secs: u64) -> Self {
+        self.max_ttl_secs = (secs > 0).then_some(secs);
+        self
     }
 
     /// Verifies the raw (still percent-encoded) query string at unix time `now`.
@@ -157,6 +175,11 @@ impl Verifier {
         }
         if now > p.expires.saturating_add(self.clock_skew_secs) {
             return Err(AuthFailure::Expired);
+        }
+        if let Some(ttl) = self.max_ttl_secs {
+            if p.expires > now.saturating_add(ttl).saturating_add(self.clock_skew_secs) {
+                return Err(AuthFailure::TooLong);
+            }
         }
         Ok(Signed {
             object: p.o,
@@ -344,6 +367,25 @@ mod tests {
     }
 
     #[test]
+    fn a_lifetime_past_max_ttl_is_403() {
+        let v = verifier().with_max_ttl(3600);
+        let within = sign_query(b"secret-one", "a", "1", NOW + 3600 + 30, "");
+        assert!(v.verify(&within, NOW).is_ok(), "max_ttl plus the skew");
+        let beyond = sign_query(b"secret-one", "a", "1", NOW + 3600 + 31, "");
+        assert_eq!(v.verify(&beyond, NOW), Err(AuthFailure::TooLong));
+        assert_eq!(AuthFailure::TooLong.status(), 403);
+        let forever = sign_query(b"secret-one", "a", "1", u64::MAX, "");
+        assert_eq!(v.verify(&forever, NOW), Err(AuthFailure::TooLong));
+        assert!(
+            verifier().with_max_ttl(0).verify(&forever, NOW).is_ok(),
+            "0 is no limit"
+        );
+        // Tampered first: a forged far-future URL is a bad signature, not a long one.
+        let forged = forever.replace("o=a", "o=b");
+        assert_eq!(v.verify(&forged, NOW), Err(AuthFailure::BadSignature));
+    }
+
+    #[test]
     fn expired_but_tampered_is_403_not_410() {
         let q = sign_query(b"secret-one", "a", "1", NOW - 1000, "").replace("o=a", "o=b");
         assert_eq!(verifier().verify(&q, NOW).unwrap_err().status(), 403);
@@ -452,6 +494,7 @@ mod tests {
             AuthFailure::Malformed(Param::Sc),
             AuthFailure::BadSignature,
             AuthFailure::Expired,
+            AuthFailure::TooLong,
         ];
         for f in all {
             assert!(AuthFailure::REASONS.contains(&f.reason()));

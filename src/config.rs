@@ -20,6 +20,8 @@ pub const MIN_SLICE_BYTES: u64 = 4 << 10;
 pub const MAX_SLICE_BYTES: u64 = 64 << 20;
 /// Default tolerance for clocks that run ahead of the signer's, in seconds.
 pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 30;
+/// Default longest lifetime of a signed URL, in seconds (7 days); 0 accepts any expiry.
+pub const DEFAULT_MAX_TTL_SECS: u64 = 7 * 86_400;
 /// Default origin connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// Default time budget for one origin slice fetch (headers and body).
@@ -117,6 +119,8 @@ pub struct ServerCert {
 #[derive(Debug, Clone)]
 pub struct Signing {
     pub clock_skew_secs: u64,
+    /// URLs expiring more than this many seconds (plus the skew) ahead are refused; 0: no limit.
+    pub max_ttl_secs: u64,
     pub keys: Vec<SigningKey>,
 }
 
@@ -455,11 +459,17 @@ mod file {
     pub struct Signing {
         #[serde(default = "default_clock_skew")]
         pub clock_skew_secs: u64,
+        #[serde(default = "default_max_ttl")]
+        pub max_ttl_secs: u64,
         pub keys: Vec<Key>,
     }
 
     fn default_clock_skew() -> u64 {
         DEFAULT_CLOCK_SKEW_SECS
+    }
+
+    fn default_max_ttl() -> u64 {
+        DEFAULT_MAX_TTL_SECS
     }
 
     #[derive(Deserialize)]
@@ -787,6 +797,7 @@ fn validate_signing(
     }
     Ok(Signing {
         clock_skew_secs: raw.clock_skew_secs,
+        max_ttl_secs: raw.max_ttl_secs,
         keys,
     })
 }
@@ -987,6 +998,7 @@ urls = ["http://127.0.0.1:9000"]
         assert_eq!(c.cache.slice_bytes, DEFAULT_SLICE_BYTES);
         assert_eq!(c.cache.memory_bytes, DEFAULT_MEMORY_BYTES);
         assert_eq!(c.signing.clock_skew_secs, 30);
+        assert_eq!(c.signing.max_ttl_secs, DEFAULT_MAX_TTL_SECS);
         assert_eq!(c.origin.path.render("a", "b"), "/objects/a/b");
         assert!(c.server.threads >= 1);
     }

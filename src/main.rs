@@ -161,6 +161,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     auth::MAX_TOKEN_LEN
                 );
             }
+            let max = config.signing.max_ttl_secs;
+            if max > 0 && ttl > max {
+                bail!("--ttl {ttl}: the edges refuse URLs that live longer than signing.max_ttl_secs ({max} s) in {}", conf.display());
+            }
             let expires = demo::unix_now().saturating_add(ttl);
             println!(
                 "{}",

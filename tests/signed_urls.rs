@@ -162,6 +162,31 @@ async fn expired_is_410_and_skew_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_living_past_max_ttl_is_403() {
+    let (origin, edge) = setup().await;
+    // The test edge keeps the default signing.max_ttl_secs: 7 days.
+    let week = 7 * 86_400;
+    let ok = sign_query(KEY1.as_bytes(), "movie", "v1", unix_now() + week - 60, "tok");
+    assert_eq!(edge.get(&format!("/range/0-99?{ok}"), &[]).await.status, 200);
+    for e in [unix_now() + week + 3600, u64::MAX] {
+        let q = sign_query(KEY1.as_bytes(), "movie", "v1", e, "tok");
+        expect(
+            &edge,
+            &q,
+            403,
+            "signed URL expires further ahead than this edge accepts",
+        )
+        .await;
+    }
+    assert_eq!(
+        edge.metric("cdn_edge_auth_failures_total{reason=\"lifetime_too_long\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_checks_guard_the_whole_object_route() {
     let (origin, edge) = setup().await;
     let expired = sign_query(KEY1.as_bytes(), "movie", "v1", unix_now() - 120, "tok");
