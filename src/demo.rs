@@ -84,15 +84,25 @@ pub fn sample_objects() -> Vec<SampleObject> {
             o: "sample",
             v: "1",
             content_type: "video/mp4",
-            bytes: sample_bytes(1, 128 << 20),
+            bytes: with_mp4_signature(sample_bytes(1, 128 << 20)),
         },
         SampleObject {
             o: "trailer",
             v: "2",
             content_type: "video/mp4",
-            bytes: sample_bytes(2, 3_000_001),
+            bytes: with_mp4_signature(sample_bytes(2, 3_000_001)),
         },
     ]
+}
+
+/// An ISO BMFF `ftyp` box (brand `isom`), so that content sniffers (browsers, REDbot)
+/// see the bytes as the MP4 their `Content-Type` says.
+const MP4_FTYP: [u8; 24] = *b"\0\0\0\x18ftypisom\0\0\x02\0isomiso2";
+
+fn with_mp4_signature(mut bytes: Vec<u8>) -> Vec<u8> {
+    let n = MP4_FTYP.len().min(bytes.len());
+    bytes[..n].copy_from_slice(&MP4_FTYP[..n]);
+    bytes
 }
 
 /// A minimal origin: `GET /objects/{o}/{v}` with single-range support.

@@ -14,6 +14,7 @@ use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
 use crate::cache::{ObjectMeta, ObjectRef};
+use crate::conditional::{self, Decision};
 use crate::edge::Session;
 use crate::origin::OriginError;
 use crate::range::{
@@ -58,7 +59,8 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     // A cheap handle (the URI shares its bytes), so the signed values can be borrowed
     // while the session is written to.
     let uri = session.req_header().uri.clone();
-    let signed = match state.verifier.verify(uri.query().unwrap_or(""), unix_now()) {
+    let now = unix_now();
+    let signed = match state.verifier.verify(uri.query().unwrap_or(""), now) {
         Ok(s) => s,
         Err(failure) => {
             state.metrics.record_auth_failure(failure);
@@ -99,6 +101,26 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     };
     let meta = lookup.meta.clone();
     let meta = &*meta;
+    let cache_control = cache_control(signed.expires.saturating_sub(now));
+    let want = match conditional::evaluate(&session.req_header().headers, &meta.etag) {
+        Decision::Serve { honour_range: true } => want,
+        // If-Range names another version: the whole object, never a splice of two.
+        Decision::Serve {
+            honour_range: false,
+        } => match want {
+            Want::Header(Some(_)) => Want::Header(None),
+            other => other,
+        },
+        Decision::NotModified => return not_modified(session, meta, cache_control).await,
+        Decision::Failed => {
+            return respond::plain(
+                session,
+                412,
+                "precondition failed: If-Match does not name this object's ETag",
+            )
+            .await
+        }
+    };
 
     let (status, range) = match want {
         Want::Path(start, end) => match resolve_range_path(start, end, meta.size) {
@@ -125,7 +147,14 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     let body_range = match range {
         Some(r) if !head => r,
         _ => {
-            let resp = response_header(status, range, meta, &meta.content_type, all_cached)?;
+            let resp = response_header(
+                status,
+                range,
+                meta,
+                &meta.content_type,
+                all_cached,
+                cache_control,
+            )?;
             session.write_response_header(resp).await?;
             return Ok(0);
         }
@@ -145,7 +174,14 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         Ok(c) => c,
         Err(_) => return respond::plain(session, 502, "bad gateway: inconsistent object").await,
     };
-    let resp = response_header(status, range, meta, &content_type, all_cached)?;
+    let resp = response_header(
+        status,
+        range,
+        meta,
+        &content_type,
+        all_cached,
+        cache_control,
+    )?;
     session.write_response_header(resp).await?;
     let mut chunk = Some(chunk);
     let mut written = 0u64;
@@ -187,6 +223,7 @@ fn response_header(
     meta: &ObjectMeta,
     content_type: &HeaderValue,
     all_cached: bool,
+    cache_control: HeaderValue,
 ) -> pingora::Result<Box<ResponseHeader>> {
     let mut h = HeaderMap::with_capacity(8);
     h.insert(header::CONTENT_TYPE, content_type.clone());
@@ -201,11 +238,48 @@ fn response_header(
     }
     h.insert(header::ACCEPT_RANGES, BYTES);
     h.insert(header::ETAG, meta.etag.clone());
+    h.insert(header::CACHE_CONTROL, cache_control);
     h.insert(
         respond::CACHE_STATUS,
         if all_cached { CACHE_HIT } else { CACHE_MISS },
     );
     Ok(Box::new(respond::head(status, h)?))
+}
+
+/// Longest freshness a video response is given, whatever its URL's expiry (one year).
+const MAX_AGE_CAP_SECS: u64 = 365 * 86_400;
+
+/// `private, max-age={seconds the URL is still valid}, immutable`: the bytes of (o, v)
+/// never change, so a client may keep them as long as its URL would be accepted, but a
+/// shared cache must not, or it would serve the object past the URL's expiry without the
+/// signature being checked again.
+fn cache_control(remaining_secs: u64) -> HeaderValue {
+    let mut buf = [0u8; 64];
+    let mut w = &mut buf[..];
+    let _ = std::io::Write::write_fmt(
+        &mut w,
+        format_args!(
+            "private, max-age={}, immutable",
+            remaining_secs.min(MAX_AGE_CAP_SECS)
+        ),
+    );
+    let n = 64 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).expect("ASCII letters, digits and punctuation")
+}
+
+/// 304: the validators and freshness a 200 would carry, no body.
+async fn not_modified(
+    session: &mut Session,
+    meta: &ObjectMeta,
+    cache_control: HeaderValue,
+) -> pingora::Result<u64> {
+    let mut h = HeaderMap::with_capacity(2);
+    h.insert(header::ETAG, meta.etag.clone());
+    h.insert(header::CACHE_CONTROL, cache_control);
+    session
+        .write_response_header(Box::new(respond::head(304, h)?))
+        .await?;
+    Ok(0)
 }
 
 /// `bytes {start}-{end}/{size}`, formatted without a heap string.

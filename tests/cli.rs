@@ -110,7 +110,16 @@ fn sign_refuses_bad_input() {
         vec!["--key", "k1", "--object", "../a", "--version", "1"],
         vec!["--key", "k1", "--object", "a", "--version", "a/b"],
         // Longer than signing.max_ttl_secs (7 days in conf/edge.toml): the edges would refuse it.
-        vec!["--key", "k1", "--object", "a", "--version", "1", "--ttl", "604801"],
+        vec![
+            "--key",
+            "k1",
+            "--object",
+            "a",
+            "--version",
+            "1",
+            "--ttl",
+            "604801",
+        ],
     ] {
         let out = cdn_edge()
             .args(["sign", "--conf", conf])

@@ -166,8 +166,17 @@ async fn a_url_living_past_max_ttl_is_403() {
     let (origin, edge) = setup().await;
     // The test edge keeps the default signing.max_ttl_secs: 7 days.
     let week = 7 * 86_400;
-    let ok = sign_query(KEY1.as_bytes(), "movie", "v1", unix_now() + week - 60, "tok");
-    assert_eq!(edge.get(&format!("/range/0-99?{ok}"), &[]).await.status, 200);
+    let ok = sign_query(
+        KEY1.as_bytes(),
+        "movie",
+        "v1",
+        unix_now() + week - 60,
+        "tok",
+    );
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{ok}"), &[]).await.status,
+        200
+    );
     for e in [unix_now() + week + 3600, u64::MAX] {
         let q = sign_query(KEY1.as_bytes(), "movie", "v1", e, "tok");
         expect(

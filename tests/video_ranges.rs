@@ -440,3 +440,106 @@ async fn warm_slices_are_sent_by_file_offset_unless_turned_off() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_follow_rfc_9110() {
+    let (origin, edge, bytes) = setup().await;
+    let q = signed("movie", "v1");
+    let first = edge.get(&format!("/?{q}"), &[("Range", "bytes=0-9")]).await;
+    assert_eq!(first.status, 206);
+    let etag = first.header("etag").unwrap().to_string();
+    let cache_control = first.header("cache-control").unwrap().to_string();
+    assert!(
+        cache_control.starts_with("private, max-age=") && cache_control.ends_with(", immutable"),
+        "{cache_control}"
+    );
+    let fetched = origin.requests();
+
+    // If-None-Match with the current tag (or *): 304 with the validators, no body.
+    for inm in [etag.as_str(), "*", &format!("\"nope\", W/{etag}")] {
+        for method in ["GET", "HEAD"] {
+            let r = edge
+                .request(method, &format!("/?{q}"), &[("If-None-Match", inm)])
+                .await;
+            assert_eq!(r.status, 304, "{method} If-None-Match: {inm}");
+            assert!(r.body.is_empty());
+            assert_eq!(r.header("etag"), Some(etag.as_str()));
+            assert!(r.header("cache-control").is_some());
+        }
+    }
+    let r = edge
+        .get(&format!("/range/5-9?{q}"), &[("If-None-Match", &etag)])
+        .await;
+    assert_eq!(r.status, 304, "the range route too");
+    assert_eq!(origin.requests(), fetched, "a 304 needs no origin request");
+    let r = edge
+        .get(
+            &format!("/?{q}"),
+            &[("If-None-Match", "\"other\""), ("Range", "bytes=0-9")],
+        )
+        .await;
+    assert_eq!(r.status, 206, "another tag: served");
+    assert!(r.body == bytes[0..10]);
+
+    // If-Range: our tag honours the range; another tag, a weak tag or a date sends the
+    // whole object, so a resumed download never splices two versions.
+    let r = edge
+        .get(
+            &format!("/?{q}"),
+            &[("Range", "bytes=10-19"), ("If-Range", &etag)],
+        )
+        .await;
+    assert_eq!(r.status, 206);
+    assert!(r.body == bytes[10..20]);
+    for if_range in [
+        "\"another-version\"".to_string(),
+        format!("W/{etag}"),
+        "Tue, 01 Dec 2026 12:00:00 GMT".to_string(),
+    ] {
+        let r = edge
+            .get(
+                &format!("/?{q}"),
+                &[("Range", "bytes=10-19"), ("If-Range", &if_range)],
+            )
+            .await;
+        assert_eq!(r.status, 200, "If-Range: {if_range}");
+        assert_eq!(r.header("content-range"), None);
+        assert!(r.body == bytes, "the whole object");
+    }
+
+    // If-Match: a wrong (or weak) tag is 412; the right one is served.
+    for wrong in ["\"wrong\"".to_string(), format!("W/{etag}")] {
+        let r = edge
+            .get(
+                &format!("/?{q}"),
+                &[("If-Match", &wrong), ("Range", "bytes=0-9")],
+            )
+            .await;
+        assert_eq!(r.status, 412, "If-Match: {wrong}");
+    }
+    let r = edge
+        .get(
+            &format!("/?{q}"),
+            &[("If-Match", &etag), ("Range", "bytes=0-9")],
+        )
+        .await;
+    assert_eq!(r.status, 206);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_control_lets_clients_keep_bytes_only_while_the_url_is_valid() {
+    let (_origin, edge, _bytes) = setup().await;
+    let e = support::edge::unix_now() + 600;
+    let q = cdn_edge::auth::sign_query(support::edge::KEY1.as_bytes(), "movie", "v1", e, "tok");
+    let r = edge.get(&format!("/range/0-9?{q}"), &[]).await;
+    let cc = r.header("cache-control").unwrap();
+    let age: u64 = cc
+        .strip_prefix("private, max-age=")
+        .and_then(|s| s.strip_suffix(", immutable"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((590..=600).contains(&age), "{cc}");
+    let refused = edge.get("/range/0-9?o=movie&v=v1", &[]).await;
+    assert_eq!(refused.header("cache-control"), Some("no-store"));
+}
