@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::app::AppState;
 use crate::cache::CacheStats;
 use crate::dictionary::store::DictionaryStats;
+use crate::forward::opening::SpoolState;
 use crate::forward::spool::{Depth, Queue};
 use crate::origin::OriginHealth;
 
@@ -40,9 +41,11 @@ struct Status {
 
 #[derive(Serialize)]
 struct SpoolStatus {
-    path: String,
-    events: Depth,
-    logblob: Depth,
+    state: SpoolState,
+    /// `null` until the spool is open.
+    path: Option<String>,
+    events: Option<Depth>,
+    logblob: Option<Depth>,
 }
 
 #[derive(Serialize)]
@@ -85,10 +88,14 @@ impl ServeHttp for AdminApp {
                         memory_capacity_bytes: self.state.memory_capacity,
                         stats: self.state.store.stats(),
                     },
-                    spool: self.state.forwarder.as_ref().map(|f| SpoolStatus {
-                        path: f.spool.path().display().to_string(),
-                        events: f.spool.depth(Queue::Events),
-                        logblob: f.spool.depth(Queue::LogBlob),
+                    spool: self.state.forwarder.as_ref().map(|slot| {
+                        let open = slot.get();
+                        SpoolStatus {
+                            state: slot.state(),
+                            path: open.map(|f| f.spool.path().display().to_string()),
+                            events: open.map(|f| f.spool.depth(Queue::Events)),
+                            logblob: open.map(|f| f.spool.depth(Queue::LogBlob)),
+                        }
                     }),
                     dictionary: self.state.dictionary.as_ref().map(|d| d.stats()),
                     origins: self.state.origin.health(),

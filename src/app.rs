@@ -10,8 +10,9 @@ use crate::cache::SliceStore;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::dictionary::store::DictionaryStore;
+use crate::forward::opening::ForwardSlot;
 use crate::forward::spool::SpoolError;
-use crate::forward::{ForwardSetupError, Forwarder};
+use crate::forward::ForwardSetupError;
 use crate::metrics::Metrics;
 use crate::origin::OriginClient;
 use crate::routes::Router;
@@ -23,7 +24,8 @@ use crate::upstream::ResolveError;
 pub struct AppState {
     pub verifier: Verifier,
     pub dictionary: Option<DictionaryStore>,
-    pub forwarder: Option<Forwarder>,
+    /// The forwarded routes, once their spool is open (see `forward::opening`).
+    pub forwarder: Option<Arc<ForwardSlot>>,
     pub cors: Cors,
     pub router: Router,
     pub store: SliceStore,
@@ -62,9 +64,7 @@ impl AppState {
     pub fn hand_over_storage(&self) {
         self.store.hand_over_disk();
         if let Some(f) = &self.forwarder {
-            if let Err(e) = f.spool.hand_over_blocking() {
-                tracing::error!(error = %e, "spool hand-over failed");
-            }
+            f.hand_over_blocking();
         }
         tracing::info!("disk tier and spool handed over to the new process");
     }
@@ -116,7 +116,7 @@ impl AppState {
         let forwarder = config
             .forward
             .as_ref()
-            .map(|f| Forwarder::new(f, &connectors, metrics.clone()))
+            .map(|f| ForwardSlot::open_in_background(f, &connectors, metrics.clone()))
             .transpose()?;
         Ok(Arc::new(Self {
             dictionary,
@@ -151,7 +151,7 @@ impl AppState {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);
         }
-        if let Some(f) = &self.forwarder {
+        if let Some(f) = self.forwarder.as_ref().and_then(|f| f.get()) {
             for q in crate::forward::spool::Queue::ALL {
                 let d = f.spool.depth(q);
                 self.metrics

@@ -90,7 +90,17 @@ impl Edge {
             Route::Dictionary => dictionary::serve(&self.state, session).await,
             // Boxed: the video and dictionary routes do not carry its size.
             Route::Event | Route::LogBlob | Route::Stats => match &self.state.forwarder {
-                Some(f) => Box::pin(f.serve(session, route)).await,
+                Some(slot) => match slot.get() {
+                    Some(f) => Box::pin(f.serve(session, route)).await,
+                    None => {
+                        Box::pin(crate::forward::not_open(
+                            session,
+                            &self.state.metrics,
+                            route,
+                        ))
+                        .await
+                    }
+                },
                 None => respond::plain(session, 404, "not configured on this edge").await,
             },
         }

@@ -7,7 +7,7 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -229,6 +229,8 @@ pub struct Metrics {
     pub dictionary_pending: IntGauge,
     pub spool_corrupt: IntCounter,
     pub spool_commits: IntCounter,
+    /// Seconds the last spool open took (repair after a crash included).
+    pub spool_open_seconds: Gauge,
     forwarded: Vec<IntCounter>,
     forward_delivery: Vec<Histogram>,
     pub stats_dropped: IntCounter,
@@ -543,6 +545,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let spool_open_seconds = registered(
+            r,
+            Gauge::new(
+                "cdn_edge_spool_open_seconds",
+                "Seconds the spool took to open at start (a repair after a crash included); forwarded routes answer 503 meanwhile.",
+            )
+            .expect("valid metric"),
+        );
         let spool_commits = registered(
             r,
             IntCounter::new(
@@ -694,6 +704,7 @@ impl Metrics {
             dictionary_pending,
             spool_corrupt,
             spool_commits,
+            spool_open_seconds,
             forwarded,
             forward_delivery,
             stats_dropped,

@@ -17,7 +17,7 @@ use crate::app::StateError;
 use crate::config::Config;
 use crate::connection::GuardedApp;
 use crate::edge::Edge;
-use crate::forward::deliver::DeliveryService;
+use crate::forward::opening::DeliveryWhenOpen;
 use crate::tls::{self, TlsError};
 use crate::upstream::ConnectorSettings;
 
@@ -123,14 +123,13 @@ impl EdgeServer {
         admin.add_tcp(&config.listen.admin.to_string());
         server.add_service(admin);
 
-        if let (Some(forwarder), Some(cfg)) = (&state.forwarder, &config.forward) {
-            let delivery = DeliveryService::new(
-                forwarder,
+        if let (Some(slot), Some(cfg)) = (&state.forwarder, &config.forward) {
+            let delivery = DeliveryWhenOpen::new(
+                slot.clone(),
                 cfg,
                 &ConnectorSettings::from_config(config),
                 state.metrics.clone(),
-            )
-            .map_err(|e| StartError::State(StateError::Resolve(e)))?;
+            );
             server.add_service(background_service("cdn-edge forward delivery", delivery));
         }
 

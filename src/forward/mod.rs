@@ -11,6 +11,7 @@
 //! bounded.
 
 pub mod deliver;
+pub mod opening;
 pub mod record;
 pub mod spool;
 
@@ -321,6 +322,22 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Answers a forwarded route while the spool is not open (opening after a start, or
+/// failed): 503 with `Retry-After`, nothing accepted that could not be kept.
+pub async fn not_open(
+    session: &mut Session,
+    metrics: &Metrics,
+    route: Route,
+) -> pingora::Result<u64> {
+    metrics.record_forward(route, ForwardResult::Refused);
+    session.set_keepalive(None);
+    respond::plain_with(session, 503, "spool not open yet: retry later", |r| {
+        r.insert_header(header::RETRY_AFTER, RETRY_AFTER_SECS)
+            .map(|_| ())
+    })
+    .await
 }
 
 /// The `reqId` query parameter, as sent.

@@ -50,6 +50,8 @@ const DELIVERED_AT: TableDefinition<(u64, &str), ()> = TableDefinition::new("del
 const PURGE_CHUNK: usize = 10_000;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// The store's file name inside `forward.spool_dir`.
+pub const FILE_NAME: &str = "spool.redb";
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
 const OPS_QUEUE: usize = 4096;
 /// Dead letters kept at most (the oldest are dropped first, with a warning).
@@ -217,7 +219,7 @@ impl Spool {
     ) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
-        let path = dir.join("spool.redb");
+        let path = dir.join(FILE_NAME);
         // redb's own page cache; the default (1 GiB) would compete with the video tier.
         let mut builder = Database::builder();
         builder.set_cache_size(SPOOL_CACHE_BYTES);
