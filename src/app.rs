@@ -98,6 +98,7 @@ impl AppState {
         let store = SliceStore::new(
             config.cache.slice_bytes,
             config.cache.memory_bytes,
+            config.cache.meta_ttl,
             pages,
             disk,
             origin.clone(),

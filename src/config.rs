@@ -14,6 +14,11 @@ use serde::Deserialize;
 pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;
 /// Default memory tier budget: 1 GiB.
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// Default time object metadata learnt from a single origin answer is used before it is
+/// re-checked, in seconds: 10 (as long as a missing object's 404 is kept).
+pub const DEFAULT_META_TTL_SECS: u64 = 10;
+/// Longest accepted `cache.meta_ttl_secs`: one day.
+pub const MAX_META_TTL_SECS: u64 = 86_400;
 /// Smallest accepted slice: 4 KiB (smaller slices make per-slice overhead dominate).
 pub const MIN_SLICE_BYTES: u64 = 4 << 10;
 /// Largest accepted slice: 64 MiB (a slice is held in memory whole, and weighed as a u32).
@@ -147,6 +152,10 @@ pub struct Cache {
     /// Memory-tier slices live in a memfd and plain-TCP responses send them with
     /// `sendfile` (no copy through user space).
     pub sendfile: bool,
+    /// How long metadata from a single origin answer (a 206's total size, a 416's
+    /// `bytes */size`) is used before the origin is asked again; once an answer agrees
+    /// after that, it is kept. `cache.meta_ttl_secs`, seconds, default 10.
+    pub meta_ttl: Duration,
     pub disk: Option<DiskCache>,
 }
 
@@ -486,6 +495,7 @@ mod file {
         pub slice_bytes: u64,
         pub memory_bytes: u64,
         pub sendfile: bool,
+        pub meta_ttl_secs: u64,
         pub disk: Option<Disk>,
     }
 
@@ -495,6 +505,7 @@ mod file {
                 slice_bytes: DEFAULT_SLICE_BYTES,
                 memory_bytes: DEFAULT_MEMORY_BYTES,
                 sendfile: true,
+                meta_ttl_secs: DEFAULT_META_TTL_SECS,
                 disk: None,
             }
         }
@@ -815,6 +826,12 @@ fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
             "must hold at least one slice (>= cache.slice_bytes)",
         ));
     }
+    if !(1..=MAX_META_TTL_SECS).contains(&raw.meta_ttl_secs) {
+        return Err(invalid(
+            "cache.meta_ttl_secs",
+            format!("must be between 1 and {MAX_META_TTL_SECS}"),
+        ));
+    }
     let disk = match raw.disk {
         Some(d) => {
             if d.path.as_os_str().is_empty() {
@@ -837,6 +854,7 @@ fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
         slice_bytes: raw.slice_bytes,
         memory_bytes: raw.memory_bytes,
         sendfile: raw.sendfile,
+        meta_ttl: Duration::from_secs(raw.meta_ttl_secs),
         disk,
     })
 }
@@ -1061,6 +1079,22 @@ urls = ["http://127.0.0.1:9000"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn meta_ttl_has_a_default_and_bounds() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(c.cache.meta_ttl, Duration::from_secs(DEFAULT_META_TTL_SECS));
+        let text = format!("{MINIMAL}\n[cache]\nmeta_ttl_secs = 3\n");
+        let c = Config::from_toml_with_env(&text, no_env).unwrap();
+        assert_eq!(c.cache.meta_ttl, Duration::from_secs(3));
+        for bad in ["0", "86401"] {
+            let text = format!("{MINIMAL}\n[cache]\nmeta_ttl_secs = {bad}\n");
+            let err = Config::from_toml_with_env(&text, no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cache.meta_ttl_secs"), "{err}");
+        }
     }
 
     #[test]

@@ -91,6 +91,31 @@ impl OriginResult {
     }
 }
 
+/// What a check of provisional object metadata against a later origin answer found,
+/// the `result` label (see `cache::meta`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCheck {
+    /// The answer agreed once the metadata was due: kept for good from now on.
+    Confirmed,
+    /// The answer disagreed (size or validator): metadata replaced, its slice refused.
+    Replaced,
+    /// A re-check could not confirm (origin failed, or the object is still empty):
+    /// kept provisional for another TTL.
+    Kept,
+}
+
+impl MetaCheck {
+    pub const ALL: [MetaCheck; 3] = [MetaCheck::Confirmed, MetaCheck::Replaced, MetaCheck::Kept];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            MetaCheck::Confirmed => "confirmed",
+            MetaCheck::Replaced => "replaced",
+            MetaCheck::Kept => "kept",
+        }
+    }
+}
+
 /// How a dictionary lookup was answered, the `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DictionaryResult {
@@ -214,6 +239,8 @@ pub struct Metrics {
     pub disk_index_ready: IntGauge,
     pub disk_index_rebuild_seconds: prometheus::Gauge,
     pub coalesced_waits: IntCounter,
+    meta_checks: Vec<IntCounter>,
+    pub stale_slices: IntCounter,
     origin_requests: Vec<IntCounter>,
     pub origin_bytes: IntCounter,
     pub origin_duration: Histogram,
@@ -396,6 +423,26 @@ impl Metrics {
                 "Slice misses that waited for another request's origin fetch instead of making their own.",
             )
             .expect("valid metric"),
+        );
+
+        let meta_checks_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_cache_metadata_checks_total",
+                    "Provisional object metadata checked against a later origin answer, by result: confirmed (kept for good), replaced (the origin answered another size or validator), kept (not confirmed yet).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let meta_checks = MetaCheck::ALL
+            .iter()
+            .map(|c| meta_checks_vec.with_label_values(&[c.label()]))
+            .collect();
+        let stale_slices = counter(
+            "cdn_edge_cache_stale_slices_total",
+            "Cached slices dropped because they were cut under object metadata that an origin answer has since replaced.",
         );
 
         let origin_requests_vec = registered(
@@ -689,6 +736,8 @@ impl Metrics {
             disk_index_ready,
             disk_index_rebuild_seconds,
             coalesced_waits,
+            meta_checks,
+            stale_slices,
             origin_requests,
             origin_bytes,
             origin_duration,
@@ -753,6 +802,14 @@ impl Metrics {
             .position(|r| *r == result)
             .expect("every result is registered");
         self.origin_requests[i].inc();
+    }
+
+    pub fn record_meta_check(&self, result: MetaCheck) {
+        let i = MetaCheck::ALL
+            .iter()
+            .position(|r| *r == result)
+            .expect("every result is registered");
+        self.meta_checks[i].inc();
     }
 
     pub fn record_dictionary(&self, result: DictionaryResult) {

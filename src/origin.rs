@@ -2,9 +2,11 @@
 //! fails over across `origin.urls` in order.
 //!
 //! A response is accepted only if it is a 206 whose `Content-Range` starts at the asked
-//! byte, ends at the asked byte or at the end of the object, carries the total size, and
-//! whose body has exactly that many bytes. Anything else is an [`OriginError`], and
-//! errors are never cached.
+//! byte, ends at the asked byte or at the end of the object, carries the total size,
+//! has no `Content-Encoding` other than `identity`, and whose body has exactly that many
+//! bytes. Anything else is an [`OriginError`], and errors are never cached. Whether the
+//! answer agrees with what is already known of the object (size, validator) is the
+//! cache's call ([`crate::cache::meta`]).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -19,6 +21,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use std::sync::Arc;
 
+use crate::cache::meta::{Answer, Validator};
 use crate::cache::pages::{PagePool, SlotWriter};
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
@@ -43,6 +46,10 @@ pub enum OriginError {
     /// The origin says the range starts at or past the end of the object.
     #[error("range starts past the end of the {size}-byte object")]
     NotSatisfiable { size: u64 },
+    /// A valid answer that contradicts what is known of the object (its size or
+    /// validator): refused by the cache, see [`crate::cache::meta`].
+    #[error("the origin's answer disagrees with the object's {what} already known; refused")]
+    Changed { what: &'static str },
 }
 
 impl OriginError {
@@ -73,6 +80,7 @@ impl OriginError {
             OriginError::BadStatus { .. } => OriginResult::BadStatus,
             OriginError::Invalid { .. } => OriginResult::Invalid,
             OriginError::NotSatisfiable { .. } => OriginResult::NotSatisfiable,
+            OriginError::Changed { .. } => OriginResult::Invalid,
         }
     }
 }
@@ -81,9 +89,8 @@ impl OriginError {
 #[derive(Debug, Clone)]
 pub struct SliceBody {
     pub bytes: Bytes,
-    /// Total object size from `Content-Range`.
-    pub total: u64,
-    pub content_type: Option<HeaderValue>,
+    /// Total size (from `Content-Range`), validator and type.
+    pub about: Answer,
 }
 
 /// Health of one origin, for ordering and `/status`.
@@ -164,13 +171,12 @@ impl OriginClient {
     }
 
     /// Fetches `range` of object (o, v), trying healthy origins first, each in
-    /// configured order. `expected_size` is the size already known for the object.
+    /// configured order.
     pub async fn fetch_slice(
         &self,
         o: &str,
         v: &str,
         range: ByteRange,
-        expected_size: Option<u64>,
     ) -> Result<SliceBody, OriginError> {
         let path = self.path.render(o, v);
         let mut last_error = None;
@@ -179,18 +185,16 @@ impl OriginClient {
                 self.metrics.origin_failovers.inc();
             }
             let started = Instant::now();
-            let result = match tokio::time::timeout(
-                self.timeout,
-                self.fetch_from(origin, &path, range, expected_size),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(OriginError::Timeout {
-                    origin: origin.url.clone(),
-                    ms: self.timeout.as_millis() as u64,
-                }),
-            };
+            let result =
+                match tokio::time::timeout(self.timeout, self.fetch_from(origin, &path, range))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(OriginError::Timeout {
+                        origin: origin.url.clone(),
+                        ms: self.timeout.as_millis() as u64,
+                    }),
+                };
             self.metrics
                 .origin_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -267,7 +271,6 @@ impl OriginClient {
         origin: &Origin,
         path: &str,
         range: ByteRange,
-        expected_size: Option<u64>,
     ) -> Result<SliceBody, OriginError> {
         let unreachable = |e: Box<pingora::Error>| transport_error(origin, &e, self.timeout);
         // A pooled connection may have been closed by the origin while idle: one retry
@@ -286,7 +289,7 @@ impl OriginClient {
                 return Err(unreachable(e));
             }
             let pages = self.pages.as_ref();
-            let body = read_slice(origin, &mut session, range, expected_size, pages).await?;
+            let body = read_slice(origin, &mut session, range, pages).await?;
             self.connector
                 .release_http_session(session, &origin.peer, Some(POOL_IDLE))
                 .await;
@@ -318,6 +321,8 @@ fn slice_request(path: &str, host: &str, range: ByteRange) -> pingora::Result<Bo
         http::header::RANGE,
         format!("bytes={}-{}", range.start, range.end),
     )?;
+    // Slices are cut from the object's own bytes: no coding may change them.
+    req.insert_header(http::header::ACCEPT_ENCODING, "identity")?;
     req.insert_header(
         http::header::USER_AGENT,
         concat!("cdn-edge/", env!("CARGO_PKG_VERSION")),
@@ -338,7 +343,6 @@ async fn read_slice(
     origin: &Origin,
     session: &mut HttpSession,
     range: ByteRange,
-    expected_size: Option<u64>,
     pages: Option<&PagePool>,
 ) -> Result<SliceBody, OriginError> {
     let invalid = |why: &'static str| OriginError::Invalid {
@@ -377,8 +381,8 @@ async fn read_slice(
     if first != range.start || total <= first || last != range.end.min(total - 1) {
         return Err(invalid("Content-Range does not match the requested slice"));
     }
-    if expected_size.is_some_and(|s| s != total) {
-        return Err(invalid("object size differs from the size already cached"));
+    if !identity_coded(resp.headers.get_all(http::header::CONTENT_ENCODING)) {
+        return Err(invalid("206 with a Content-Encoding other than identity"));
     }
     let len = last - first + 1;
     if let Some(cl) = resp.headers.get(http::header::CONTENT_LENGTH) {
@@ -390,7 +394,14 @@ async fn read_slice(
             return Err(invalid("Content-Length does not match Content-Range"));
         }
     }
-    let content_type = resp.headers.get(http::header::CONTENT_TYPE).cloned();
+    let about = Answer {
+        size: total,
+        validator: Validator::from_headers(
+            resp.headers.get(http::header::ETAG),
+            resp.headers.get(http::header::LAST_MODIFIED),
+        ),
+        content_type: resp.headers.get(http::header::CONTENT_TYPE).cloned(),
+    };
     let mut buf = SliceBuf::new(len, pages);
     // False when the chunk would overrun the announced length.
     let append = |buf: &mut SliceBuf, chunk: &[u8]| {
@@ -430,8 +441,7 @@ async fn read_slice(
     }
     Ok(SliceBody {
         bytes: buf.finish(),
-        total,
-        content_type,
+        about,
     })
 }
 
@@ -479,6 +489,17 @@ impl SliceBuf {
             Self::Pool(w) => w.finish(),
         }
     }
+}
+
+/// Whether every `Content-Encoding` value is `identity` (or there is none): a coded body
+/// is not the object's bytes at that range.
+fn identity_coded(values: http::header::GetAll<'_, HeaderValue>) -> bool {
+    values.iter().all(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .all(|c| c.is_empty() || c.eq_ignore_ascii_case(b"identity"))
+    })
 }
 
 /// Parses `bytes first-last/total` (total must be known).
@@ -532,6 +553,28 @@ mod tests {
         assert_eq!(parse_unsatisfied_range(b"bytes */1234"), Some(1234));
         assert_eq!(parse_unsatisfied_range(b"bytes */0"), Some(0));
         assert_eq!(parse_unsatisfied_range(b"bytes 0-1/2"), None);
+    }
+
+    #[test]
+    fn only_identity_coded_bodies_are_slices() {
+        let coded = |values: &[&'static str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(http::header::CONTENT_ENCODING, HeaderValue::from_static(v));
+            }
+            identity_coded(h.get_all(http::header::CONTENT_ENCODING))
+        };
+        assert!(coded(&[]));
+        assert!(coded(&["identity"]));
+        assert!(coded(&["Identity", " identity , identity"]));
+        for bad in [
+            &["gzip"][..],
+            &["identity, gzip"],
+            &["identity", "br"],
+            &["x"],
+        ] {
+            assert!(!coded(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -163,7 +163,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     let mut piece = pieces.next().expect("a range covers at least one slice");
     let (mut current, content_type) = match lookup.slice {
         Some((index, bytes)) if index == piece.index => (bytes, meta.content_type.clone()),
-        _ => match state.store.slice(&obj, piece.index).await {
+        _ => match state.store.slice(&obj, piece.index, meta).await {
             // Metadata learnt from a 416 has no type; the slice's own record may.
             Ok(s) if !meta.content_type_known() => (s.bytes, s.meta.content_type.clone()),
             Ok(s) => (s.bytes, meta.content_type.clone()),
@@ -198,7 +198,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         // Performance: the next slice is fetched while this one drains to the socket.
         let (sent, fetched) = tokio::join!(
             session.write_response_body(this, false),
-            state.store.slice(&obj, next.index)
+            state.store.slice(&obj, next.index, meta)
         );
         if let Err(e) = sent {
             state.metrics.stream_aborts.inc();

@@ -5,6 +5,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
+use support::client::Response;
 use support::edge::{signed, Edge, EdgeOptions};
 use support::object_bytes;
 use support::origin::TestOrigin;
@@ -17,7 +18,25 @@ const CORRUPT: &str = "cdn_edge_cache_corrupt_total";
 fn opts(origin: &TestOrigin, dir: &Path, max_bytes: u64) -> EdgeOptions {
     let mut o = EdgeOptions::new(vec![origin.url()]);
     o.disk = Some((dir.to_path_buf(), max_bytes));
+    // These tests count origin requests exactly: no metadata re-check may fall due.
+    o.meta_ttl_secs = Some(3600);
     o
+}
+
+/// Metadata learnt from the origin is re-checked after a second.
+fn quick_recheck(origin: &TestOrigin, dir: &Path) -> EdgeOptions {
+    let mut o = opts(origin, dir, 1 << 30);
+    o.meta_ttl_secs = Some(1);
+    o
+}
+
+/// Requests the whole object until it is `SIZE` bytes long (the edge re-checks what it
+/// learnt after `cache.meta_ttl_secs`).
+async fn until_whole(edge: &Edge) -> Response {
+    edge.get_until(&format!("/?{}", signed("movie", "v1")), |r| {
+        r.status == 200 && r.complete && r.body.len() == SIZE
+    })
+    .await
 }
 
 /// Memory too small to hold a single slice: every hit comes from disk.
@@ -286,4 +305,55 @@ fn truncate(path: &Path, len: u64) {
         .unwrap()
         .set_len(len)
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_total_written_to_disk_is_replaced_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(26, SIZE);
+    // Upload in progress: 100,003 bytes, a slice and a half, are there yet.
+    origin.add_object("movie", "v1", bytes[..100_003].to_vec(), "video/mp4");
+    let edge = Edge::start(quick_recheck(&origin, dir.path())).await;
+    let r = edge.get(&format!("/?{}", signed("movie", "v1")), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[..100_003]);
+    edge.wait_for_metric(WRITES, 2.0).await;
+    drop(edge);
+
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let edge = Edge::start(quick_recheck(&origin, dir.path())).await;
+    let r = until_whole(&edge).await;
+    assert!(r.body == bytes, "the whole object, byte-exact");
+    check_ranges(&edge, &bytes).await;
+    assert_eq!(edge.metric(CORRUPT).await, 0.0, "stale is not corrupt");
+    assert!(edge.metric("cdn_edge_cache_stale_slices_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_that_was_uploading_is_served_whole_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    // Upload in progress: the origin answers 416 `bytes */0`.
+    origin.add_object("movie", "v1", Vec::new(), "video/mp4");
+    let edge = Edge::start(quick_recheck(&origin, dir.path())).await;
+    let q = signed("movie", "v1");
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(
+        (r.status, r.header("content-range")),
+        (416, Some("bytes */0"))
+    );
+
+    let bytes = object_bytes(27, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let r = until_whole(&edge).await;
+    assert!(r.body == bytes, "the whole object, byte-exact");
+    edge.wait_for_metric(WRITES, 16.0).await;
+    drop(edge);
+
+    // After a restart, with the origin gone, the disk still has the real object.
+    origin.stop();
+    let edge = Edge::start(quick_recheck(&origin, dir.path())).await;
+    let r = edge.get(&format!("/?{q}"), &[]).await;
+    assert!(r.status == 200 && r.complete && r.body == bytes);
+    check_ranges(&edge, &bytes).await;
 }

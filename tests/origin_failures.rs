@@ -1,5 +1,6 @@
 //! Origin failover, errors and timeouts (SPEC §2.3): what a client sees when origins
-//! fail, and that failures are never cached.
+//! fail, and that failures are never cached; objects an origin shows half uploaded or
+//! replaces in place.
 
 mod support;
 
@@ -40,6 +41,7 @@ async fn fails_over_when_the_first_origin_answers_5xx_or_garbage() {
         Mode::IgnoreRange,
         Mode::WrongContentRange,
         Mode::ShortBody,
+        Mode::ContentEncoding,
     ] {
         let first = TestOrigin::start().await;
         let second = TestOrigin::start().await;
@@ -100,6 +102,7 @@ async fn invalid_origin_answers_are_502_and_not_cached() {
         Mode::IgnoreRange,
         Mode::WrongContentRange,
         Mode::ShortBody,
+        Mode::ContentEncoding,
         Mode::Status(500),
         Mode::Status(404),
     ] {
@@ -251,4 +254,159 @@ async fn answers_about_missing_objects_do_not_make_an_origin_unhealthy() {
         before,
         "404s are about the object, not the origin"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_still_uploading_is_served_once_its_metadata_is_rechecked() {
+    let origin = TestOrigin::start().await;
+    // Upload in progress: the origin answers 416 `bytes */0`.
+    origin.add_object("up", "1", Vec::new(), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.meta_ttl_secs = Some(1);
+    let edge = Edge::start(opts).await;
+    let q = signed("up", "1");
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */0"));
+
+    let bytes = object_bytes(13, SIZE);
+    origin.add_object("up", "1", bytes.clone(), "video/mp4");
+    // Until the edge asks again, the object is empty: `/` is a 200 with no body.
+    let r = edge
+        .get_until(&format!("/?{q}"), |r| {
+            r.status == 200 && r.body.len() == SIZE
+        })
+        .await;
+    assert!(
+        r.complete && r.body == bytes,
+        "the whole object, byte-exact"
+    );
+    assert_eq!(r.header("content-type"), Some("video/mp4"));
+    let r = edge.get(&format!("/range/100000-299999?{q}"), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[100_000..]);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_total_from_an_upload_in_progress_is_replaced() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(14, SIZE);
+    // Upload in progress: only the first 100,000 bytes are there yet.
+    origin.add_object("up", "1", bytes[..100_000].to_vec(), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.meta_ttl_secs = Some(1);
+    let edge = Edge::start(opts).await;
+    let q = signed("up", "1");
+    let r = edge.get(&format!("/?{q}"), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[..100_000]);
+
+    origin.add_object("up", "1", bytes.clone(), "video/mp4");
+    let r = edge
+        .get_until(&format!("/?{q}"), |r| {
+            r.status == 200 && r.complete && r.body.len() == SIZE
+        })
+        .await;
+    assert!(r.body == bytes, "the whole object, byte-exact");
+    // Slice 1 was cached 34,464 bytes long; it is never served against the new size.
+    let r = edge.get(&format!("/range/65536-140000?{q}"), &[]).await;
+    assert!(r.complete && r.body == bytes[65536..=140_000]);
+    assert!(
+        edge.metric("cdn_edge_cache_metadata_checks_total{result=\"replaced\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// An edge that served slice 0 of object `m` (ETag `"a"`), after which the origin
+/// replaced the object in place with other bytes of the same size (ETag `"b"`).
+struct ReplacedInPlace {
+    origin: TestOrigin,
+    edge: Edge,
+    q: String,
+    first: Vec<u8>,
+    second: Vec<u8>,
+}
+
+async fn replaced_after_slice_0(seed: u64) -> ReplacedInPlace {
+    let origin = TestOrigin::start().await;
+    let first = object_bytes(seed, SIZE);
+    let second = object_bytes(seed + 1, SIZE);
+    let etag = |v| [("ETag", v)];
+    origin.add_object_with_headers("m", "1", first.clone(), "video/mp4", &etag("\"a\""));
+    let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    // Slice 0 and the object's metadata come from the first version.
+    let r = edge.get(&format!("/range/0-10?{q}"), &[]).await;
+    assert_eq!(r.body, first[..11]);
+    origin.add_object_with_headers("m", "1", second.clone(), "video/mp4", &etag("\"b\""));
+    ReplacedInPlace {
+        origin,
+        edge,
+        q,
+        first,
+        second,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_replaced_in_place_mid_response_is_cut_never_mixed() {
+    let ReplacedInPlace {
+        origin: _origin,
+        edge,
+        q,
+        first,
+        second,
+    } = replaced_after_slice_0(15).await;
+    let r = edge.get(&format!("/?{q}"), &[]).await;
+    assert_eq!(
+        r.status, 200,
+        "the header went out before slice 1 was fetched"
+    );
+    assert!(
+        !r.complete && first.starts_with(&r.body),
+        "cut short after the first version's bytes, never completed with the second's"
+    );
+    assert_eq!(edge.metric("cdn_edge_stream_aborts_total").await, 1.0);
+    assert_eq!(
+        edge.metric("cdn_edge_cache_metadata_checks_total{result=\"replaced\"}")
+            .await,
+        1.0,
+        "slice 1 came with another ETag"
+    );
+
+    // The next request starts clean, from the second version only.
+    let r = edge.get(&format!("/?{q}"), &[]).await;
+    assert!(
+        r.complete && r.body == second,
+        "the second version, byte-exact"
+    );
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; fwd=miss"));
+    assert!(edge.metric("cdn_edge_cache_stale_slices_total").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_of_another_version_is_a_clean_502_before_the_header() {
+    let ReplacedInPlace {
+        origin: _origin,
+        edge,
+        q,
+        second,
+        ..
+    } = replaced_after_slice_0(17).await;
+    // Same size, another ETag: slice 1 is refused and nothing of it is cached.
+    let r = edge.get(&format!("/range/70000-80000?{q}"), &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        edge.metric("cdn_edge_cache_metadata_checks_total{result=\"replaced\"}")
+            .await
+            >= 1.0
+    );
+    // Every range now comes from the second version, including the one slice 0 held.
+    for (a, b) in [(70_000, 80_000), (0, SIZE - 1), (10, 140_000)] {
+        let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+        assert!(
+            r.status == 200 && r.complete && r.body == second[a..=b],
+            "/range/{a}-{b}"
+        );
+    }
 }

@@ -2,32 +2,44 @@
 //! memory → disk → origin, with one origin fetch per cold slice however many requests want it.
 //!
 //! Invariants:
-//! 1. A slice in the cache is exactly the origin's bytes for `[i*S, min((i+1)*S, size))`:
-//!    only responses that passed [`crate::origin`]'s validation are inserted.
-//! 2. Objects are immutable per (o, v): nothing is revalidated, and an origin that reports
-//!    a different size for a known object is an origin error, not a new truth.
-//! 3. Concurrent misses for one slice share one fill (`or_try_insert_with`); a failed
+//! 1. A slice in the cache is exactly the origin's bytes for `[i*S, min((i+1)*S, size))`
+//!    of one version of the object: only responses that passed [`crate::origin`]'s
+//!    validation and agree with the object's metadata are inserted, each with the
+//!    metadata it was cut under.
+//! 2. One response is served from one version of an object: every slice it sends agrees
+//!    (size and validator) with the metadata it started with, or the response fails
+//!    ([`SliceStore::slice`]).
+//! 3. Objects are immutable per (o, v), but an origin may show one half uploaded or
+//!    replace it in place: metadata from a single answer is provisional and re-checked
+//!    once after `cache.meta_ttl_secs`; an answer that disagrees with it replaces it,
+//!    and slices cut under the old metadata are dropped when met. The rules are in
+//!    [`meta`].
+//! 4. Concurrent misses for one slice share one fill (`or_try_insert_with`); a failed
 //!    fill is not cached, and every waiter gets its error.
-//! 4. Every cached slice carries its object's metadata, so an object with any slice
+//! 5. Every cached slice carries its object's metadata, so an object with any slice
 //!    cached can be answered without the origin even if the metadata cache forgot it.
 
 pub mod disk;
 pub mod memory;
+pub mod meta;
 pub mod pages;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use moka::ops::compute::{CompResult, Op};
 use sha2::{Digest, Sha256};
 
-use crate::metrics::Metrics;
+use crate::metrics::{MetaCheck, Metrics};
 use crate::origin::{OriginClient, OriginError};
-use crate::range::slice_bounds;
+use crate::range::{slice_bounds, ByteRange};
 
 use disk::{DiskStats, DiskTier};
 use memory::MemoryTier;
+pub use meta::ObjectMeta;
+use meta::{unix_ms, Answer, Verdict};
 use pages::PagePool;
 
 /// Most objects whose metadata is remembered.
@@ -78,36 +90,6 @@ impl<'a> ObjectRef<'a> {
             v,
             id: ObjectId::new(o, v),
         }
-    }
-}
-
-/// What the edge knows about an object without holding its bytes.
-#[derive(Debug, Clone)]
-pub struct ObjectMeta {
-    pub size: u64,
-    pub content_type: HeaderValue,
-    /// Strong ETag derived from (o, v), so it is the same on every edge and origin.
-    pub etag: HeaderValue,
-    /// False when learnt from a 416, which carries no Content-Type.
-    content_type_known: bool,
-}
-
-const DEFAULT_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/octet-stream");
-
-impl ObjectMeta {
-    pub fn new(id: &ObjectId, size: u64, content_type: Option<HeaderValue>) -> Self {
-        let etag = format!("\"{}\"", hex::encode(&id.as_bytes()[..16]));
-        Self {
-            size,
-            content_type_known: content_type.is_some(),
-            content_type: content_type.unwrap_or(DEFAULT_CONTENT_TYPE),
-            etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
-        }
-    }
-
-    /// False when the type was not known (learnt from a 416, or the origin sent none).
-    pub fn content_type_known(&self) -> bool {
-        self.content_type_known
     }
 }
 
@@ -164,6 +146,8 @@ pub struct SliceStore {
     pages: Option<PagePool>,
     disk: Option<DiskTier>,
     meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
+    /// How long metadata from a single origin answer is used before it is re-checked.
+    meta_ttl_ms: u64,
     origin: Arc<OriginClient>,
     metrics: Arc<Metrics>,
 }
@@ -172,6 +156,7 @@ impl SliceStore {
     pub fn new(
         slice_bytes: u64,
         memory_bytes: u64,
+        meta_ttl: Duration,
         pages: Option<PagePool>,
         disk: Option<DiskTier>,
         origin: Arc<OriginClient>,
@@ -186,6 +171,7 @@ impl SliceStore {
                 .name("object-metadata")
                 .max_capacity(METADATA_ENTRIES)
                 .build(),
+            meta_ttl_ms: meta_ttl.as_millis() as u64,
             origin,
             metrics,
         }
@@ -202,9 +188,72 @@ impl SliceStore {
         self.memory.contains(&key) || self.disk.as_ref().is_some_and(|d| d.contains(&key))
     }
 
-    /// Returns slice `index` of `obj`: memory → disk → origin. A disk or origin result is
-    /// put in memory; an origin result is also queued for the disk.
-    pub async fn slice(&self, obj: &ObjectRef<'_>, index: u64) -> Result<Slice, Arc<OriginError>> {
+    /// Returns slice `index` of `obj` for a response that started with metadata
+    /// `expect`: memory → disk → origin, and always cut under metadata that agrees with
+    /// `expect` (invariant 2). A slice cut under other metadata is dropped and looked up
+    /// once more, unless the object's metadata has moved on since the response started;
+    /// then, or if it still disagrees, the response must fail ([`OriginError::Changed`]).
+    pub async fn slice(
+        &self,
+        obj: &ObjectRef<'_>,
+        index: u64,
+        expect: &ObjectMeta,
+    ) -> Result<Slice, Arc<OriginError>> {
+        let slice = self.lookup(obj, index, true).await?;
+        if slice.meta.agrees_with(expect) {
+            return Ok(slice);
+        }
+        Box::pin(self.disagreeing(obj, index, slice, expect)).await
+    }
+
+    /// [`SliceStore::slice`] when the slice found disagrees with the response's metadata.
+    async fn disagreeing(
+        &self,
+        obj: &ObjectRef<'_>,
+        index: u64,
+        found: Slice,
+        expect: &ObjectMeta,
+    ) -> Result<Slice, Arc<OriginError>> {
+        let changed = |got: &ObjectMeta| {
+            Arc::new(OriginError::Changed {
+                what: expect.difference(got),
+            })
+        };
+        let current = self.meta.get(&obj.id).await;
+        if current
+            .as_ref()
+            .is_some_and(|c| c.agrees_with(&found.meta) && !c.agrees_with(expect))
+        {
+            // The object's metadata was replaced after this response started.
+            return Err(changed(&found.meta));
+        }
+        // The slice was cut under metadata since replaced: drop it, and ask the origin.
+        let key = SliceKey {
+            object: obj.id,
+            index,
+        };
+        self.metrics.stale_slices.inc();
+        self.memory.cache().invalidate(&key).await;
+        if let Some(disk) = &self.disk {
+            disk.discard(key);
+        }
+        let again = self.lookup(obj, index, false).await?;
+        if again.meta.agrees_with(expect) {
+            Ok(again)
+        } else {
+            Err(changed(&again.meta))
+        }
+    }
+
+    /// Slice `index` of `obj` as the tiers (or the origin) have it, under whatever
+    /// metadata it was cut. A disk or origin result is put in memory; an origin result is
+    /// also queued for the disk. `use_disk` false skips the disk tier.
+    async fn lookup(
+        &self,
+        obj: &ObjectRef<'_>,
+        index: u64,
+        use_disk: bool,
+    ) -> Result<Slice, Arc<OriginError>> {
         let key = SliceKey {
             object: obj.id,
             index,
@@ -220,20 +269,21 @@ impl SliceStore {
         self.metrics.memory.misses.inc();
         // The miss path (moka's entry, disk read, origin exchange) is a large future:
         // boxed, a hit does not carry its size.
-        Box::pin(self.slice_miss(obj, key)).await
+        Box::pin(self.slice_miss(obj, key, use_disk)).await
     }
 
     async fn slice_miss(
         &self,
         obj: &ObjectRef<'_>,
         key: SliceKey,
+        use_disk: bool,
     ) -> Result<Slice, Arc<OriginError>> {
         let from_disk = AtomicBool::new(false);
         let entry = self
             .memory
             .cache()
             .entry(key)
-            .or_try_insert_with(self.fill(obj, key, &from_disk))
+            .or_try_insert_with(self.fill(obj, key, &from_disk, use_disk))
             .await?;
         let source = match (entry.is_fresh(), from_disk.load(Ordering::Relaxed)) {
             (true, true) => Source::Disk,
@@ -255,7 +305,8 @@ impl SliceStore {
     /// will need first) when it is not known yet. On a cold object, slice `next_index`
     /// (the one the request needs after it) is fetched alongside, so that a range across
     /// two slices waits for one origin round trip, not two in a row; it only lands in the
-    /// cache, and a failure there is left to the read that needs it.
+    /// cache, and a failure there is left to the read that needs it. Provisional
+    /// metadata that is due is re-checked with the origin first ([`meta`]).
     pub async fn meta(
         &self,
         obj: &ObjectRef<'_>,
@@ -263,78 +314,236 @@ impl SliceStore {
         next_index: Option<u64>,
     ) -> Result<MetaLookup, Arc<OriginError>> {
         if let Some(meta) = self.meta.get(&obj.id).await {
+            if !meta.is_due(unix_ms()) {
+                return Ok(MetaLookup {
+                    meta,
+                    fetched: false,
+                    slice: None,
+                });
+            }
+            let checked = self.recheck(obj, meta.clone()).await;
             return Ok(MetaLookup {
-                meta,
-                fetched: false,
+                fetched: !checked.agrees_with(&meta),
+                meta: checked,
                 slice: None,
             });
         }
-        let first = self.slice(obj, hint_index);
+        let first = self.lookup(obj, hint_index, true);
         let first = match next_index {
-            Some(next) => tokio::join!(first, self.slice(obj, next)).0,
+            Some(next) => tokio::join!(first, self.lookup(obj, next, true)).0,
             None => first.await,
         };
         match first {
             Ok(slice) => {
-                let cached = matches!(slice.source, Source::Memory | Source::Disk);
-                if cached {
-                    self.meta.insert(obj.id, slice.meta.clone()).await;
-                }
-                Ok(MetaLookup {
-                    fetched: !cached,
-                    meta: slice.meta,
-                    slice: Some((hint_index, slice.bytes)),
-                })
+                let fetched = matches!(slice.source, Source::Origin | Source::Coalesced);
+                let mut lookup = self.meta_of_slice(obj, hint_index, slice).await;
+                lookup.fetched |= fetched;
+                Ok(lookup)
             }
             Err(e) => match *e {
-                OriginError::NotSatisfiable { size } => Ok(MetaLookup {
-                    meta: Arc::new(ObjectMeta::new(&obj.id, size, None)),
-                    fetched: true,
-                    slice: None,
-                }),
+                OriginError::NotSatisfiable { size } => {
+                    // The fill recorded what the 416 said.
+                    let meta = match self.meta.get(&obj.id).await {
+                        Some(m) if m.size == size => m,
+                        _ => Arc::new(ObjectMeta::learnt(
+                            &obj.id,
+                            &Answer::size_only(size),
+                            unix_ms(),
+                            self.meta_ttl_ms,
+                        )),
+                    };
+                    Ok(MetaLookup {
+                        meta,
+                        fetched: true,
+                        slice: None,
+                    })
+                }
                 _ => Err(e),
             },
         }
     }
 
+    /// The metadata slice `index` was cut under, when the metadata cache had none: used
+    /// as it is unless it is due for a re-check (a slice kept by a tier, or read from an
+    /// older file). The slice comes back only if it agrees with the metadata returned.
+    async fn meta_of_slice(&self, obj: &ObjectRef<'_>, index: u64, slice: Slice) -> MetaLookup {
+        let carried = slice.meta;
+        let meta = if carried.is_due(unix_ms()) {
+            self.recheck(obj, carried.clone()).await
+        } else {
+            self.meta
+                .entry(obj.id)
+                .or_insert(carried.clone())
+                .await
+                .into_value()
+        };
+        let agrees = meta.agrees_with(&carried);
+        MetaLookup {
+            fetched: !agrees,
+            slice: agrees.then_some((index, slice.bytes)),
+            meta,
+        }
+    }
+
+    /// Re-checks provisional metadata that is due, with a one-byte request to the
+    /// origin; concurrent re-checks of one object make one request. Returns the
+    /// metadata to use: `seen` (now confirmed, or kept provisional for another TTL when
+    /// the origin failed), or its replacement when the origin answered otherwise.
+    async fn recheck(&self, obj: &ObjectRef<'_>, seen: Arc<ObjectMeta>) -> Arc<ObjectMeta> {
+        let fallback = seen.clone();
+        let computed = self
+            .meta
+            .entry(obj.id)
+            .and_compute_with(|current| async move {
+                let now = unix_ms();
+                let known = match current {
+                    // Checked by another request meanwhile.
+                    Some(c) if !c.value().is_due(now) => return Op::Nop,
+                    Some(c) => c.into_value(),
+                    None => seen,
+                };
+                let probe = ByteRange { start: 0, end: 0 };
+                let answer = match self.origin.fetch_slice(obj.o, obj.v, probe).await {
+                    Ok(body) => body.about,
+                    Err(OriginError::NotSatisfiable { size }) => Answer::size_only(size),
+                    Err(e) => {
+                        tracing::warn!(object = obj.o, version = obj.v, error = %e,
+                            "cannot re-check the object's metadata; kept for another TTL");
+                        known.postpone(now.saturating_add(self.meta_ttl_ms));
+                        self.metrics.record_meta_check(MetaCheck::Kept);
+                        return Op::Put(known);
+                    }
+                };
+                match self.settle(obj, &known, &answer, now) {
+                    Ok(meta) => {
+                        if !meta.is_confirmed() {
+                            // Agreed, but an empty object is never confirmed.
+                            meta.postpone(now.saturating_add(self.meta_ttl_ms));
+                            self.metrics.record_meta_check(MetaCheck::Kept);
+                        }
+                        Op::Put(meta)
+                    }
+                    Err((replacement, _)) => Op::Put(replacement),
+                }
+            })
+            .await;
+        match computed {
+            CompResult::Inserted(e) | CompResult::ReplacedWith(e) | CompResult::Unchanged(e) => {
+                e.into_value()
+            }
+            CompResult::StillNone(_) | CompResult::Removed(_) => fallback,
+        }
+    }
+
+    /// Judges an origin answer against the object's metadata `known` ([`meta::judge`]):
+    /// `Ok` with the metadata a slice of that answer is cached under (confirmed or
+    /// completed when the answer says so), or `Err` with the metadata that replaces
+    /// `known` when the answer disagrees, and on what. Records nothing in the metadata
+    /// cache.
+    fn settle(
+        &self,
+        obj: &ObjectRef<'_>,
+        known: &Arc<ObjectMeta>,
+        answer: &Answer,
+        now: u64,
+    ) -> Result<Arc<ObjectMeta>, (Arc<ObjectMeta>, &'static str)> {
+        match meta::judge(known, answer, now) {
+            Verdict::Agrees { confirm } => {
+                if confirm {
+                    known.confirm();
+                    self.metrics.record_meta_check(MetaCheck::Confirmed);
+                }
+                Ok(known
+                    .completed_by(answer)
+                    .map_or_else(|| known.clone(), Arc::new))
+            }
+            Verdict::Differs { what } => {
+                self.metrics.record_meta_check(MetaCheck::Replaced);
+                tracing::warn!(
+                    object = obj.o,
+                    version = obj.v,
+                    what,
+                    known_size = known.size,
+                    new_size = answer.size,
+                    "the origin's answer disagrees with the object's metadata; \
+                     the metadata is replaced and slices cut under it are dropped"
+                );
+                let replacement = ObjectMeta::learnt(&obj.id, answer, now, self.meta_ttl_ms);
+                Err((Arc::new(replacement), what))
+            }
+        }
+    }
+
+    /// Records what an origin answer for one of `obj`'s slices says about the object;
+    /// returns the metadata to cache that slice under, or the error that refuses it.
+    async fn record_answer(
+        &self,
+        obj: &ObjectRef<'_>,
+        answer: &Answer,
+    ) -> Result<Arc<ObjectMeta>, OriginError> {
+        let now = unix_ms();
+        let known = match self.meta.get(&obj.id).await {
+            Some(k) => k,
+            None => {
+                let learnt = Arc::new(ObjectMeta::learnt(&obj.id, answer, now, self.meta_ttl_ms));
+                let entry = self.meta.entry(obj.id).or_insert(learnt.clone()).await;
+                if entry.is_fresh() {
+                    return Ok(learnt);
+                }
+                // Another fill learnt the object first: judge against what it learnt.
+                entry.into_value()
+            }
+        };
+        match self.settle(obj, &known, answer, now) {
+            Ok(meta) => {
+                if !Arc::ptr_eq(&meta, &known) {
+                    self.meta.insert(obj.id, meta.clone()).await;
+                }
+                Ok(meta)
+            }
+            Err((replacement, what)) => {
+                self.meta.insert(obj.id, replacement).await;
+                Err(OriginError::Changed { what })
+            }
+        }
+    }
+
     /// Fills one memory miss from disk or origin; runs once per cold slice however many
-    /// requests wait on it. Sets `from_disk` when the disk answered.
+    /// requests wait on it. Sets `from_disk` when the disk answered. A disk slice cut
+    /// under metadata other than the object's current one is dropped, not used.
     async fn fill(
         &self,
         obj: &ObjectRef<'_>,
         key: SliceKey,
         from_disk: &AtomicBool,
+        use_disk: bool,
     ) -> Result<CachedSlice, OriginError> {
-        let known = self.meta.get(&obj.id).await;
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = self.disk.as_ref().filter(|_| use_disk) {
             if let Some(cached) = disk.read(&key).await {
-                if known.as_ref().is_none_or(|m| m.size == cached.meta.size) {
-                    from_disk.store(true, Ordering::Relaxed);
-                    return Ok(CachedSlice {
-                        bytes: self.adopt(cached.bytes),
-                        meta: cached.meta,
-                    });
+                let meta = match self.meta.get(&obj.id).await {
+                    None => Some(cached.meta),
+                    Some(known) if known.agrees_with(&cached.meta) => Some(known),
+                    Some(_) => None,
+                };
+                match meta {
+                    Some(meta) => {
+                        from_disk.store(true, Ordering::Relaxed);
+                        return Ok(CachedSlice {
+                            bytes: self.adopt(cached.bytes),
+                            meta,
+                        });
+                    }
+                    None => {
+                        self.metrics.stale_slices.inc();
+                        disk.discard(key);
+                    }
                 }
-                // Cut from another size of the object than the one being served.
-                disk.discard(key);
             }
         }
-        let expected_size = known.as_ref().map(|m| m.size);
         let range = slice_bounds(key.index, self.slice_bytes);
-        match self
-            .origin
-            .fetch_slice(obj.o, obj.v, range, expected_size)
-            .await
-        {
+        match self.origin.fetch_slice(obj.o, obj.v, range).await {
             Ok(body) => {
-                let meta = match known {
-                    Some(m) if m.content_type_known => m,
-                    _ => {
-                        let m = Arc::new(ObjectMeta::new(&obj.id, body.total, body.content_type));
-                        self.meta.insert(obj.id, m.clone()).await;
-                        m
-                    }
-                };
+                let meta = self.record_answer(obj, &body.about).await?;
                 // Read into the page pool already, when it had room.
                 let cached = CachedSlice {
                     bytes: body.bytes,
@@ -346,13 +555,7 @@ impl SliceStore {
                 Ok(cached)
             }
             Err(OriginError::NotSatisfiable { size }) => {
-                if known.is_none() {
-                    // Only if still unknown: a slice fetched meanwhile knows the type too.
-                    self.meta
-                        .entry(obj.id)
-                        .or_insert(Arc::new(ObjectMeta::new(&obj.id, size, None)))
-                        .await;
-                }
+                self.record_answer(obj, &Answer::size_only(size)).await?;
                 Err(OriginError::NotSatisfiable { size })
             }
             Err(e) => Err(e),

@@ -9,8 +9,11 @@
 //!    `sendfile` that has returned may still have those pages queued in a socket, unread by
 //!    the client; punching leaves them to the socket and gives the next write fresh pages.
 //!    Writing over them in place would change bytes a client has not read yet.
-//! 3. Slots start on 2 MiB boundaries, so no (transparent huge) page spans two slots and
-//!    punching a slot removes whole pages, never zeroing part of one in place.
+//! 3. Slots start on boundaries of the largest page shmem may use (the PMD huge page size
+//!    the kernel reports, read once at start by [`ShmemPages::read`]), so no page spans two
+//!    slots and punching a slot removes whole pages, never zeroing part of one in place.
+//!    When that size cannot be read, or is too large for a slot to be worth it, there is
+//!    no pool ([`slot_alignment`]) and slices stay on the heap.
 //! 4. Any `&[u8]` inside a pool's mapping is exactly the pool file's bytes at the same
 //!    offset, so [`locate`] lets a writer send the file range in place of the buffer.
 //!
@@ -28,12 +31,105 @@ use rustix::mm::{MapFlags, ProtFlags};
 /// Writes shorter than this are copied: below it `sendfile` saves little.
 pub const SENDFILE_MIN: usize = 32 << 10;
 
-/// Slot alignment: the largest page size shmem uses (a PMD huge page on x86-64 and arm64
-/// with 4 KiB pages).
-const SLOT_ALIGN: u64 = 2 << 20;
+/// Largest slot alignment accepted: a shmem page bigger than this (512 MiB PMD pages on
+/// arm64 with 64 KiB base pages) would make every slot, and under `shmem_enabled =
+/// always` every slice's memory, that big.
+pub const MAX_SLOT_ALIGN: u64 = 64 << 20;
+
+/// Where the kernel says how big a transparent huge page is (the PMD size).
+const HPAGE_PMD_SIZE: &str = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size";
+/// Whether shmem (and so the pool's memfd) gets huge pages now.
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 /// Most address space one pool reserves; beyond it slices stay on the heap.
 const MAX_MAPPING: u64 = 4 << 40;
+
+/// The page sizes shmem may use on this machine, as read at start.
+///
+/// The pool's memfd is shmem without `MFD_HUGETLB`, so hugetlbfs pages (`Hugepagesize`
+/// in `/proc/meminfo`) never back it; transparent huge pages may, up to the PMD size, in
+/// every multi-size (mTHP) step below it too. `shmem_enabled` can be changed at run time,
+/// so the PMD size bounds the pages the pool may get whatever it says now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShmemPages {
+    /// Transparent huge pages are built in: the PMD page size in bytes, and the value
+    /// selected in `shmem_enabled` (`never`, `always`, …) when it could be read.
+    Huge {
+        pmd_bytes: u64,
+        shmem_enabled: Option<String>,
+    },
+    /// The kernel has no transparent huge pages: shmem uses base pages only.
+    BaseOnly,
+    /// The sizes could not be read (for instance `/sys` is not mounted).
+    Unknown,
+}
+
+impl ShmemPages {
+    /// Reads the kernel's settings (small sysfs files; called once, at start).
+    pub fn read() -> Self {
+        let pmd = std::fs::read_to_string(HPAGE_PMD_SIZE);
+        let thp_dir = std::path::Path::new(HPAGE_PMD_SIZE)
+            .parent()
+            .expect("a file in a directory");
+        match pmd {
+            Ok(text) => match text.trim().parse::<u64>() {
+                Ok(pmd_bytes) => Self::Huge {
+                    pmd_bytes,
+                    shmem_enabled: std::fs::read_to_string(SHMEM_ENABLED)
+                        .ok()
+                        .and_then(|t| selected_setting(&t)),
+                },
+                Err(_) => Self::Unknown,
+            },
+            // The memory-management directory is there but has no THP: not built in.
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && !thp_dir.exists()
+                    && thp_dir.parent().is_some_and(|mm| mm.is_dir()) =>
+            {
+                Self::BaseOnly
+            }
+            Err(_) => Self::Unknown,
+        }
+    }
+
+    /// Whether shmem gets huge pages now (each written slot may take a whole one).
+    fn huge_now(&self) -> bool {
+        matches!(self, Self::Huge { shmem_enabled: Some(s), .. }
+            if matches!(s.as_str(), "always" | "within_size" | "force"))
+    }
+}
+
+/// The bracketed choice of a sysfs setting such as `always [never] deny`.
+fn selected_setting(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_string())
+}
+
+/// Why a machine gets no page pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolRefused {
+    #[error("the shmem huge page size cannot be read ({HPAGE_PMD_SIZE}); a slot freed under a page shared with another could change bytes still queued in a socket")]
+    UnknownPageSize,
+    #[error("shmem huge pages are {0} bytes, over the {MAX_SLOT_ALIGN}-byte limit for a slot")]
+    PagesTooLarge(u64),
+}
+
+/// The alignment of slots that keeps invariant 3 on a machine with base pages of
+/// `base_page` bytes and these shmem settings, or why no pool is safe there. Pure.
+pub fn slot_alignment(base_page: u64, shmem: &ShmemPages) -> Result<u64, PoolRefused> {
+    let largest = match shmem {
+        ShmemPages::Huge { pmd_bytes, .. } if pmd_bytes.is_power_of_two() => *pmd_bytes,
+        ShmemPages::Huge { .. } | ShmemPages::Unknown => return Err(PoolRefused::UnknownPageSize),
+        ShmemPages::BaseOnly => base_page,
+    };
+    let align = largest.max(base_page);
+    if align > MAX_SLOT_ALIGN {
+        return Err(PoolRefused::PagesTooLarge(align));
+    }
+    Ok(align)
+}
 
 /// Pools whose mappings [`locate`] searches: one per slice store, so a handful at most.
 static REGIONS: RwLock<Vec<Region>> = RwLock::new(Vec::new());
@@ -87,9 +183,25 @@ struct Pool {
 
 impl PagePool {
     /// A pool with room for a memory tier of `memory_bytes` in slices of `slice_bytes`,
-    /// plus headroom for slices that responses still hold after the tier evicted them.
+    /// plus headroom for slices that responses still hold after the tier evicted them,
+    /// with slots aligned as this machine's shmem pages require. Fails (and the caller
+    /// goes without a pool) when that cannot be made safe, see [`slot_alignment`].
     pub fn for_tier(slice_bytes: u64, memory_bytes: u64) -> io::Result<Self> {
-        let stride = slice_bytes.div_ceil(SLOT_ALIGN) * SLOT_ALIGN;
+        let shmem = ShmemPages::read();
+        let align = slot_alignment(rustix::param::page_size() as u64, &shmem)
+            .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
+        if shmem.huge_now() && align > slice_bytes {
+            tracing::warn!(
+                huge_page_bytes = align,
+                slice_bytes,
+                "shmem huge pages are on: each slice in the page pool may take a whole huge page"
+            );
+        }
+        Self::with_alignment(slice_bytes, memory_bytes, align)
+    }
+
+    fn with_alignment(slice_bytes: u64, memory_bytes: u64, align: u64) -> io::Result<Self> {
+        let stride = slice_bytes.div_ceil(align) * align;
         let needed = memory_bytes.div_ceil(slice_bytes);
         let slots = (needed + needed / 8 + 8)
             .min(MAX_MAPPING / stride)
@@ -330,6 +442,90 @@ pub fn send_more(socket: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 mod tests {
     use super::*;
 
+    /// Slot size of the pools these tests build: one 2 MiB huge page.
+    const STRIDE: u64 = 2 << 20;
+
+    #[test]
+    fn slots_are_aligned_to_the_largest_shmem_page_or_there_is_no_pool() {
+        let huge = |pmd_bytes: u64, setting: &str| ShmemPages::Huge {
+            pmd_bytes,
+            shmem_enabled: Some(setting.to_string()),
+        };
+        let k = 1u64 << 10;
+        let m = 1u64 << 20;
+        for (base_page, shmem, expected) in [
+            // No THP in the kernel: base pages only.
+            (4 * k, ShmemPages::BaseOnly, Ok(4 * k)),
+            (64 * k, ShmemPages::BaseOnly, Ok(64 * k)),
+            // A PMD page no bigger than a base page: base pages.
+            (4 * k, huge(4 * k, "never"), Ok(4 * k)),
+            // x86-64 and arm64 with 4 KiB pages, whatever shmem_enabled says now (it can
+            // be changed while the edge runs).
+            (4 * k, huge(2 * m, "never"), Ok(2 * m)),
+            (4 * k, huge(2 * m, "always"), Ok(2 * m)),
+            // arm64 with 16 KiB pages.
+            (16 * k, huge(32 * m, "within_size"), Ok(32 * m)),
+            // 512 MiB (arm64, 64 KiB pages) or 1 GiB pages: no pool.
+            (
+                64 * k,
+                huge(512 * m, "never"),
+                Err(PoolRefused::PagesTooLarge(512 * m)),
+            ),
+            (
+                4 * k,
+                huge(1 << 30, "always"),
+                Err(PoolRefused::PagesTooLarge(1 << 30)),
+            ),
+            // Unreadable or nonsense: no pool.
+            (
+                4 * k,
+                ShmemPages::Unknown,
+                Err(PoolRefused::UnknownPageSize),
+            ),
+            (4 * k, huge(0, "never"), Err(PoolRefused::UnknownPageSize)),
+            (
+                4 * k,
+                huge(3 * m, "never"),
+                Err(PoolRefused::UnknownPageSize),
+            ),
+        ] {
+            assert_eq!(
+                slot_alignment(base_page, &shmem),
+                expected,
+                "{base_page} {shmem:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_selected_shmem_setting_is_the_bracketed_one() {
+        let text = "always within_size advise [never] deny force\n";
+        assert_eq!(selected_setting(text).as_deref(), Some("never"));
+        assert_eq!(
+            selected_setting("[always] never").as_deref(),
+            Some("always")
+        );
+        assert_eq!(selected_setting("always never"), None);
+        let on = ShmemPages::Huge {
+            pmd_bytes: STRIDE,
+            shmem_enabled: Some("within_size".into()),
+        };
+        assert!(on.huge_now());
+        assert!(!ShmemPages::BaseOnly.huge_now());
+    }
+
+    #[test]
+    fn this_machine_gets_a_decision() {
+        // Whatever the kernel, reading its settings gives an answer and never panics; a
+        // pool built with the answer has slots on page boundaries.
+        let shmem = ShmemPages::read();
+        if let Ok(align) = slot_alignment(rustix::param::page_size() as u64, &shmem) {
+            let pool = PagePool::with_alignment(100_000, 1 << 20, align).unwrap();
+            assert_eq!(pool.pool.stride % align, 0);
+            assert!(pool.pool.stride >= 100_000);
+        }
+    }
+
     fn pattern(len: usize, seed: u8) -> Bytes {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -339,7 +535,7 @@ mod tests {
 
     #[test]
     fn adopted_slices_read_back_and_are_located_in_the_file() {
-        let pool = PagePool::new(SLOT_ALIGN, 2).unwrap();
+        let pool = PagePool::new(STRIDE, 2).unwrap();
         let data = pattern(300_000, 7);
         let held = pool.adopt(data.clone());
         assert_eq!(held, data);
@@ -356,10 +552,10 @@ mod tests {
 
     #[test]
     fn small_big_and_overflowing_slices_stay_on_the_heap() {
-        let pool = PagePool::new(SLOT_ALIGN, 1).unwrap();
+        let pool = PagePool::new(STRIDE, 1).unwrap();
         let small = pattern(SENDFILE_MIN - 1, 1);
         assert_eq!(small.as_ptr(), pool.adopt(small.clone()).as_ptr());
-        let big = pattern(SLOT_ALIGN as usize + 1, 2);
+        let big = pattern(STRIDE as usize + 1, 2);
         assert_eq!(big.as_ptr(), pool.adopt(big.clone()).as_ptr());
         let first = pool.adopt(pattern(SENDFILE_MIN, 3));
         assert!(locate(&first).is_some());
@@ -374,7 +570,7 @@ mod tests {
         // A pipe stands in for a socket: both keep references to the pages spliced in.
         let (rx, tx) = rustix::pipe::pipe().unwrap();
         rustix::pipe::fcntl_setpipe_size(&tx, 1 << 20).unwrap();
-        let pool = PagePool::new(SLOT_ALIGN, 1).unwrap();
+        let pool = PagePool::new(STRIDE, 1).unwrap();
         let first = pattern(256 << 10, 1);
         let held = pool.adopt(first.clone());
         let mut sent = 0;

@@ -24,6 +24,8 @@ pub struct EdgeOptions {
     pub sendfile: bool,
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
+    /// `cache.meta_ttl_secs`; `None` leaves the default.
+    pub meta_ttl_secs: Option<u64>,
     pub retry_unhealthy_ms: u64,
     /// SIGTERM grace period; 0 makes a stop immediate.
     pub grace_period_secs: u64,
@@ -48,6 +50,7 @@ impl EdgeOptions {
             clock_skew_secs: 30,
             sendfile: true,
             disk: None,
+            meta_ttl_secs: None,
             retry_unhealthy_ms: 10_000,
             grace_period_secs: 0,
             https: None,
@@ -132,6 +135,7 @@ secret_env = "CDN_EDGE_TEST_KEY2"
 slice_bytes = {slice}
 memory_bytes = {memory}
 sendfile = {sendfile}
+{meta_ttl}
 {disk}
 [origin]
 urls = [{origins}]
@@ -152,6 +156,9 @@ upgrade_sock = {upgrade_sock:?}
             slice = opts.slice_bytes,
             memory = opts.memory_bytes,
             sendfile = opts.sendfile,
+            meta_ttl = opts
+                .meta_ttl_secs
+                .map_or(String::new(), |s| format!("meta_ttl_secs = {s}")),
             origins = origins.join(", "),
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
@@ -284,6 +291,29 @@ upgrade_sock = {upgrade_sock:?}
         headers: &[(&str, &str)],
     ) -> client::Response {
         client::request(self.http, method, target, headers).await
+    }
+
+    /// `GET target` again and again until the answer satisfies `done` (bounded, 15 s;
+    /// for answers that change after a TTL), and returns that answer.
+    pub async fn get_until(
+        &self,
+        target: &str,
+        done: impl Fn(&client::Response) -> bool,
+    ) -> client::Response {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self.get(target, &[]).await;
+            if done(&r) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{target}: still {} with {} bytes after 15 s",
+                r.status,
+                r.body.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The admin listener's `/metrics` text.

@@ -28,11 +28,15 @@ pub enum Mode {
     ShortBody,
     /// A `103 Early Hints` interim answer before each normal one.
     EarlyHints,
+    /// Correct 206 answers whose body is said to be gzip-coded (`Content-Encoding: gzip`).
+    ContentEncoding,
 }
 
 struct Object {
     bytes: Vec<u8>,
     content_type: String,
+    /// Sent with every 200 and 206 for the object (e.g. `ETag`).
+    headers: Vec<(String, String)>,
 }
 
 /// A fixed answer for one exact request target (path and query).
@@ -149,13 +153,30 @@ impl TestOrigin {
         format!("{scheme}://{}", self.addr)
     }
 
-    /// Serves `bytes` at `/objects/{o}/{v}`.
+    /// Serves `bytes` at `/objects/{o}/{v}` (replacing what was there).
     pub fn add_object(&self, o: &str, v: &str, bytes: Vec<u8>, content_type: &str) {
+        self.add_object_with_headers(o, v, bytes, content_type, &[]);
+    }
+
+    /// [`TestOrigin::add_object`] with headers sent on every 200 and 206 for it, such as
+    /// `ETag` or `Last-Modified`.
+    pub fn add_object_with_headers(
+        &self,
+        o: &str,
+        v: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        headers: &[(&str, &str)],
+    ) {
         self.state.objects.lock().unwrap().insert(
             format!("/objects/{o}/{v}"),
             Object {
                 bytes,
                 content_type: content_type.to_string(),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
         );
     }
@@ -350,12 +371,20 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
             }
         }
         let mode = *st.mode.lock().unwrap();
-        let found = st
-            .objects
-            .lock()
-            .unwrap()
-            .get(&req.path)
-            .map(|o| (o.bytes.clone(), o.content_type.clone()));
+        // The object, and the header lines its 200 and 206 answers carry.
+        let (found, mut extra) = match st.objects.lock().unwrap().get(&req.path) {
+            Some(o) => (
+                Some((o.bytes.clone(), o.content_type.clone())),
+                o.headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}\r\n"))
+                    .collect(),
+            ),
+            None => (None, String::new()),
+        };
+        if mode == Mode::ContentEncoding {
+            extra.push_str("Content-Encoding: gzip\r\n");
+        }
         let canned = st.canned.lock().unwrap().get(&req.path).cloned();
         let (head, body, close_after): (String, Vec<u8>, bool) = match (mode, found) {
             (Mode::Hang, _) => {
@@ -386,7 +415,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
             ),
             (Mode::IgnoreRange, Some((bytes, ct))) => (
                 format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n",
+                    "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {}\r\n",
                     bytes.len()
                 ),
                 bytes,
@@ -396,7 +425,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
                 let size = bytes.len() as u64;
                 match req.range.as_deref().map(|r| parse_range(r, size)) {
                     None => (
-                        format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\nContent-Length: {size}\r\n"),
+                        format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {size}\r\n"),
                         bytes,
                         false,
                     ),
@@ -409,7 +438,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
                         let body = bytes[a as usize..=b as usize].to_vec();
                         let shown_a = if mode == Mode::WrongContentRange { a + 1 } else { a };
                         let head = format!(
-                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\nContent-Range: bytes {shown_a}-{b}/{size}\r\nContent-Length: {}\r\n",
+                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\n{extra}Content-Range: bytes {shown_a}-{b}/{size}\r\nContent-Length: {}\r\n",
                             body.len()
                         );
                         if mode == Mode::ShortBody {

@@ -1,9 +1,10 @@
 //! Slice file format and naming. Pure: bytes in, bytes out.
 //!
+//! Version 3 (written):
 //! ```text
 //! offset size  field
 //!      0    8  magic "CDNSLICE"
-//!      8    2  format version (2), little endian
+//!      8    2  format version (3), little endian (all integers are)
 //!     10    2  content-type length C
 //!     12    4  payload length P
 //!     16    8  object size in bytes
@@ -11,27 +12,44 @@
 //!     32   32  object id (SHA-256 of o || 0 || v)
 //!     64    4  slice size the object was cut with
 //!     68    4  CRC-32 of the payload
-//!     72    4  CRC-32 of bytes 0..72 and the content type
-//!     76    C  content type (may be empty: unknown)
-//!   76+C    P  payload: the slice's bytes
+//!     72    8  when the object's metadata is due for a re-check, unix ms
+//!              (all ones: confirmed, never re-checked; see `cache::meta`)
+//!     80    2  validator length V (at most 255)
+//!     82    2  zero
+//!     84    4  CRC-32 of bytes 0..84, the content type and the validator
+//!     88    C  content type (may be empty: unknown)
+//!   88+C    V  the origin's validator: `E` + ETag or `L` + Last-Modified (may be empty)
+//! 88+C+V    P  payload: the slice's bytes
 //! ```
-//! A file is valid only if both checksums match, its length is exactly 76 + C + P, the
-//! key in the header is the key its name says, it was cut with the configured slice
-//! size, and P is exactly the length that slice of an object of that size has.
+//! Version 2 (read, never written) is the same up to offset 68, then a CRC-32 of bytes
+//! 0..72 and the content type at 72, the content type at 76 and the payload after it:
+//! its slices have no validator, and their metadata is due for a re-check at once.
+//!
+//! A file is valid only if both checksums match, its length is exactly the header's
+//! plus P, the key in the header is the key its name says, it was cut with the
+//! configured slice size, and P is exactly the length that slice of an object of that
+//! size has.
 
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use crate::cache::meta::MAX_VALIDATOR;
 use crate::cache::{ObjectId, SliceKey};
 use crate::range::slice_len;
 
 pub const MAGIC: &[u8; 8] = b"CDNSLICE";
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+/// The previous version, still read.
+pub const VERSION_2: u16 = 2;
 /// Fixed part of the header.
-pub const FIXED_HEADER: usize = 76;
+pub const FIXED_HEADER: usize = 88;
+/// Fixed part of a version 2 header.
+const FIXED_HEADER_V2: usize = 76;
 /// Longest content type stored; longer ones are stored as unknown.
 pub const MAX_CONTENT_TYPE: usize = 255;
+/// Longest header of any version: fixed part, content type and validator.
+pub const MAX_HEADER: usize = FIXED_HEADER + MAX_CONTENT_TYPE + MAX_VALIDATOR;
 /// Directory of slice files under the cache root.
 pub const SLICES_DIR: &str = "slices";
 /// Directory of files being written under the cache root.
@@ -46,16 +64,22 @@ pub struct Header {
     pub slice_bytes: u32,
     pub payload_crc: u32,
     pub content_type: Vec<u8>,
+    /// The origin's validator as stored (empty: none).
+    pub validator: Vec<u8>,
+    /// When the object's metadata is due for a re-check (unix ms; `u64::MAX` confirmed).
+    pub recheck_at: u64,
+    /// Length of the fixed part (version 3 or version 2).
+    fixed_len: usize,
 }
 
 impl Header {
     /// Total file length this header implies.
     pub fn file_len(&self) -> u64 {
-        (FIXED_HEADER + self.content_type.len()) as u64 + u64::from(self.payload_len)
+        self.header_len() as u64 + u64::from(self.payload_len)
     }
 
     pub fn header_len(&self) -> usize {
-        FIXED_HEADER + self.content_type.len()
+        self.fixed_len + self.content_type.len() + self.validator.len()
     }
 }
 
@@ -93,60 +117,88 @@ impl Header {
     }
 }
 
-/// Encodes the header of a slice file.
-pub fn encode_header(
+/// What a slice file records about its object besides the key.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectRecord<'a> {
+    pub size: u64,
+    /// Empty: unknown. Longer than [`MAX_CONTENT_TYPE`]: stored as unknown.
+    pub content_type: &'a [u8],
+    /// Empty: none. Longer than [`MAX_VALIDATOR`]: stored as none.
+    pub validator: &'a [u8],
+    pub recheck_at: u64,
+}
+
+/// Encodes the header of a slice file (the current version).
+pub fn encode_header<'a>(
     key: &SliceKey,
-    object_size: u64,
+    object: ObjectRecord<'a>,
     slice_bytes: u32,
-    content_type: &[u8],
     payload: &[u8],
 ) -> Vec<u8> {
-    let ct = if content_type.len() <= MAX_CONTENT_TYPE {
-        content_type
-    } else {
-        &[][..]
-    };
-    let mut h = Vec::with_capacity(FIXED_HEADER + ct.len());
+    let fit = |v: &'a [u8], max: usize| if v.len() <= max { v } else { &[][..] };
+    let ct = fit(object.content_type, MAX_CONTENT_TYPE);
+    let validator = fit(object.validator, MAX_VALIDATOR);
+    let mut h = Vec::with_capacity(FIXED_HEADER + ct.len() + validator.len());
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&(ct.len() as u16).to_le_bytes());
     h.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    h.extend_from_slice(&object_size.to_le_bytes());
+    h.extend_from_slice(&object.size.to_le_bytes());
     h.extend_from_slice(&key.index.to_le_bytes());
     h.extend_from_slice(key.object.as_bytes());
     h.extend_from_slice(&slice_bytes.to_le_bytes());
     h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h.extend_from_slice(&object.recheck_at.to_le_bytes());
+    h.extend_from_slice(&(validator.len() as u16).to_le_bytes());
+    h.extend_from_slice(&[0, 0]);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h);
     crc.update(ct);
+    crc.update(validator);
     h.extend_from_slice(&crc.finalize().to_le_bytes());
     h.extend_from_slice(ct);
+    h.extend_from_slice(validator);
     h
 }
 
-/// Decodes and checks a header from the first bytes of a file (at least
-/// [`FIXED_HEADER`] + content-type length of them). Does not check the payload.
+/// Decodes and checks a header from the first bytes of a file (at least its fixed part,
+/// content type and validator). Does not check the payload.
 pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
-    if buf.len() < FIXED_HEADER {
+    if buf.len() < 10 {
         return Err(FormatError::Truncated);
     }
-    if &buf[..8] != MAGIC || u16::from_le_bytes([buf[8], buf[9]]) != VERSION {
+    if &buf[..8] != MAGIC {
         return Err(FormatError::BadMagic);
     }
-    let ct_len = usize::from(u16::from_le_bytes([buf[10], buf[11]]));
-    if ct_len > MAX_CONTENT_TYPE {
-        return Err(FormatError::HeaderChecksum);
-    }
-    if buf.len() < FIXED_HEADER + ct_len {
+    let (fixed_len, crc_at) = match u16::from_le_bytes([buf[8], buf[9]]) {
+        VERSION => (FIXED_HEADER, 84),
+        VERSION_2 => (FIXED_HEADER_V2, 72),
+        _ => return Err(FormatError::BadMagic),
+    };
+    if buf.len() < fixed_len {
         return Err(FormatError::Truncated);
     }
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes([buf[o], buf[o + 1]]));
     let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
     let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
-    let content_type = buf[FIXED_HEADER..FIXED_HEADER + ct_len].to_vec();
+    let ct_len = u16_at(10);
+    let (validator_len, recheck_at) = if fixed_len == FIXED_HEADER {
+        (u16_at(80), u64_at(72))
+    } else {
+        (0, 0)
+    };
+    if ct_len > MAX_CONTENT_TYPE || validator_len > MAX_VALIDATOR {
+        return Err(FormatError::HeaderChecksum);
+    }
+    let ct_end = fixed_len + ct_len;
+    let end = ct_end + validator_len;
+    if buf.len() < end {
+        return Err(FormatError::Truncated);
+    }
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&buf[..72]);
-    crc.update(&content_type);
-    if crc.finalize() != u32_at(72) {
+    crc.update(&buf[..crc_at]);
+    crc.update(&buf[fixed_len..end]);
+    if crc.finalize() != u32_at(crc_at) {
         return Err(FormatError::HeaderChecksum);
     }
     let object: [u8; 32] = buf[32..64].try_into().expect("32 bytes");
@@ -159,7 +211,10 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
         payload_len: u32_at(12),
         slice_bytes: u32_at(64),
         payload_crc: u32_at(68),
-        content_type,
+        content_type: buf[fixed_len..ct_end].to_vec(),
+        validator: buf[ct_end..end].to_vec(),
+        recheck_at,
+        fixed_len,
     })
 }
 
@@ -230,9 +285,36 @@ mod tests {
 
     /// `payload` as slice 3 of an `object_size`-byte object cut in `slice`-byte slices.
     fn file_with(payload: &[u8], ct: &[u8], object_size: u64, slice: u32) -> Vec<u8> {
-        let mut f = encode_header(&key(), object_size, slice, ct, payload);
+        let record = ObjectRecord {
+            size: object_size,
+            content_type: ct,
+            validator: b"E\"v1\"",
+            recheck_at: 1234,
+        };
+        let mut f = encode_header(&key(), record, slice, payload);
         f.extend_from_slice(payload);
         f
+    }
+
+    /// The same file in format version 2, as earlier releases wrote it.
+    fn file_v2(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&VERSION_2.to_le_bytes());
+        h.extend_from_slice(&(ct.len() as u16).to_le_bytes());
+        h.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        h.extend_from_slice(&object_size.to_le_bytes());
+        h.extend_from_slice(&key().index.to_le_bytes());
+        h.extend_from_slice(key().object.as_bytes());
+        h.extend_from_slice(&(S as u32).to_le_bytes());
+        h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h);
+        crc.update(ct);
+        h.extend_from_slice(&crc.finalize().to_le_bytes());
+        h.extend_from_slice(ct);
+        h.extend_from_slice(payload);
+        h
     }
 
     /// Slice 3 of a 60-byte object cut in 16-byte slices: bytes 48..60, 12 long.
@@ -252,8 +334,39 @@ mod tests {
         assert_eq!(h.object_size, 60);
         assert_eq!(h.slice_bytes, 16);
         assert_eq!(h.content_type, b"video/mp4");
+        assert_eq!(h.validator, b"E\"v1\"");
+        assert_eq!(h.recheck_at, 1234);
         assert_eq!(h.file_len(), f.len() as u64);
         assert_eq!(decode_header(&f[..h.header_len()]).unwrap(), h);
+    }
+
+    #[test]
+    fn version_2_files_read_as_no_validator_and_due_for_a_recheck() {
+        let f = file_v2(b"0123456789ab", b"video/mp4", 60);
+        let (h, payload) = decode(f.clone()).unwrap();
+        assert_eq!(&payload[..], b"0123456789ab");
+        assert_eq!(h.content_type, b"video/mp4");
+        assert!(h.validator.is_empty());
+        assert_eq!(h.recheck_at, 0);
+        assert_eq!(h.file_len(), f.len() as u64);
+        for i in 0..f.len() {
+            let mut bad = f.clone();
+            bad[i] ^= 0x40;
+            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn an_overlong_validator_is_stored_as_none() {
+        let record = ObjectRecord {
+            size: 60,
+            content_type: b"",
+            validator: &[b'E'; 300],
+            recheck_at: 0,
+        };
+        let mut f = encode_header(&key(), record, S as u32, b"0123456789ab");
+        f.extend_from_slice(b"0123456789ab");
+        assert!(decode(f).unwrap().0.validator.is_empty());
     }
 
     #[test]

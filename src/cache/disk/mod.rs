@@ -20,6 +20,12 @@
 //! 8. One process per directory: `<path>/lock` is held (flock) while the tier is open.
 //! 9. Files record the slice size they were cut with; after a change of
 //!    `cache.slice_bytes` old files fail their check and are replaced, never misread.
+//! 10. Files record the object's metadata as it was when they were written: size, type,
+//!     the origin's validator, and whether it was confirmed or when it is due for a
+//!     re-check (`cache::meta`), so a restart neither forgets nor promotes it. A file
+//!     whose metadata disagrees with the object's current metadata is dropped
+//!     ([`DiskTier::discard`]), not served. Files of format version 2 (no validator)
+//!     are read, with their metadata due for a re-check at once.
 //!
 //! # On-disk layout
 //! ```text
@@ -41,6 +47,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::HeaderValue;
+
+use super::meta::Validator;
 use moka::policy::EvictionPolicy;
 use tokio::sync::Semaphore;
 
@@ -256,6 +264,11 @@ impl DiskTier {
             } else {
                 Bytes::new()
             },
+            validator: slice
+                .meta
+                .validator()
+                .map_or_else(Bytes::new, |v| Bytes::copy_from_slice(v.as_bytes())),
+            recheck_at: slice.meta.recheck_at(),
         };
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -270,13 +283,15 @@ impl DiskTier {
         rebuild::run(self.shared.clone());
     }
 
-    /// Drops a slice whose file turned out not to match what is known of its object
-    /// (counted as corrupt); the file is deleted off the async runtime.
+    /// Drops a slice cut under metadata its object no longer has (the caller counts
+    /// it): out of the index at once, the file deleted off the async runtime.
     pub fn discard(&self, key: SliceKey) {
-        self.shared.metrics.cache_corrupt.inc();
+        if self.shared.handed_over.load(Ordering::Acquire) {
+            return;
+        }
+        self.shared.index.invalidate(&key);
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            shared.index.invalidate(&key);
             let _ = std::fs::remove_file(slice_path(&shared.root, &key));
         });
     }
@@ -329,10 +344,12 @@ impl Shared {
                     .filter(|v| !v.is_empty());
                 Some(CachedSlice {
                     bytes: payload,
-                    meta: Arc::new(ObjectMeta::new(
+                    meta: Arc::new(ObjectMeta::restored(
                         &key.object,
                         header.object_size,
                         content_type,
+                        Validator::from_stored(&header.validator),
+                        header.recheck_at,
                     )),
                 })
             }
@@ -505,6 +522,41 @@ mod tests {
         )
         .unwrap();
         (a, sa, tier, metrics)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slices_keep_their_objects_metadata_state_across_a_reopen() {
+        use crate::cache::meta::{Answer, Validator};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let (a, mut sa) = slice(1);
+        let (b, sb) = slice(2);
+        let answer = Answer {
+            size: 1 << 20,
+            validator: Validator::from_headers(Some(&HeaderValue::from_static("\"v7\"")), None),
+            content_type: Some(HeaderValue::from_static("video/mp4")),
+        };
+        // Slice 1 under provisional metadata due at 12,345 ms; slice 2 under confirmed.
+        sa.meta = Arc::new(ObjectMeta::learnt(&a.object, &answer, 12_000, 345));
+        {
+            let metrics = Arc::new(Metrics::new());
+            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
+            tier.store(a, &sa);
+            tier.store(b, &sb);
+            until("writes", || metrics.disk_writes.get() == 2).await;
+        }
+        let tier = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new())).unwrap();
+        let got = tier.read(&a).await.unwrap().meta;
+        assert_eq!(got.recheck_at(), 12_345);
+        assert!(!got.is_confirmed());
+        assert_eq!(got.validator(), answer.validator.as_ref());
+        assert_eq!(got.content_type, "video/mp4");
+        assert!(got.agrees_with(&sa.meta));
+        let got = tier.read(&b).await.unwrap().meta;
+        assert!(got.is_confirmed() && got.validator().is_none());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

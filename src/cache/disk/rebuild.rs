@@ -10,9 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{
-    decode_header, parse_file_name, FormatError, FIXED_HEADER, MAX_CONTENT_TYPE, SLICES_DIR,
-};
+use super::format::{decode_header, parse_file_name, FormatError, MAX_HEADER, SLICES_DIR};
 use super::Shared;
 
 /// Walks `slices/*/*/*`, indexes every valid file and deletes the invalid ones.
@@ -57,10 +55,8 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
     let read = || -> std::io::Result<(Vec<u8>, u64)> {
         let mut f = fs::File::open(path)?;
         let len = f.metadata()?.len();
-        let mut head = Vec::with_capacity(FIXED_HEADER + MAX_CONTENT_TYPE);
-        f.by_ref()
-            .take((FIXED_HEADER + MAX_CONTENT_TYPE) as u64)
-            .read_to_end(&mut head)?;
+        let mut head = Vec::with_capacity(MAX_HEADER);
+        f.by_ref().take(MAX_HEADER as u64).read_to_end(&mut head)?;
         Ok((head, len))
     };
     let (head, len) = match read() {

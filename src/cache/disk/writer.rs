@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::format::{encode_header, slice_path, TMP_DIR};
+use super::format::{encode_header, slice_path, ObjectRecord, TMP_DIR};
 use super::Shared;
 use crate::cache::SliceKey;
 
@@ -28,6 +28,10 @@ pub struct WriteJob {
     pub payload: Bytes,
     pub object_size: u64,
     pub content_type: Bytes,
+    /// The origin's validator as stored (empty: none).
+    pub validator: Bytes,
+    /// When the object's metadata is due for a re-check (unix ms; `u64::MAX` confirmed).
+    pub recheck_at: u64,
 }
 
 /// The one I/O call whose failures matter for the write path; a seam for tests that
@@ -68,13 +72,13 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
         paused_until = None;
         let tmp = tmp_dir.join(format!("{pid}-{seq}.part"));
         let dst = slice_path(&shared.root, &job.key);
-        let header = encode_header(
-            &job.key,
-            job.object_size,
-            shared.slice_bytes as u32,
-            &job.content_type,
-            &job.payload,
-        );
+        let record = ObjectRecord {
+            size: job.object_size,
+            content_type: &job.content_type,
+            validator: &job.validator,
+            recheck_at: job.recheck_at,
+        };
+        let header = encode_header(&job.key, record, shared.slice_bytes as u32, &job.payload);
         let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
         let written = storage
             .write_new(&tmp, &header, &job.payload)
