@@ -1,0 +1,523 @@
+//! Durable spool for events and log blobs, on redb (an embedded, crash-safe B-tree store).
+//!
+//! # Design constraints
+//! 1. A request is acknowledged only after the transaction that holds it has committed
+//!    with `Durability::Immediate` (fsync): it survives `kill -9` and power loss.
+//! 2. Group commit: one writer thread takes every append and removal waiting at that
+//!    moment and commits them in one transaction, so many requests share one fsync.
+//! 3. Each queue is ordered by a sequence number; delivery takes the lowest first, so
+//!    records are delivered in arrival order per route. A record is removed only after
+//!    its delivery ended (a 2xx, or a permanent failure, which moves it to the dead
+//!    letters table).
+//! 4. The spool is bounded by `forward.spool_max_bytes` of record bytes; an append that
+//!    would pass it is refused (the client gets 503), never dropped silently.
+//! 5. A request id (`reqId`) is kept while its record waits (a retry is not spooled
+//!    twice) and, once delivered, with the upstream's answer for deduplication.
+//! 6. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
+//!    counted, and a new one started: the edge keeps serving.
+//!
+//! # Tables
+//! ```text
+//! events, logblob   u64 sequence -> Record (see record.rs)
+//! dead_letters      u64 sequence -> Record that got a permanent failure
+//! pending           "<queue>:<reqId>" -> sequence
+//! delivered         "<queue>:<reqId>" -> StoredAnswer
+//! meta              "next_seq" -> next sequence number
+//! ```
+
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc::{channel, Sender};
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+};
+use tokio::sync::{oneshot, Notify};
+
+use super::record::{Record, StoredAnswer};
+use crate::metrics::Metrics;
+use writer::{run_writer, Op};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const LOGBLOB: TableDefinition<u64, &[u8]> = TableDefinition::new("logblob");
+const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
+const DELIVERED: TableDefinition<&str, &[u8]> = TableDefinition::new("delivered");
+/// `delivered` by time, so the purge reads only what expired.
+const DELIVERED_AT: TableDefinition<(u64, &str), ()> = TableDefinition::new("delivered_at");
+/// Entries the purge removes per transaction at most, so appends never wait long.
+const PURGE_CHUNK: usize = 10_000;
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Operations waiting for the writer at most; more make appends wait (backpressure).
+const OPS_QUEUE: usize = 4096;
+/// Dead letters kept at most (the oldest are dropped first, with a warning).
+pub const DEAD_LETTERS_MAX: u64 = 10_000;
+/// Page cache of the spool store.
+const SPOOL_CACHE_BYTES: usize = 64 << 20;
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// A spooled route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Events,
+    LogBlob,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 2] = [Queue::Events, Queue::LogBlob];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Queue::Events => "event",
+            Queue::LogBlob => "logblob",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+
+    const fn table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+        match self {
+            Queue::Events => EVENTS,
+            Queue::LogBlob => LOGBLOB,
+        }
+    }
+
+    fn id_key(self, req_id: &str) -> String {
+        format!("{}:{req_id}", self.label())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool is full")]
+    Full,
+    #[error("spool storage failed: {0}")]
+    Storage(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("the spool was handed over to another process")]
+    HandedOver,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Durably stored under this sequence number.
+    Stored(u64),
+    /// The same request id is already waiting, or was delivered within the dedupe
+    /// window; nothing stored.
+    Duplicate,
+}
+
+/// What is known of a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdState {
+    Delivered(StoredAnswer),
+    Pending,
+    Unknown,
+}
+
+/// A record waiting for delivery.
+#[derive(Debug)]
+pub struct Waiting {
+    pub seq: u64,
+    /// Encoded length, for the spool's byte count.
+    pub len: u64,
+    /// The record, or its raw bytes if they cannot be decoded.
+    pub record: Result<Record, Vec<u8>>,
+}
+
+/// How a delivery ended, for [`Spool::finish`].
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// The upstream answered; keep the answer for deduplication when there is a reqId.
+    Delivered(StoredAnswer),
+    /// A permanent failure: move the record to the dead letters.
+    Dead,
+}
+
+/// Depth of one queue.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Depth {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+struct Counters {
+    entries: [AtomicU64; 2],
+    bytes: [AtomicU64; 2],
+    /// Bytes of appends sent to the writer and not yet committed or refused.
+    reserved: AtomicU64,
+    notify: [Notify; 2],
+}
+
+/// The spool. One per process.
+pub struct Spool {
+    /// `None` once handed over to another process.
+    db: RwLock<Option<Arc<Database>>>,
+    /// `None` only while dropping, so the writer sees the channel close.
+    ops: Option<Sender<Op>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    counters: Arc<Counters>,
+    max_bytes: u64,
+    dedupe_ms: u64,
+    path: PathBuf,
+}
+
+impl Spool {
+    /// Opens (or creates) `<dir>/spool.redb` and starts the writer thread.
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        dedupe_ms: u64,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SpoolError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("spool.redb");
+        // redb's own page cache; the default (1 GiB) would compete with the video tier.
+        let mut builder = Database::builder();
+        builder.set_cache_size(SPOOL_CACHE_BYTES);
+        let db = match builder.create(&path) {
+            Ok(db) => db,
+            Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
+                return Err(SpoolError::InUse(format!(
+                    "{}: in use by another process: {e}",
+                    path.display()
+                )))
+            }
+            // Only a file that is not a redb store, or one redb reports corrupted, is
+            // set aside; anything else (an upgrade needed, I/O errors) stops the start
+            // rather than losing what the file holds.
+            Err(e)
+                if !matches!(&e, DatabaseError::Storage(StorageError::Corrupted(_)))
+                    && !matches!(&e, DatabaseError::Storage(StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::InvalidData) =>
+            {
+                return Err(SpoolError::Storage(format!("{}: {e}", path.display())))
+            }
+            Err(e) => {
+                let aside = dir.join(format!("spool.redb.damaged-{}", unix_ms()));
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
+                    "spool cannot be opened; moving it aside and starting a new one");
+                metrics.spool_corrupt.inc();
+                std::fs::rename(&path, &aside).map_err(|e| SpoolError::Storage(e.to_string()))?;
+                builder.create(&path).map_err(storage)?
+            }
+        };
+        let counters = Arc::new(Counters {
+            entries: Default::default(),
+            bytes: Default::default(),
+            reserved: AtomicU64::new(0),
+            notify: Default::default(),
+        });
+        {
+            let txn = db.begin_write().map_err(storage)?;
+            for t in [EVENTS, LOGBLOB, DEAD] {
+                txn.open_table(t).map_err(storage)?;
+            }
+            txn.open_table(PENDING).map_err(storage)?;
+            txn.open_table(DELIVERED).map_err(storage)?;
+            txn.open_table(DELIVERED_AT).map_err(storage)?;
+            txn.open_table(META).map_err(storage)?;
+            txn.commit().map_err(storage)?;
+            let read = db.begin_read().map_err(storage)?;
+            for q in Queue::ALL {
+                let table = read.open_table(q.table()).map_err(storage)?;
+                let (mut n, mut bytes) = (0, 0);
+                for item in table.iter().map_err(storage)? {
+                    let (_, v) = item.map_err(storage)?;
+                    n += 1;
+                    bytes += v.value().len() as u64;
+                }
+                counters.entries[q.index()].store(n, Ordering::Relaxed);
+                counters.bytes[q.index()].store(bytes, Ordering::Relaxed);
+            }
+        }
+        let db = Arc::new(db);
+        let (ops, rx) = channel(OPS_QUEUE);
+        let (wdb, wcounters) = (db.clone(), counters.clone());
+        let writer = std::thread::Builder::new()
+            .name("cdn-edge spool writer".into())
+            .spawn(move || run_writer(wdb, rx, wcounters, metrics))
+            .map_err(|e| SpoolError::Storage(e.to_string()))?;
+        Ok(Self {
+            db: RwLock::new(Some(db)),
+            ops: Some(ops),
+            writer: Mutex::new(Some(writer)),
+            counters,
+            max_bytes,
+            dedupe_ms,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db(&self) -> Result<Arc<Database>, SpoolError> {
+        self.db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(SpoolError::HandedOver)
+    }
+
+    /// Whether [`Spool::hand_over_blocking`] has closed the store.
+    pub fn is_handed_over(&self) -> bool {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    /// Commits what is pending, stops the writer and closes the store so that another
+    /// process (the one taking over in an upgrade) can open it. Later appends and reads
+    /// fail, and are answered 503. Blocking: call outside the async runtime.
+    pub fn hand_over_blocking(&self) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        let ops = self.ops.as_ref().ok_or_else(stopped)?;
+        ops.blocking_send(Op::Close { done })
+            .map_err(|_| stopped())?;
+        let closed = wait.blocking_recv().map_err(|_| stopped())?;
+        // The writer has answered; once it has returned, its handle on the store is gone.
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        closed
+    }
+
+    /// Durably appends a record; returns once it is committed (or refused).
+    pub async fn append(&self, queue: Queue, record: &Record) -> Result<Appended, SpoolError> {
+        let encoded = record.encode();
+        let len = encoded.len() as u64;
+        // Reserve first, so concurrent appends cannot all pass the check together.
+        let reserved = self.counters.reserved.fetch_add(len, Ordering::AcqRel) + len;
+        let stored: u64 = self
+            .counters
+            .bytes
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .sum();
+        if stored + reserved > self.max_bytes {
+            self.counters.reserved.fetch_sub(len, Ordering::AcqRel);
+            return Err(SpoolError::Full);
+        }
+        let (done, wait) = oneshot::channel();
+        let op = Op::Append {
+            queue,
+            record: encoded,
+            req_id: record.req_id.clone(),
+            delivered_since_ms: unix_ms().saturating_sub(self.dedupe_ms),
+            done,
+        };
+        self.send(op).await?;
+        committed(wait).await
+    }
+
+    /// Queues the end of a record's delivery without waiting for its commit. Removals
+    /// need no fsync of their own: if one is lost in a crash the record is delivered
+    /// again (at-least-once), so they ride along with the next durable commit.
+    pub async fn finish_later(
+        &self,
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+    ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
+        let (done, committed) = oneshot::channel();
+        self.send(Op::Finish {
+            queue,
+            seq,
+            len,
+            req_id,
+            how,
+            done,
+        })
+        .await?;
+        Ok(committed)
+    }
+
+    /// Ends a record's delivery and waits for the removal to be committed.
+    pub async fn finish(
+        &self,
+        queue: Queue,
+        seq: u64,
+        len: u64,
+        req_id: Option<String>,
+        how: Finished,
+    ) -> Result<(), SpoolError> {
+        let rx = self.finish_later(queue, seq, len, req_id, how).await?;
+        committed(rx).await
+    }
+
+    /// Keeps the answer to a request delivered without spooling, for deduplication;
+    /// returns once committed, so a retry that follows finds it.
+    pub async fn remember(
+        &self,
+        queue: Queue,
+        req_id: String,
+        answer: StoredAnswer,
+    ) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Op::Remember {
+            queue,
+            req_id,
+            answer,
+            done,
+        })
+        .await?;
+        committed(wait).await
+    }
+
+    /// Forgets delivered answers older than `before_ms` (their dedupe window is over).
+    pub fn purge(&self, before_ms: u64) {
+        if let Some(ops) = &self.ops {
+            let _ = ops.try_send(Op::Purge { before_ms });
+        }
+    }
+
+    async fn send(&self, op: Op) -> Result<(), SpoolError> {
+        let ops = self.ops.as_ref().expect("open until dropped");
+        ops.send(op).await.map_err(|_| stopped())
+    }
+
+    /// Makes every commit so far durable (removals and remembered answers are committed
+    /// without an fsync of their own); called at shutdown.
+    pub async fn flush(&self) -> Result<(), SpoolError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Op::Flush { done }).await?;
+        committed(wait).await
+    }
+
+    /// The oldest waiting record of a queue. Blocking (reads the store): call from a
+    /// blocking context.
+    pub fn oldest_blocking(&self, queue: Queue) -> Result<Option<Waiting>, SpoolError> {
+        self.next_after_blocking(queue, None)
+    }
+
+    /// The oldest waiting record after sequence `after` (a delivery loop that has not
+    /// seen its last removal committed yet). Blocking.
+    pub fn next_after_blocking(
+        &self,
+        queue: Queue,
+        after: Option<u64>,
+    ) -> Result<Option<Waiting>, SpoolError> {
+        let read = self.db()?.begin_read().map_err(storage)?;
+        let table = read.open_table(queue.table()).map_err(storage)?;
+        let from = after.map_or(0, |s| s.saturating_add(1));
+        let first = table
+            .range(from..)
+            .map_err(storage)?
+            .next()
+            .transpose()
+            .map_err(storage)?;
+        Ok(first.map(|(k, v)| {
+            let raw = v.value();
+            Waiting {
+                seq: k.value(),
+                len: raw.len() as u64,
+                record: Record::decode(raw).map_err(|_| raw.to_vec()),
+            }
+        }))
+    }
+
+    /// What the spool knows of a request id: delivered within `window_ms` (with the
+    /// upstream's answer), waiting for delivery, or nothing. Blocking.
+    pub fn id_state_blocking(
+        &self,
+        queue: Queue,
+        req_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> IdState {
+        if let Some(a) = self.delivered_blocking(queue, req_id, now_ms, window_ms) {
+            return IdState::Delivered(a);
+        }
+        let pending = self
+            .db()
+            .ok()
+            .and_then(|db| db.begin_read().ok())
+            .and_then(|read| {
+                let table = read.open_table(PENDING).ok()?;
+                table
+                    .get(queue.id_key(req_id).as_str())
+                    .ok()
+                    .flatten()
+                    .map(|_| ())
+            });
+        match pending {
+            Some(()) => IdState::Pending,
+            None => IdState::Unknown,
+        }
+    }
+
+    /// The stored answer for a request id delivered within `window_ms`. Blocking.
+    pub fn delivered_blocking(
+        &self,
+        queue: Queue,
+        req_id: &str,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Option<StoredAnswer> {
+        let read = self.db().ok()?.begin_read().ok()?;
+        let table = read.open_table(DELIVERED).ok()?;
+        let got = table.get(queue.id_key(req_id).as_str()).ok()??;
+        let answer = StoredAnswer::decode(got.value()).ok()?;
+        (now_ms.saturating_sub(answer.at_ms) < window_ms).then_some(answer)
+    }
+
+    pub fn depth(&self, queue: Queue) -> Depth {
+        Depth {
+            entries: self.counters.entries[queue.index()].load(Ordering::Relaxed),
+            bytes: self.counters.bytes[queue.index()].load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves when something may have been appended to `queue`.
+    pub async fn appended(&self, queue: Queue) {
+        self.counters.notify[queue.index()].notified().await;
+    }
+}
+
+impl Drop for Spool {
+    /// Lets the writer finish what it has and close the store before returning, so the
+    /// file can be opened again at once.
+    fn drop(&mut self) {
+        self.ops.take();
+        let writer = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The writer's answer to an operation.
+async fn committed<T>(rx: oneshot::Receiver<Result<T, SpoolError>>) -> Result<T, SpoolError> {
+    rx.await.map_err(|_| stopped())?
+}
+
+fn stopped() -> SpoolError {
+    SpoolError::Storage("spool writer stopped".into())
+}
+
+fn storage(e: impl std::fmt::Display) -> SpoolError {
+    SpoolError::Storage(e.to_string())
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

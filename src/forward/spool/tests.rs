@@ -1,0 +1,265 @@
+//! Unit tests of the spool: durability, order, limits and deduplication state.
+
+use super::*;
+use bytes::Bytes;
+
+fn record(id: Option<&str>, body: &'static [u8]) -> Record {
+    Record {
+        arrival_ms: 1,
+        client_ip: "192.0.2.1".into(),
+        method: "POST".into(),
+        target: "/log/cadmium/logblob/1".into(),
+        content_type: None,
+        req_id: id.map(str::to_string),
+        body: Bytes::from_static(body),
+    }
+}
+
+fn open(dir: &Path, max: u64) -> Spool {
+    Spool::open(dir, max, 600_000, Arc::new(Metrics::new())).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_spool_lets_another_open_it_and_refuses_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = open(dir.path(), 1 << 20);
+    old.append(Queue::LogBlob, &record(Some("kept"), b"kept"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        Spool::open(dir.path(), 1 << 20, 600_000, Arc::new(Metrics::new())),
+        Err(SpoolError::InUse(_))
+    ));
+    let old = Arc::new(old);
+    let o = old.clone();
+    tokio::task::spawn_blocking(move || o.hand_over_blocking())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(old.is_handed_over());
+    // The old handle still exists; the store is free for the next process anyway.
+    let new = open(dir.path(), 1 << 20);
+    assert_eq!(new.depth(Queue::LogBlob).entries, 1);
+    assert!(old
+        .append(Queue::LogBlob, &record(None, b"late"))
+        .await
+        .is_err());
+    assert!(matches!(
+        old.oldest_blocking(Queue::LogBlob),
+        Err(SpoolError::HandedOver)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_survive_reopening_in_order_and_finish_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path(), 1 << 20);
+        for body in [&b"one"[..], b"two", b"three"] {
+            let leaked: &'static [u8] = Box::leak(body.to_vec().into_boxed_slice());
+            assert!(matches!(
+                spool
+                    .append(Queue::LogBlob, &record(None, leaked))
+                    .await
+                    .unwrap(),
+                Appended::Stored(_)
+            ));
+        }
+        assert_eq!(spool.depth(Queue::LogBlob).entries, 3);
+    }
+    let spool = open(dir.path(), 1 << 20);
+    assert_eq!(
+        spool.depth(Queue::LogBlob).entries,
+        3,
+        "counted again at open"
+    );
+    let mut seen = Vec::new();
+    while let Some(w) = spool.oldest_blocking(Queue::LogBlob).unwrap() {
+        seen.push(w.record.unwrap().body.clone());
+        spool
+            .finish(Queue::LogBlob, w.seq, w.len, None, Finished::Dead)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        seen,
+        vec![
+            Bytes::from_static(b"one"),
+            Bytes::from_static(b"two"),
+            Bytes::from_static(b"three")
+        ]
+    );
+    assert_eq!(spool.depth(Queue::LogBlob).entries, 0);
+    assert_eq!(spool.depth(Queue::LogBlob).bytes, 0);
+    assert!(spool.oldest_blocking(Queue::Events).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_refuses_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 200);
+    let mut stored = 0;
+    loop {
+        match spool
+            .append(
+                Queue::Events,
+                &record(None, b"0123456789012345678901234567890123456789"),
+            )
+            .await
+        {
+            Ok(_) => stored += 1,
+            Err(SpoolError::Full) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(stored < 100);
+    }
+    assert!(stored >= 1);
+    assert!(spool.depth(Queue::Events).bytes <= 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_spooled_once_and_answers_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    let first = spool
+        .append(Queue::Events, &record(Some("r1"), b"x"))
+        .await
+        .unwrap();
+    let Appended::Stored(seq) = first else {
+        panic!()
+    };
+    assert_eq!(
+        spool
+            .append(Queue::Events, &record(Some("r1"), b"x"))
+            .await
+            .unwrap(),
+        Appended::Duplicate
+    );
+    assert_eq!(spool.depth(Queue::Events).entries, 1);
+    let answer = StoredAnswer {
+        at_ms: unix_ms(),
+        status: 200,
+        content_type: None,
+        body: Bytes::from_static(b"ok"),
+    };
+    let len = spool.oldest_blocking(Queue::Events).unwrap().unwrap().len;
+    spool
+        .finish(
+            Queue::Events,
+            seq,
+            len,
+            Some("r1".into()),
+            Finished::Delivered(answer.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        spool.delivered_blocking(Queue::Events, "r1", unix_ms(), 60_000),
+        Some(answer)
+    );
+    assert_eq!(
+        spool.delivered_blocking(Queue::LogBlob, "r1", unix_ms(), 60_000),
+        None,
+        "ids are per queue"
+    );
+    assert_eq!(
+        spool.delivered_blocking(Queue::Events, "r1", unix_ms() + 120_000, 60_000),
+        None,
+        "window over"
+    );
+    // Delivered within the dedupe window: a retry is not stored again.
+    assert_eq!(
+        spool
+            .append(Queue::Events, &record(Some("r1"), b"x"))
+            .await
+            .unwrap(),
+        Appended::Duplicate
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 30, 600_000, metrics.clone()).unwrap());
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let s = spool.clone();
+            tokio::spawn(async move {
+                s.append(Queue::LogBlob, &record(None, b"blob"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(spool.depth(Queue::LogBlob).entries, 200);
+    assert!(
+        metrics.spool_commits.get() < 200,
+        "{} commits for 200 appends",
+        metrics.spool_commits.get()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_spool_file_is_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("spool.redb"), vec![0xA5u8; 10_000]).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let spool = Spool::open(dir.path(), 1 << 20, 600_000, metrics.clone()).unwrap();
+    assert_eq!(metrics.spool_corrupt.get(), 1);
+    assert!(spool
+        .append(Queue::Events, &record(None, b"x"))
+        .await
+        .is_ok());
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.redb.damaged-")
+        })
+        .count();
+    assert_eq!(aside, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_forgets_only_expired_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    let answer = |at_ms| StoredAnswer {
+        at_ms,
+        status: 200,
+        content_type: None,
+        body: Bytes::new(),
+    };
+    spool
+        .remember(Queue::Events, "old".into(), answer(1_000))
+        .await
+        .unwrap();
+    spool
+        .remember(Queue::Events, "new".into(), answer(9_000))
+        .await
+        .unwrap();
+    spool
+        .remember(Queue::Events, "again".into(), answer(1_000))
+        .await
+        .unwrap();
+    spool
+        .remember(Queue::Events, "again".into(), answer(9_500))
+        .await
+        .unwrap();
+    spool.purge(5_000);
+    spool.flush().await.unwrap();
+    let has = |id: &str| {
+        spool
+            .delivered_blocking(Queue::Events, id, 10_000, u64::MAX)
+            .is_some()
+    };
+    assert!(!has("old"));
+    assert!(has("new"));
+    assert!(has("again"), "delivered again after the cut-off: kept");
+}
