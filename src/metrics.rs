@@ -197,6 +197,15 @@ pub struct TierMetrics {
     pub entries: IntGauge,
 }
 
+/// What the spool keeps of one kind after delivery (answers or dead letters), bound at
+/// start.
+pub struct KeptMetrics {
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+    /// Dropped before their time to stay within the spool's budget.
+    pub evicted: IntCounter,
+}
+
 /// The edge's metrics. One instance per process, shared by every service.
 pub struct Metrics {
     registry: Registry,
@@ -234,6 +243,10 @@ pub struct Metrics {
     pub stats_dropped: IntCounter,
     pub spool_entries: IntGaugeVec,
     pub spool_bytes: IntGaugeVec,
+    /// Delivered answers kept for deduplication.
+    pub spool_answers: KeptMetrics,
+    /// Records delivery gave up on.
+    pub spool_dead_letters: KeptMetrics,
     pub connections_open: IntGauge,
     pub connections_refused: IntCounter,
     pub connection_timeouts_request: IntCounter,
@@ -619,6 +632,46 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let kept_entries = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_entries",
+                    "Entries the spool keeps after delivery, by kind: answers (for deduplication) or dead_letters.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept_bytes = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_bytes",
+                    "Bytes the spool keeps after delivery, by kind; they count toward forward.spool_max_bytes.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept_evicted = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_evicted_total",
+                    "Kept answers and dead letters dropped, oldest first, to stay within the spool's budget.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept = |kind: &str| KeptMetrics {
+            entries: kept_entries.with_label_values(&[kind]),
+            bytes: kept_bytes.with_label_values(&[kind]),
+            evicted: kept_evicted.with_label_values(&[kind]),
+        };
+        let spool_answers = kept("answers");
+        let spool_dead_letters = kept("dead_letters");
         let connections_open = registered(
             r,
             IntGauge::new(
@@ -699,6 +752,8 @@ impl Metrics {
             stats_dropped,
             spool_entries,
             spool_bytes,
+            spool_answers,
+            spool_dead_letters,
             connections_open,
             connections_refused,
             connection_timeouts_request,

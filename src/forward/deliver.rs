@@ -23,8 +23,9 @@ use crate::upstream::ExchangeError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often delivered answers past the dedupe window are forgotten.
-const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How often delivered answers past the dedupe window are forgotten (all of them, in
+/// chunks).
+const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 /// The delivery workers, run as a Pingora background service.
 pub struct DeliveryService {
@@ -256,7 +257,18 @@ impl DeliveryService {
 
     async fn purge(&self, mut shutdown: ShutdownWatch) {
         while !sleep_or_shutdown(PURGE_EVERY, &mut shutdown).await {
-            self.spool.purge(unix_ms().saturating_sub(self.dedupe_ms));
+            match self
+                .spool
+                .purge(unix_ms().saturating_sub(self.dedupe_ms))
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(purged = n, "expired delivered answers forgotten")
+                }
+                Ok(_) => {}
+                Err(SpoolError::HandedOver) => return,
+                Err(e) => tracing::warn!(error = %e, "purging expired delivered answers failed"),
+            }
         }
     }
 }

@@ -121,6 +121,28 @@ impl Forwarder {
         })
     }
 
+    /// Copies spool depths and kept bytes into their gauges; called before each scrape.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        for q in Queue::ALL {
+            let d = self.spool.depth(q);
+            m.spool_entries
+                .with_label_values(&[q.label()])
+                .set(d.entries as i64);
+            m.spool_bytes
+                .with_label_values(&[q.label()])
+                .set(d.bytes as i64);
+        }
+        let kept = self.spool.kept();
+        for (gauges, usage) in [
+            (&m.spool_answers, kept.answers),
+            (&m.spool_dead_letters, kept.dead_letters),
+        ] {
+            gauges.entries.set(usage.entries as i64);
+            gauges.bytes.set(usage.bytes as i64);
+        }
+    }
+
     /// The stats queue's receiving end, for the delivery service (once).
     pub fn take_stats_receiver(&self) -> Option<mpsc::Receiver<Record>> {
         self.stats_rx.lock().ok().and_then(|mut r| r.take())

@@ -7,24 +7,35 @@
 //!    moment and commits them in one transaction, so many requests share one fsync.
 //! 3. Each queue is ordered by a sequence number; delivery takes the lowest first, so
 //!    records are delivered in arrival order per route. A record is removed only after
-//!    its delivery ended (a 2xx, or a permanent failure, which moves it to the dead
-//!    letters table).
-//! 4. The spool is bounded by `forward.spool_max_bytes` of record bytes; an append that
-//!    would pass it is refused (the client gets 503), never dropped silently.
-//! 5. A request id (`reqId`) is kept while its record waits (a retry is not spooled
-//!    twice) and, once delivered, with the upstream's answer for deduplication.
-//! 6. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
+//!    its delivery ended (a 2xx, or a failure delivery gave up on, which moves it to
+//!    the dead letters table).
+//! 4. Undelivered records are bounded by `forward.spool_max_bytes` (encoded record
+//!    bytes); an append that would pass it is refused (the client gets 503), never
+//!    dropped silently. Undelivered records are never dropped to make room.
+//! 5. What is kept after delivery, upstream answers for deduplication and dead letters,
+//!    lives inside the same limit: each kind at most an eighth of it, and both together
+//!    never more than the records leave free; past that the oldest go first, in the
+//!    same commit (budget.rs). A kept answer body is at most 16 KiB.
+//! 6. Answers past the dedupe window are purged until none is left, in transactions of
+//!    at most [`PURGE_CHUNK`] removals, so appends never wait long behind a purge.
+//! 7. Byte counts (records per queue, answers, dead letters) are recounted at open, so
+//!    they are right after a restart or a crash.
+//! 8. A dedupe key (chosen by the forwarder) is kept while its record waits (a retry is
+//!    not spooled twice) and, once delivered, with the upstream's answer.
+//! 9. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
 //!    counted, and a new one started: the edge keeps serving.
 //!
 //! # Tables
 //! ```text
 //! events, logblob   u64 sequence -> Record (see record.rs)
-//! dead_letters      u64 sequence -> Record that got a permanent failure
-//! pending           "<queue>:<reqId>" -> sequence
-//! delivered         "<queue>:<reqId>" -> StoredAnswer
+//! dead_letters      u64 sequence -> Record delivery gave up on
+//! pending           "<queue>:<key>" -> sequence
+//! delivered         "<queue>:<key>" -> StoredAnswer (body at most 16 KiB)
+//! delivered_at      (stored at unix ms, "<queue>:<key>") -> (), one per answer
 //! meta              "next_seq" -> next sequence number
 //! ```
 
+mod budget;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -39,7 +50,8 @@ use tokio::sync::{oneshot, Notify};
 
 use super::record::{Record, StoredAnswer};
 use crate::metrics::Metrics;
-use writer::{run_writer, Op};
+pub use budget::{Kept, Usage, KEPT_SHARE, MAX_KEPT_ANSWER_BODY};
+use writer::{Op, Writer};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const LOGBLOB: TableDefinition<u64, &[u8]> = TableDefinition::new("logblob");
@@ -48,14 +60,12 @@ const PENDING: TableDefinition<&str, u64> = TableDefinition::new("pending");
 const DELIVERED: TableDefinition<&str, &[u8]> = TableDefinition::new("delivered");
 /// `delivered` by time, so the purge reads only what expired.
 const DELIVERED_AT: TableDefinition<(u64, &str), ()> = TableDefinition::new("delivered_at");
-/// Entries the purge removes per transaction at most, so appends never wait long.
-const PURGE_CHUNK: usize = 10_000;
+/// Answers the purge goes through per transaction at most, so appends never wait long.
+pub const PURGE_CHUNK: usize = 2_000;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
 const OPS_QUEUE: usize = 4096;
-/// Dead letters kept at most (the oldest are dropped first, with a warning).
-pub const DEAD_LETTERS_MAX: u64 = 10_000;
 /// Page cache of the spool store.
 const SPOOL_CACHE_BYTES: usize = 64 << 20;
 /// Most operations committed in one transaction.
@@ -156,6 +166,33 @@ struct Counters {
     /// Bytes of appends sent to the writer and not yet committed or refused.
     reserved: AtomicU64,
     notify: [Notify; 2],
+    /// Entries and bytes of kept answers ([0]) and dead letters ([1]), as committed.
+    kept: [[AtomicU64; 2]; 2],
+}
+
+impl Counters {
+    /// Bytes of undelivered records, as committed.
+    fn record_bytes(&self) -> u64 {
+        self.bytes.iter().map(|b| b.load(Ordering::Acquire)).sum()
+    }
+
+    fn set_kept(&self, kept: Kept) {
+        for (slot, usage) in self.kept.iter().zip([kept.answers, kept.dead_letters]) {
+            slot[0].store(usage.entries, Ordering::Relaxed);
+            slot[1].store(usage.bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn kept(&self) -> Kept {
+        let usage = |i: usize| Usage {
+            entries: self.kept[i][0].load(Ordering::Relaxed),
+            bytes: self.kept[i][1].load(Ordering::Relaxed),
+        };
+        Kept {
+            answers: usage(0),
+            dead_letters: usage(1),
+        }
+    }
 }
 
 /// The spool. One per process.
@@ -217,8 +254,9 @@ impl Spool {
             bytes: Default::default(),
             reserved: AtomicU64::new(0),
             notify: Default::default(),
+            kept: Default::default(),
         });
-        {
+        let kept = {
             let txn = db.begin_write().map_err(storage)?;
             for t in [EVENTS, LOGBLOB, DEAD] {
                 txn.open_table(t).map_err(storage)?;
@@ -240,13 +278,24 @@ impl Spool {
                 counters.entries[q.index()].store(n, Ordering::Relaxed);
                 counters.bytes[q.index()].store(bytes, Ordering::Relaxed);
             }
-        }
+            Kept {
+                answers: budget::count_answers(&read.open_table(DELIVERED).map_err(storage)?)?,
+                dead_letters: budget::count_dead_letters(&read.open_table(DEAD).map_err(storage)?)?,
+            }
+        };
+        counters.set_kept(kept);
         let db = Arc::new(db);
         let (ops, rx) = channel(OPS_QUEUE);
-        let (wdb, wcounters) = (db.clone(), counters.clone());
+        let state = Writer {
+            db: db.clone(),
+            counters: counters.clone(),
+            metrics,
+            max_bytes,
+            kept,
+        };
         let writer = std::thread::Builder::new()
             .name("cdn-edge spool writer".into())
-            .spawn(move || run_writer(wdb, rx, wcounters, metrics))
+            .spawn(move || state.run(rx))
             .map_err(|e| SpoolError::Storage(e.to_string()))?;
         Ok(Self {
             db: RwLock::new(Some(db)),
@@ -300,12 +349,7 @@ impl Spool {
         let len = encoded.len() as u64;
         // Reserve first, so concurrent appends cannot all pass the check together.
         let reserved = self.counters.reserved.fetch_add(len, Ordering::AcqRel) + len;
-        let stored: u64 = self
-            .counters
-            .bytes
-            .iter()
-            .map(|b| b.load(Ordering::Acquire))
-            .sum();
+        let stored = self.counters.record_bytes();
         if stored + reserved > self.max_bytes {
             self.counters.reserved.fetch_sub(len, Ordering::AcqRel);
             return Err(SpoolError::Full);
@@ -378,10 +422,20 @@ impl Spool {
         committed(wait).await
     }
 
-    /// Forgets delivered answers older than `before_ms` (their dedupe window is over).
-    pub fn purge(&self, before_ms: u64) {
-        if let Some(ops) = &self.ops {
-            let _ = ops.try_send(Op::Purge { before_ms });
+    /// Forgets every delivered answer stored before `before_ms` (its dedupe window is
+    /// over), in transactions of at most [`PURGE_CHUNK`] so that appends queued
+    /// meanwhile are committed in between; returns how many index entries it went
+    /// through.
+    pub async fn purge(&self, before_ms: u64) -> Result<u64, SpoolError> {
+        let mut total = 0;
+        loop {
+            let (done, wait) = oneshot::channel();
+            self.send(Op::Purge { before_ms, done }).await?;
+            let n = committed(wait).await?;
+            total += n as u64;
+            if n < PURGE_CHUNK {
+                return Ok(total);
+            }
         }
     }
 
@@ -473,6 +527,11 @@ impl Spool {
         let got = table.get(queue.id_key(req_id).as_str()).ok()??;
         let answer = StoredAnswer::decode(got.value()).ok()?;
         (now_ms.saturating_sub(answer.at_ms) < window_ms).then_some(answer)
+    }
+
+    /// Delivered answers and dead letters held, as of the last commit.
+    pub fn kept(&self) -> Kept {
+        self.counters.kept()
     }
 
     pub fn depth(&self, queue: Queue) -> Depth {

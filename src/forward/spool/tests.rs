@@ -252,8 +252,7 @@ async fn purge_forgets_only_expired_answers() {
         .remember(Queue::Events, "again".into(), answer(9_500))
         .await
         .unwrap();
-    spool.purge(5_000);
-    spool.flush().await.unwrap();
+    spool.purge(5_000).await.unwrap();
     let has = |id: &str| {
         spool
             .delivered_blocking(Queue::Events, id, 10_000, u64::MAX)
@@ -262,4 +261,176 @@ async fn purge_forgets_only_expired_answers() {
     assert!(!has("old"));
     assert!(has("new"));
     assert!(has("again"), "delivered again after the cut-off: kept");
+}
+
+fn answer(at_ms: u64, body_len: usize) -> StoredAnswer {
+    StoredAnswer {
+        at_ms,
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: Bytes::from(vec![b'a'; body_len]),
+    }
+}
+
+/// Remembers `n` event answers `id-{from}`.. stored at `at_ms(i)`, many at a time (so
+/// they share commits, as under load).
+async fn remember_many(
+    spool: &Arc<Spool>,
+    from: usize,
+    n: usize,
+    body_len: usize,
+    at_ms: impl Fn(usize) -> u64,
+) {
+    let tasks: Vec<_> = (from..from + n)
+        .map(|i| {
+            let (s, a) = (spool.clone(), answer(at_ms(i), body_len));
+            tokio::spawn(async move { s.remember(Queue::Events, format!("id-{i}"), a).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_forgets_every_expired_answer_however_many() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(open(dir.path(), 1 << 30));
+    // A minute of answers at 200 a second: several purge chunks, and more than the
+    // 10,000 a purge once removed (every minute).
+    let expired = 12_000;
+    remember_many(&spool, 0, expired, 20, |i| 1_000 + i as u64).await;
+    remember_many(&spool, expired, 100, 20, |_| 90_000).await;
+    assert_eq!(spool.kept().answers.entries, expired as u64 + 100);
+    let went_through = spool.purge(50_000).await.unwrap();
+    assert_eq!(went_through, expired as u64);
+    assert!(went_through > PURGE_CHUNK as u64);
+    assert_eq!(
+        spool.kept().answers.entries,
+        100,
+        "every expired answer purged"
+    );
+    let has = |id: usize| {
+        spool
+            .delivered_blocking(Queue::Events, &format!("id-{id}"), 90_000, u64::MAX)
+            .is_some()
+    };
+    assert!(!has(0) && !has(expired - 1));
+    assert!(has(expired) && has(expired + 99));
+    // What is left is what a recount at open finds.
+    let kept = spool.kept();
+    drop(Arc::into_inner(spool).unwrap());
+    assert_eq!(open(dir.path(), 1 << 30).kept(), kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_and_dead_letters_stay_within_their_share_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 256 << 10;
+    let metrics = Arc::new(Metrics::new());
+    let spool = Arc::new(Spool::open(dir.path(), max, 600_000, metrics.clone()).unwrap());
+    let cap = max / KEPT_SHARE;
+    // 5,000 answers of about 150 bytes: three times the answers' share.
+    remember_many(&spool, 0, 5_000, 100, |i| 1_000 + i as u64).await;
+    let kept = spool.kept();
+    assert!(kept.answers.bytes <= cap, "{kept:?}");
+    assert!(kept.answers.bytes > cap - 1_000, "{kept:?}");
+    assert!(metrics.spool_answers.evicted.get() > 3_000);
+    let has = |id: usize| {
+        spool
+            .delivered_blocking(Queue::Events, &format!("id-{id}"), 10_000, u64::MAX)
+            .is_some()
+    };
+    assert!(!has(0), "the oldest answer went first");
+    assert!(has(4_999), "the newest answer is kept");
+
+    // 400 dead letters of about 500 bytes: far more than their share.
+    let body: &'static [u8] = Box::leak(vec![b'd'; 400].into_boxed_slice());
+    let appends: Vec<_> = (0..400)
+        .map(|_| {
+            let s = spool.clone();
+            tokio::spawn(async move { s.append(Queue::LogBlob, &record(None, body)).await })
+        })
+        .collect();
+    for a in appends {
+        assert!(matches!(a.await.unwrap(), Ok(Appended::Stored(_))));
+    }
+    while let Some(w) = spool.oldest_blocking(Queue::LogBlob).unwrap() {
+        spool
+            .finish(Queue::LogBlob, w.seq, w.len, None, Finished::Dead)
+            .await
+            .unwrap();
+    }
+    let kept = spool.kept();
+    assert!(kept.dead_letters.bytes <= cap, "{kept:?}");
+    assert!(kept.dead_letters.entries >= 10, "{kept:?}");
+    assert_eq!(
+        metrics.spool_dead_letters.evicted.get(),
+        400 - kept.dead_letters.entries
+    );
+
+    // Undelivered records take what they need; the kept entries make room.
+    let appends: Vec<_> = (0..1_000)
+        .map(|_| {
+            let s = spool.clone();
+            tokio::spawn(async move { s.append(Queue::Events, &record(None, body)).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for a in appends {
+        match a.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e) => assert!(matches!(e, SpoolError::Full), "{e}"),
+        }
+    }
+    assert!(stored < 1_000, "the limit was reached");
+    spool.flush().await.unwrap(); // a commit after the last append, to trim once more
+    let records = spool.depth(Queue::Events).bytes;
+    let kept = spool.kept();
+    assert!(
+        records > max - 1_000,
+        "records may use the whole limit: {records}"
+    );
+    assert!(
+        records + kept.answers.bytes + kept.dead_letters.bytes <= max,
+        "{records} + {kept:?} > {max}"
+    );
+    assert_eq!(
+        spool.depth(Queue::Events).entries,
+        stored,
+        "no record dropped"
+    );
+    // Counted again at open.
+    drop(Arc::into_inner(spool).unwrap());
+    assert_eq!(open(dir.path(), max).kept(), kept);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_is_kept_as_its_status_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 30);
+    spool
+        .remember(
+            Queue::Events,
+            "small".into(),
+            answer(5, MAX_KEPT_ANSWER_BODY),
+        )
+        .await
+        .unwrap();
+    spool
+        .remember(Queue::Events, "large".into(), answer(5, 1 << 20))
+        .await
+        .unwrap();
+    let get = |id: &str| {
+        spool
+            .delivered_blocking(Queue::Events, id, 10, u64::MAX)
+            .unwrap()
+    };
+    assert_eq!(get("small"), answer(5, MAX_KEPT_ANSWER_BODY));
+    let large = get("large");
+    assert_eq!(
+        (large.status, large.content_type, large.body.len()),
+        (200, None, 0)
+    );
+    assert!(spool.kept().answers.bytes < 2 * MAX_KEPT_ANSWER_BODY as u64 + 200);
 }
