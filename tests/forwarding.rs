@@ -38,6 +38,22 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Waits (bounded) until `series` equals `value`.
+async fn wait_for_exactly(edge: &Edge, series: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = edge.metric(series).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {now}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_relayed_with_the_upstream_answer() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,4 +541,115 @@ async fn stats_overflow_is_dropped_and_counted() {
         (14.0..=16.0).contains(&dropped),
         "{dropped} dropped of 1040 with a queue of 1024"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_set_aside_and_later_events_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    // The upstream fails on this one body every time, and takes every other event.
+    up.set_response(&event("poison"), 500, &[], b"cannot parse");
+    for i in 0..3 {
+        up.set_response(&event(&format!("after-{i}")), 200, &[], b"ok");
+    }
+    let edge = Edge::start(opts(
+        dir.path(),
+        &up.url(),
+        &up.url(),
+        &up.url(),
+        "max_attempts = 3",
+    ))
+    .await;
+    assert_eq!(
+        post(edge.http, &event("poison"), &[], b"{\"bad\":")
+            .await
+            .status,
+        202,
+        "a 500 from the relay: spooled"
+    );
+    for i in 0..3 {
+        let r = post(edge.http, &event(&format!("after-{i}")), &[], b"{}").await;
+        assert_eq!(r.status, 202, "queued behind the spooled event");
+    }
+    edge.wait_for_metric(
+        "cdn_edge_forward_dead_letters_total{reason=\"max_attempts\",route=\"event\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"event\"}",
+        3.0,
+    )
+    .await;
+    wait_for_exactly(&edge, "cdn_edge_spool_entries{route=\"event\"}", 0.0).await;
+    let got: Vec<String> = up.received().into_iter().map(|r| r.target).collect();
+    let poison = got.iter().filter(|t| **t == event("poison")).count();
+    assert_eq!(
+        poison,
+        1 + 3,
+        "the relay, then max_attempts deliveries: {got:?}"
+    );
+    let after: Vec<&String> = got.iter().filter(|t| t.contains("after-")).collect();
+    let expected: Vec<String> = (0..3).map(|i| event(&format!("after-{i}"))).collect();
+    assert_eq!(
+        after,
+        expected.iter().collect::<Vec<_>>(),
+        "in arrival order"
+    );
+    assert_eq!(
+        edge.metric("cdn_edge_spool_kept_entries{kind=\"dead_letters\"}")
+            .await,
+        1.0,
+        "kept as a dead letter"
+    );
+    wait_for_exactly(
+        &edge,
+        "cdn_edge_forward_oldest_age_seconds{route=\"event\"}",
+        0.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_upstream_costs_no_record_however_often_it_is_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&blob("waits"), 200, &[], b"");
+    up.set_mode(Mode::Status(503));
+    let edge = Edge::start(opts(
+        dir.path(),
+        &up.url(),
+        &up.url(),
+        &up.url(),
+        "max_attempts = 1",
+    ))
+    .await;
+    assert_eq!(post(edge.http, &blob("waits"), &[], b"b").await.status, 202);
+    // 503 says nothing about the record: it is not one of max_attempts.
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"retried\",route=\"logblob\"}",
+        3.0,
+    )
+    .await;
+    let age = edge
+        .metric("cdn_edge_forward_oldest_age_seconds{route=\"logblob\"}")
+        .await;
+    assert!(age >= 0.2, "the waiting blob's age is exported: {age}");
+    up.set_mode(Mode::Normal);
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"failed\",route=\"logblob\"}")
+            .await,
+        0.0
+    );
+    wait_for_exactly(
+        &edge,
+        "cdn_edge_forward_oldest_age_seconds{route=\"logblob\"}",
+        0.0,
+    )
+    .await;
 }

@@ -12,6 +12,7 @@
 
 pub mod deliver;
 pub mod record;
+pub mod retry;
 pub mod spool;
 
 use std::sync::{Arc, Mutex};
@@ -124,7 +125,10 @@ impl Forwarder {
     /// Copies spool depths and kept bytes into their gauges; called before each scrape.
     pub fn refresh_gauges(&self) {
         let m = &self.metrics;
+        let now = unix_ms();
         for q in Queue::ALL {
+            let age = self.spool.oldest_age_ms(q, now) as f64 / 1000.0;
+            m.forward_oldest_age(deliver::route_of(q)).set(age);
             let d = self.spool.depth(q);
             m.spool_entries
                 .with_label_values(&[q.label()])

@@ -22,8 +22,11 @@
 //!    they are right after a restart or a crash.
 //! 8. A dedupe key (chosen by the forwarder) is kept while its record waits (a retry is
 //!    not spooled twice) and, once delivered, with the upstream's answer.
-//! 9. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
-//!    counted, and a new one started: the edge keeps serving.
+//! 9. The failed attempts of a waiting record are kept with it (failures table) and
+//!    removed with it, so a restart does not give a poison record a fresh start. They
+//!    are written without an fsync of their own: a crash may forget the last few.
+//! 10. A spool file that cannot be opened (damaged outside of a crash) is moved aside,
+//!     counted, and a new one started: the edge keeps serving.
 //!
 //! # Tables
 //! ```text
@@ -32,6 +35,7 @@
 //! pending           "<queue>:<key>" -> sequence
 //! delivered         "<queue>:<key>" -> StoredAnswer (body at most 16 KiB)
 //! delivered_at      (stored at unix ms, "<queue>:<key>") -> (), one per answer
+//! failures          u64 sequence -> (answered failures, failed tries, first failure unix ms)
 //! meta              "next_seq" -> next sequence number
 //! ```
 
@@ -49,6 +53,7 @@ use redb::{
 use tokio::sync::{oneshot, Notify};
 
 use super::record::{Record, StoredAnswer};
+use super::retry::Failures;
 use crate::metrics::Metrics;
 pub use budget::{Kept, Usage, KEPT_SHARE, MAX_KEPT_ANSWER_BODY};
 use writer::{Op, Writer};
@@ -63,6 +68,8 @@ const DELIVERED_AT: TableDefinition<(u64, &str), ()> = TableDefinition::new("del
 /// Answers the purge goes through per transaction at most, so appends never wait long.
 pub const PURGE_CHUNK: usize = 2_000;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Failed delivery attempts of a waiting record: (answered, tries, first failure ms).
+const FAILURES: TableDefinition<u64, (u32, u32, u64)> = TableDefinition::new("failures");
 
 /// Operations waiting for the writer at most; more make appends wait (backpressure).
 const OPS_QUEUE: usize = 4096;
@@ -142,6 +149,8 @@ pub struct Waiting {
     pub len: u64,
     /// The record, or its raw bytes if they cannot be decoded.
     pub record: Result<Record, Vec<u8>>,
+    /// Its failed delivery attempts so far.
+    pub failures: Failures,
 }
 
 /// How a delivery ended, for [`Spool::finish`].
@@ -166,6 +175,9 @@ struct Counters {
     /// Bytes of appends sent to the writer and not yet committed or refused.
     reserved: AtomicU64,
     notify: [Notify; 2],
+    /// Arrival (unix ms) of the record at the head of each queue, as delivery last read
+    /// it; 0 when unknown or empty.
+    head_arrival_ms: [AtomicU64; 2],
     /// Entries and bytes of kept answers ([0]) and dead letters ([1]), as committed.
     kept: [[AtomicU64; 2]; 2],
 }
@@ -254,6 +266,7 @@ impl Spool {
             bytes: Default::default(),
             reserved: AtomicU64::new(0),
             notify: Default::default(),
+            head_arrival_ms: Default::default(),
             kept: Default::default(),
         });
         let kept = {
@@ -265,6 +278,7 @@ impl Spool {
             txn.open_table(DELIVERED).map_err(storage)?;
             txn.open_table(DELIVERED_AT).map_err(storage)?;
             txn.open_table(META).map_err(storage)?;
+            txn.open_table(FAILURES).map_err(storage)?;
             txn.commit().map_err(storage)?;
             let read = db.begin_read().map_err(storage)?;
             for q in Queue::ALL {
@@ -277,6 +291,10 @@ impl Spool {
                 }
                 counters.entries[q.index()].store(n, Ordering::Relaxed);
                 counters.bytes[q.index()].store(bytes, Ordering::Relaxed);
+                let head = table.first().map_err(storage)?;
+                let arrival = head.and_then(|(_, v)| Record::decode(v.value()).ok());
+                counters.head_arrival_ms[q.index()]
+                    .store(arrival.map_or(0, |r| r.arrival_ms), Ordering::Relaxed);
             }
             Kept {
                 answers: budget::count_answers(&read.open_table(DELIVERED).map_err(storage)?)?,
@@ -364,6 +382,12 @@ impl Spool {
         };
         self.send(op).await?;
         committed(wait).await
+    }
+
+    /// Keeps a waiting record's failed attempts, without waiting for the commit (nor an
+    /// fsync of its own).
+    pub async fn note_failures(&self, seq: u64, failures: Failures) -> Result<(), SpoolError> {
+        self.send(Op::Failed { seq, failures }).await
     }
 
     /// Queues the end of a record's delivery without waiting for its commit. Removals
@@ -474,14 +498,45 @@ impl Spool {
             .next()
             .transpose()
             .map_err(storage)?;
-        Ok(first.map(|(k, v)| {
-            let raw = v.value();
-            Waiting {
-                seq: k.value(),
-                len: raw.len() as u64,
-                record: Record::decode(raw).map_err(|_| raw.to_vec()),
-            }
+        let Some((k, v)) = first else {
+            self.counters.head_arrival_ms[queue.index()].store(0, Ordering::Relaxed);
+            return Ok(None);
+        };
+        let (seq, raw) = (k.value(), v.value());
+        let failures = read
+            .open_table(FAILURES)
+            .map_err(storage)?
+            .get(seq)
+            .map_err(storage)?
+            .map(|f| {
+                let (answered, tries, first_ms) = f.value();
+                Failures {
+                    answered,
+                    tries,
+                    first_ms,
+                }
+            })
+            .unwrap_or_default();
+        let record = Record::decode(raw).map_err(|_| raw.to_vec());
+        if let Ok(r) = &record {
+            self.counters.head_arrival_ms[queue.index()].store(r.arrival_ms, Ordering::Relaxed);
+        }
+        Ok(Some(Waiting {
+            seq,
+            len: raw.len() as u64,
+            record,
+            failures,
         }))
+    }
+
+    /// Age of the oldest record waiting in `queue` (as delivery last read it) at
+    /// `now_ms`; 0 when none waits.
+    pub fn oldest_age_ms(&self, queue: Queue, now_ms: u64) -> u64 {
+        let head = self.counters.head_arrival_ms[queue.index()].load(Ordering::Relaxed);
+        if head == 0 || self.depth(queue).entries == 0 {
+            return 0;
+        }
+        now_ms.saturating_sub(head)
     }
 
     /// What the spool knows of a request id: delivered within `window_ms` (with the

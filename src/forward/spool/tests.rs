@@ -2,6 +2,7 @@
 
 use super::*;
 use bytes::Bytes;
+use redb::ReadableTableMetadata;
 
 fn record(id: Option<&str>, body: &'static [u8]) -> Record {
     Record {
@@ -433,4 +434,57 @@ async fn a_large_answer_is_kept_as_its_status_alone() {
         (200, None, 0)
     );
     assert!(spool.kept().answers.bytes < 2 * MAX_KEPT_ANSWER_BODY as u64 + 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_attempts_survive_reopening_and_leave_with_their_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let failures = Failures {
+        answered: 2,
+        tries: 5,
+        first_ms: 1_234,
+    };
+    let seq = {
+        let spool = open(dir.path(), 1 << 20);
+        spool
+            .append(Queue::Events, &record(Some("poison"), b"x"))
+            .await
+            .unwrap();
+        let w = spool.oldest_blocking(Queue::Events).unwrap().unwrap();
+        assert_eq!(w.failures, Failures::default());
+        assert_eq!(spool.oldest_age_ms(Queue::Events, 1_001), 1_000);
+        spool.note_failures(w.seq, failures).await.unwrap();
+        // A graceful stop flushes; the failures are not written with an fsync of their own.
+        spool.flush().await.unwrap();
+        w.seq
+    };
+    let spool = open(dir.path(), 1 << 20);
+    let w = spool.oldest_blocking(Queue::Events).unwrap().unwrap();
+    assert_eq!(
+        (w.seq, w.failures),
+        (seq, failures),
+        "kept across a restart"
+    );
+    assert_eq!(
+        spool.oldest_age_ms(Queue::Events, 1_001),
+        1_000,
+        "read at open"
+    );
+    spool
+        .finish(
+            Queue::Events,
+            w.seq,
+            w.len,
+            Some("poison".into()),
+            Finished::Dead,
+        )
+        .await
+        .unwrap();
+    // Failures of a record no longer waiting are neither kept nor left behind.
+    spool.note_failures(w.seq, failures).await.unwrap();
+    spool.flush().await.unwrap();
+    let read = spool.db().unwrap().begin_read().unwrap();
+    assert!(read.open_table(FAILURES).unwrap().is_empty().unwrap());
+    assert_eq!(spool.oldest_age_ms(Queue::Events, 1_001), 0, "none waits");
+    assert_eq!(spool.kept().dead_letters.entries, 1);
 }

@@ -11,9 +11,10 @@ use tokio::sync::oneshot;
 use super::budget::{insert_dead_letter, kept_cap, trim_dead_letters, AnswerTables, Evicted, Kept};
 use super::{
     storage, Appended, Counters, Finished, Queue, SpoolError, DEAD, DELIVERED, DELIVERED_AT,
-    EVENTS, LOGBLOB, MAX_BATCH, META, PENDING, PURGE_CHUNK,
+    EVENTS, FAILURES, LOGBLOB, MAX_BATCH, META, PENDING, PURGE_CHUNK,
 };
 use crate::forward::record::StoredAnswer;
+use crate::forward::retry::Failures;
 use crate::metrics::Metrics;
 
 pub(super) enum Op {
@@ -40,6 +41,8 @@ pub(super) enum Op {
         before_ms: u64,
         done: oneshot::Sender<Result<usize, SpoolError>>,
     },
+    /// Keeps the failed attempts of a waiting record.
+    Failed { seq: u64, failures: Failures },
     /// Commits durably (an empty transaction with an fsync).
     Flush {
         done: oneshot::Sender<Result<(), SpoolError>>,
@@ -146,6 +149,7 @@ impl Writer {
                             Op::Purge { done, .. } => {
                                 let _ = done.send(Err(e.clone()));
                             }
+                            Op::Failed { .. } => {}
                         }
                     }
                 }
@@ -214,6 +218,7 @@ impl Writer {
                 delivered_at: txn.open_table(DELIVERED_AT).map_err(storage)?,
             };
             let mut dead = txn.open_table(DEAD).map_err(storage)?;
+            let mut failures = txn.open_table(FAILURES).map_err(storage)?;
             let mut queues = [
                 txn.open_table(EVENTS).map_err(storage)?,
                 txn.open_table(LOGBLOB).map_err(storage)?,
@@ -279,6 +284,7 @@ impl Writer {
                     } => {
                         let removed = queues[queue.index()].remove(*seq).map_err(storage)?;
                         let record = removed.map(|v| v.value().to_vec());
+                        failures.remove(*seq).map_err(storage)?;
                         if let Some(id) = req_id {
                             let k = queue.id_key(id);
                             pending.remove(k.as_str()).map_err(storage)?;
@@ -312,6 +318,20 @@ impl Writer {
                     } => {
                         let k = queue.id_key(req_id);
                         answers.insert(&k, answer, &mut kept.answers)?;
+                        outcomes.push(Outcome::Nothing);
+                    }
+                    Op::Failed { seq, failures: f } => {
+                        // Only for a record still waiting: never a stray entry.
+                        let waiting = queues
+                            .iter()
+                            .map(|t| t.get(*seq).map(|v| v.is_some()))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(storage)?;
+                        if waiting.contains(&true) {
+                            failures
+                                .insert(*seq, (f.answered, f.tries, f.first_ms))
+                                .map_err(storage)?;
+                        }
                         outcomes.push(Outcome::Nothing);
                     }
                     Op::Flush { .. } | Op::Close { .. } => outcomes.push(Outcome::Nothing),
