@@ -145,10 +145,13 @@ pub enum ForwardResult {
     Failed,
     /// Refused: spool full or unavailable (503), or body too large (413).
     Refused,
+    /// Refused with 400: the path could leave the route's prefix (dot segments,
+    /// encoded dots, slashes or backslashes).
+    BadPath,
 }
 
 impl ForwardResult {
-    pub const ALL: [ForwardResult; 9] = [
+    pub const ALL: [ForwardResult; 10] = [
         ForwardResult::Relayed,
         ForwardResult::Spooled,
         ForwardResult::Queued,
@@ -158,6 +161,7 @@ impl ForwardResult {
         ForwardResult::Dropped,
         ForwardResult::Failed,
         ForwardResult::Refused,
+        ForwardResult::BadPath,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -171,6 +175,7 @@ impl ForwardResult {
             ForwardResult::Dropped => "dropped",
             ForwardResult::Failed => "failed",
             ForwardResult::Refused => "refused",
+            ForwardResult::BadPath => "bad_path",
         }
     }
 }

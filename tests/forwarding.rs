@@ -653,3 +653,62 @@ async fn an_unavailable_upstream_costs_no_record_however_often_it_is_tried() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_could_leave_the_route_are_refused_before_anything_is_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    let cases = [
+        (
+            "/msl/playapi/cadmium/event/../../admin/x?reqId=t1",
+            "dot segment",
+        ),
+        (
+            "/msl/playapi/cadmium/event/%2e%2e/%2e%2e/admin/x?reqId=t2",
+            "encoded dot",
+        ),
+        (
+            "/msl/playapi/cadmium/event/%2E%2E/admin?reqId=t3",
+            "encoded dot",
+        ),
+        (
+            "/msl/playapi/cadmium/event/..%2fadmin?reqId=t4",
+            "encoded slash",
+        ),
+        (
+            "/msl/playapi/cadmium/event/..%5cadmin?reqId=t5",
+            "backslash",
+        ),
+        ("/log/cadmium/logblob/..\\..\\admin?reqId=t6", "backslash"),
+        (
+            "/log/cadmium/logblob/%252e%252e/admin?reqId=t7",
+            "percent sign",
+        ),
+    ];
+    for (target, reason) in cases {
+        let r = post(edge.http, target, &[], b"{\"e\":1}").await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+        assert!(
+            r.text().starts_with("forwarded path refused: ") && r.text().contains(reason),
+            "{target}: {}",
+            r.text()
+        );
+    }
+    let refused = edge
+        .metric("cdn_edge_forwarded_total{result=\"bad_path\",route=\"event\"}")
+        .await
+        + edge
+            .metric("cdn_edge_forwarded_total{result=\"bad_path\",route=\"logblob\"}")
+            .await;
+    assert_eq!(refused, cases.len() as f64);
+    // A plain path still goes through, and nothing else reached the upstream.
+    assert_eq!(post(edge.http, &blob("fine"), &[], b"ok").await.status, 202);
+    wait_until("the plain blob", || up.requests() == 1).await;
+    assert_eq!(up.received()[0].target, blob("fine"));
+    assert_eq!(
+        edge.metric("cdn_edge_spool_entries{route=\"event\"}").await,
+        0.0,
+        "nothing spooled"
+    );
+}

@@ -11,6 +11,7 @@
 //! bounded.
 
 pub mod deliver;
+pub mod path;
 pub mod record;
 pub mod retry;
 pub mod spool;
@@ -161,6 +162,14 @@ impl Forwarder {
         };
         if upstream.is_none() {
             return respond::plain(session, 404, "not configured on this edge").await;
+        }
+        // Before anything is read: the body of a refused request is never read, so the
+        // connection is not kept.
+        if let Err(bad) = path::check(session.req_header().uri.path()) {
+            self.metrics.record_forward(route, ForwardResult::BadPath);
+            tracing::debug!(route = route.label(), reason = %bad, "forwarded path refused");
+            session.set_keepalive(None);
+            return respond::plain(session, 400, &format!("forwarded path refused: {bad}")).await;
         }
         if session.req_header().method != Method::POST {
             return respond::method_not_allowed(session, "POST").await;
