@@ -712,3 +712,60 @@ async fn paths_that_could_leave_the_route_are_refused_before_anything_is_forward
         "nothing spooled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_id_from_another_client_is_another_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    up.set_response(&event("shared"), 200, &[], b"answer for a");
+    let a = post(edge.http, &event("shared"), &[], b"{\"client\":\"a\"}").await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"answer for a"[..]));
+    // Another client picks the same reqId: its event is forwarded and gets its own answer.
+    up.set_response(&event("shared"), 200, &[], b"answer for b");
+    let b = post(edge.http, &event("shared"), &[], b"{\"client\":\"b\"}").await;
+    assert_eq!((b.status, b.body.as_slice()), (200, &b"answer for b"[..]));
+    // Client a's retry (the next reqAttempt, same body) is deduplicated.
+    let retry = format!("{}&reqAttempt=2", event("shared"));
+    up.set_response(&retry, 200, &[], b"answer for a retry");
+    let again = post(edge.http, &retry, &[], b"{\"client\":\"a\"}").await;
+    assert_eq!(
+        (again.status, again.body.as_slice()),
+        (200, &b"answer for a"[..])
+    );
+    let events: Vec<Vec<u8>> = up.received().into_iter().map(|r| r.body).collect();
+    assert_eq!(
+        events,
+        [
+            b"{\"client\":\"a\"}".to_vec(),
+            b"{\"client\":\"b\"}".to_vec()
+        ]
+    );
+
+    // Log blobs alike: both bodies delivered, a's retry not.
+    up.set_response(&blob("shared"), 200, &[], b"");
+    for body in [&b"blob a"[..], b"blob b", b"blob a"] {
+        assert_eq!(
+            post(edge.http, &blob("shared"), &[], body).await.status,
+            202
+        );
+    }
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        2.0,
+    )
+    .await;
+    wait_for_exactly(&edge, "cdn_edge_spool_entries{route=\"logblob\"}", 0.0).await;
+    let blobs: Vec<Vec<u8>> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.target == blob("shared"))
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(blobs, [b"blob a".to_vec(), b"blob b".to_vec()]);
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"deduplicated\",route=\"logblob\"}")
+            .await,
+        1.0
+    );
+}

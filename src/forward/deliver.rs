@@ -220,7 +220,7 @@ impl DeliveryService {
             };
             match self
                 .spool
-                .finish_later(q, waiting.seq, waiting.len, record.req_id.clone(), how)
+                .finish_later(q, waiting.seq, waiting.len, record.dedupe_key.clone(), how)
                 .await
             {
                 Ok(rx) => {

@@ -10,6 +10,7 @@
 //! delivery runs on its own runtime (a Pingora background service), and its queues are
 //! bounded.
 
+pub mod dedupe;
 pub mod deliver;
 pub mod path;
 pub mod record;
@@ -88,7 +89,7 @@ pub struct Forwarder {
     stats_rx: Mutex<Option<mpsc::Receiver<Record>>>,
     max_body: u64,
     pub dedupe_ms: u64,
-    /// Relays in flight by reqId: concurrent duplicates share one upstream request.
+    /// Relays in flight by dedupe key: concurrent duplicates share one upstream request.
     relaying: moka::future::Cache<String, StoredAnswer>,
     metrics: Arc<Metrics>,
 }
@@ -220,13 +221,14 @@ impl Forwarder {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            req_id: req.uri.query().and_then(req_id),
+            // Set by `dedupe`, off the runtime: it hashes the body.
+            dedupe_key: None,
             body,
         }
     }
 
-    async fn event(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        match self.id_state(Queue::Events, &record).await {
+    async fn event(&self, session: &mut Session, mut record: Record) -> pingora::Result<u64> {
+        match self.dedupe(Queue::Events, &mut record).await {
             IdState::Delivered(answer) => {
                 self.metrics
                     .record_forward(Route::Event, ForwardResult::Deduplicated);
@@ -247,11 +249,11 @@ impl Forwarder {
                 .await;
         }
         let upstream = self.relay.events.as_ref().expect("checked by serve");
-        let relayed = match &record.req_id {
-            Some(id) => {
+        let relayed = match &record.dedupe_key {
+            Some(key) => {
                 let shared = self
                     .relaying
-                    .try_get_with(id.clone(), relay(upstream, &self.relay_connector, &record))
+                    .try_get_with(key.clone(), relay(upstream, &self.relay_connector, &record))
                     .await
                     .map_err(|e| (*e).clone());
                 if let Ok(answer) = &shared {
@@ -260,14 +262,14 @@ impl Forwarder {
                         // duplicate finds the answer.
                         if let Err(e) = self
                             .spool
-                            .remember(Queue::Events, id.clone(), answer.clone())
+                            .remember(Queue::Events, key.clone(), answer.clone())
                             .await
                         {
                             tracing::warn!(error = %e, "cannot keep an event answer for deduplication");
                         }
                     }
                 }
-                self.relaying.invalidate(id).await;
+                self.relaying.invalidate(key).await;
                 shared
             }
             None => relay(upstream, &self.relay_connector, &record).await,
@@ -288,8 +290,8 @@ impl Forwarder {
         }
     }
 
-    async fn logblob(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        if self.id_state(Queue::LogBlob, &record).await != IdState::Unknown {
+    async fn logblob(&self, session: &mut Session, mut record: Record) -> pingora::Result<u64> {
+        if self.dedupe(Queue::LogBlob, &mut record).await != IdState::Unknown {
             self.metrics
                 .record_forward(Route::LogBlob, ForwardResult::Deduplicated);
             return accepted(session).await;
@@ -312,15 +314,31 @@ impl Forwarder {
         json(session, 200, b"{\"status\":200}").await
     }
 
-    async fn id_state(&self, queue: Queue, record: &Record) -> IdState {
-        let Some(id) = record.req_id.clone() else {
+    /// Gives a record with a `reqId` its dedupe key and says what the spool knows of
+    /// it. Off the runtime: it hashes the body and reads the store.
+    async fn dedupe(&self, queue: Queue, record: &mut Record) -> IdState {
+        let has_id = record
+            .target
+            .split_once('?')
+            .is_some_and(|(_, q)| dedupe::req_id(q).is_some());
+        if !has_id {
             return IdState::Unknown;
-        };
-        let spool = self.spool.clone();
-        let window = self.dedupe_ms;
-        tokio::task::spawn_blocking(move || spool.id_state_blocking(queue, &id, unix_ms(), window))
-            .await
-            .unwrap_or(IdState::Unknown)
+        }
+        let (spool, window) = (self.spool.clone(), self.dedupe_ms);
+        let (target, body) = (record.target.clone(), record.body.clone());
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let key = dedupe::key(&target, &body)?;
+            let state = spool.id_state_blocking(queue, &key, unix_ms(), window);
+            Some((key, state))
+        })
+        .await;
+        match looked_up {
+            Ok(Some((key, state))) => {
+                record.dedupe_key = Some(key);
+                state
+            }
+            _ => IdState::Unknown,
+        }
     }
 
     async fn spool_and_answer(
@@ -356,15 +374,6 @@ impl Forwarder {
             }
         }
     }
-}
-
-/// The `reqId` query parameter, as sent.
-fn req_id(query: &str) -> Option<String> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("reqId="))
-        .filter(|v| !v.is_empty() && v.len() <= 256)
-        .map(str::to_string)
 }
 
 /// Reads the whole request body; `None` if it is larger than `limit`.
@@ -461,20 +470,4 @@ async fn json(session: &mut Session, status: u16, body: &'static [u8]) -> pingor
 
 async fn accepted(session: &mut Session) -> pingora::Result<u64> {
     json(session, 202, b"{\"status\":202}").await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids() {
-        assert_eq!(
-            req_id("reqAttempt=1&reqName=events/pause&reqId=abc-1").as_deref(),
-            Some("abc-1")
-        );
-        assert_eq!(req_id("reqId=&x=1"), None);
-        assert_eq!(req_id("xreqId=1"), None);
-        assert_eq!(req_id(&format!("reqId={}", "a".repeat(300))), None);
-    }
 }

@@ -106,8 +106,8 @@ impl Queue {
         }
     }
 
-    fn id_key(self, req_id: &str) -> String {
-        format!("{}:{req_id}", self.label())
+    fn table_key(self, dedupe_key: &str) -> String {
+        format!("{}:{dedupe_key}", self.label())
     }
 }
 
@@ -128,12 +128,12 @@ pub enum SpoolError {
 pub enum Appended {
     /// Durably stored under this sequence number.
     Stored(u64),
-    /// The same request id is already waiting, or was delivered within the dedupe
+    /// The same dedupe key is already waiting, or was delivered within the dedupe
     /// window; nothing stored.
     Duplicate,
 }
 
-/// What is known of a request id.
+/// What is known of a dedupe key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdState {
     Delivered(StoredAnswer),
@@ -156,7 +156,7 @@ pub struct Waiting {
 /// How a delivery ended, for [`Spool::finish`].
 #[derive(Debug, Clone)]
 pub enum Finished {
-    /// The upstream answered; keep the answer for deduplication when there is a reqId.
+    /// The upstream answered; keep the answer for deduplication when the record has a dedupe key.
     Delivered(StoredAnswer),
     /// A permanent failure: move the record to the dead letters.
     Dead,
@@ -376,7 +376,7 @@ impl Spool {
         let op = Op::Append {
             queue,
             record: encoded,
-            req_id: record.req_id.clone(),
+            dedupe_key: record.dedupe_key.clone(),
             delivered_since_ms: unix_ms().saturating_sub(self.dedupe_ms),
             done,
         };
@@ -398,7 +398,7 @@ impl Spool {
         queue: Queue,
         seq: u64,
         len: u64,
-        req_id: Option<String>,
+        dedupe_key: Option<String>,
         how: Finished,
     ) -> Result<oneshot::Receiver<Result<(), SpoolError>>, SpoolError> {
         let (done, committed) = oneshot::channel();
@@ -406,7 +406,7 @@ impl Spool {
             queue,
             seq,
             len,
-            req_id,
+            dedupe_key,
             how,
             done,
         })
@@ -420,10 +420,10 @@ impl Spool {
         queue: Queue,
         seq: u64,
         len: u64,
-        req_id: Option<String>,
+        dedupe_key: Option<String>,
         how: Finished,
     ) -> Result<(), SpoolError> {
-        let rx = self.finish_later(queue, seq, len, req_id, how).await?;
+        let rx = self.finish_later(queue, seq, len, dedupe_key, how).await?;
         committed(rx).await
     }
 
@@ -432,13 +432,13 @@ impl Spool {
     pub async fn remember(
         &self,
         queue: Queue,
-        req_id: String,
+        dedupe_key: String,
         answer: StoredAnswer,
     ) -> Result<(), SpoolError> {
         let (done, wait) = oneshot::channel();
         self.send(Op::Remember {
             queue,
-            req_id,
+            dedupe_key,
             answer,
             done,
         })
@@ -539,16 +539,16 @@ impl Spool {
         now_ms.saturating_sub(head)
     }
 
-    /// What the spool knows of a request id: delivered within `window_ms` (with the
+    /// What the spool knows of a dedupe key: delivered within `window_ms` (with the
     /// upstream's answer), waiting for delivery, or nothing. Blocking.
     pub fn id_state_blocking(
         &self,
         queue: Queue,
-        req_id: &str,
+        dedupe_key: &str,
         now_ms: u64,
         window_ms: u64,
     ) -> IdState {
-        if let Some(a) = self.delivered_blocking(queue, req_id, now_ms, window_ms) {
+        if let Some(a) = self.delivered_blocking(queue, dedupe_key, now_ms, window_ms) {
             return IdState::Delivered(a);
         }
         let pending = self
@@ -558,7 +558,7 @@ impl Spool {
             .and_then(|read| {
                 let table = read.open_table(PENDING).ok()?;
                 table
-                    .get(queue.id_key(req_id).as_str())
+                    .get(queue.table_key(dedupe_key).as_str())
                     .ok()
                     .flatten()
                     .map(|_| ())
@@ -569,17 +569,17 @@ impl Spool {
         }
     }
 
-    /// The stored answer for a request id delivered within `window_ms`. Blocking.
+    /// The stored answer for a dedupe key delivered within `window_ms`. Blocking.
     pub fn delivered_blocking(
         &self,
         queue: Queue,
-        req_id: &str,
+        dedupe_key: &str,
         now_ms: u64,
         window_ms: u64,
     ) -> Option<StoredAnswer> {
         let read = self.db().ok()?.begin_read().ok()?;
         let table = read.open_table(DELIVERED).ok()?;
-        let got = table.get(queue.id_key(req_id).as_str()).ok()??;
+        let got = table.get(queue.table_key(dedupe_key).as_str()).ok()??;
         let answer = StoredAnswer::decode(got.value()).ok()?;
         (now_ms.saturating_sub(answer.at_ms) < window_ms).then_some(answer)
     }

@@ -11,7 +11,7 @@ fn record(id: Option<&str>, body: &'static [u8]) -> Record {
         method: "POST".into(),
         target: "/log/cadmium/logblob/1".into(),
         content_type: None,
-        req_id: id.map(str::to_string),
+        dedupe_key: id.map(str::to_string),
         body: Bytes::from_static(body),
     }
 }

@@ -21,7 +21,7 @@ pub(super) enum Op {
     Append {
         queue: Queue,
         record: Vec<u8>,
-        req_id: Option<String>,
+        dedupe_key: Option<String>,
         /// A delivered answer for the same id stored at or after this time (unix ms)
         /// means the request was already delivered: nothing is stored.
         delivered_since_ms: u64,
@@ -31,7 +31,7 @@ pub(super) enum Op {
         queue: Queue,
         seq: u64,
         len: u64,
-        req_id: Option<String>,
+        dedupe_key: Option<String>,
         how: Finished,
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
@@ -54,7 +54,7 @@ pub(super) enum Op {
     /// Keeps the upstream's answer to a request relayed at once (never spooled).
     Remember {
         queue: Queue,
-        req_id: String,
+        dedupe_key: String,
         answer: StoredAnswer,
         done: oneshot::Sender<Result<(), SpoolError>>,
     },
@@ -234,11 +234,11 @@ impl Writer {
                     Op::Append {
                         queue,
                         record,
-                        req_id,
+                        dedupe_key,
                         delivered_since_ms,
                         ..
                     } => {
-                        let key = req_id.as_deref().map(|id| queue.id_key(id));
+                        let key = dedupe_key.as_deref().map(|id| queue.table_key(id));
                         if let Some(k) = &key {
                             // Checked here too, where the writer sees every removal: a
                             // retry racing its first copy's delivery is not stored again.
@@ -278,15 +278,15 @@ impl Writer {
                         queue,
                         seq,
                         len,
-                        req_id,
+                        dedupe_key,
                         how,
                         ..
                     } => {
                         let removed = queues[queue.index()].remove(*seq).map_err(storage)?;
                         let record = removed.map(|v| v.value().to_vec());
                         failures.remove(*seq).map_err(storage)?;
-                        if let Some(id) = req_id {
-                            let k = queue.id_key(id);
+                        if let Some(id) = dedupe_key {
+                            let k = queue.table_key(id);
                             pending.remove(k.as_str()).map_err(storage)?;
                             if let Finished::Delivered(answer) = how {
                                 // A log blob retry is answered 202 whatever the upstream
@@ -312,11 +312,11 @@ impl Writer {
                     }
                     Op::Remember {
                         queue,
-                        req_id,
+                        dedupe_key,
                         answer,
                         ..
                     } => {
-                        let k = queue.id_key(req_id);
+                        let k = queue.table_key(dedupe_key);
                         answers.insert(&k, answer, &mut kept.answers)?;
                         outcomes.push(Outcome::Nothing);
                     }
