@@ -20,8 +20,9 @@
 //!    at most [`PURGE_CHUNK`] removals, so appends never wait long behind a purge.
 //! 7. Byte counts (records per queue, answers, dead letters) are recounted at open, so
 //!    they are right after a restart or a crash.
-//! 8. A dedupe key (chosen by the forwarder) is kept while its record waits (a retry is
-//!    not spooled twice) and, once delivered, with the upstream's answer.
+//! 8. A dedupe key (dedupe.rs: the `reqId` and a digest of path and body) is kept while
+//!    its record waits (a retry is not spooled twice) and, once delivered, with the
+//!    upstream's answer. Keys of earlier versions (the bare `reqId`) expire like any.
 //! 9. The failed attempts of a waiting record are kept with it (failures table) and
 //!    removed with it, so a restart does not give a poison record a fresh start. They
 //!    are written without an fsync of their own: a crash may forget the last few.
@@ -40,6 +41,7 @@
 //! ```
 
 mod budget;
+mod open;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -47,9 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc::{channel, Sender};
 
-use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
-};
+use redb::{Database, ReadableDatabase, TableDefinition};
 use tokio::sync::{oneshot, Notify};
 
 use super::record::{Record, StoredAnswer};
@@ -228,39 +228,8 @@ impl Spool {
         dedupe_ms: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SpoolError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
         let path = dir.join("spool.redb");
-        // redb's own page cache; the default (1 GiB) would compete with the video tier.
-        let mut builder = Database::builder();
-        builder.set_cache_size(SPOOL_CACHE_BYTES);
-        let db = match builder.create(&path) {
-            Ok(db) => db,
-            Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
-                return Err(SpoolError::InUse(format!(
-                    "{}: in use by another process: {e}",
-                    path.display()
-                )))
-            }
-            // Only a file that is not a redb store, or one redb reports corrupted, is
-            // set aside; anything else (an upgrade needed, I/O errors) stops the start
-            // rather than losing what the file holds.
-            Err(e)
-                if !matches!(&e, DatabaseError::Storage(StorageError::Corrupted(_)))
-                    && !matches!(&e, DatabaseError::Storage(StorageError::Io(io))
-                    if io.kind() == std::io::ErrorKind::InvalidData) =>
-            {
-                return Err(SpoolError::Storage(format!("{}: {e}", path.display())))
-            }
-            Err(e) => {
-                let aside = dir.join(format!("spool.redb.damaged-{}", unix_ms()));
-                tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
-                    "spool cannot be opened; moving it aside and starting a new one");
-                metrics.spool_corrupt.inc();
-                std::fs::rename(&path, &aside).map_err(|e| SpoolError::Storage(e.to_string()))?;
-                builder.create(&path).map_err(storage)?
-            }
-        };
+        let db = open::create_or_set_aside(dir, &path, &metrics)?;
         let counters = Arc::new(Counters {
             entries: Default::default(),
             bytes: Default::default(),
@@ -269,38 +238,7 @@ impl Spool {
             head_arrival_ms: Default::default(),
             kept: Default::default(),
         });
-        let kept = {
-            let txn = db.begin_write().map_err(storage)?;
-            for t in [EVENTS, LOGBLOB, DEAD] {
-                txn.open_table(t).map_err(storage)?;
-            }
-            txn.open_table(PENDING).map_err(storage)?;
-            txn.open_table(DELIVERED).map_err(storage)?;
-            txn.open_table(DELIVERED_AT).map_err(storage)?;
-            txn.open_table(META).map_err(storage)?;
-            txn.open_table(FAILURES).map_err(storage)?;
-            txn.commit().map_err(storage)?;
-            let read = db.begin_read().map_err(storage)?;
-            for q in Queue::ALL {
-                let table = read.open_table(q.table()).map_err(storage)?;
-                let (mut n, mut bytes) = (0, 0);
-                for item in table.iter().map_err(storage)? {
-                    let (_, v) = item.map_err(storage)?;
-                    n += 1;
-                    bytes += v.value().len() as u64;
-                }
-                counters.entries[q.index()].store(n, Ordering::Relaxed);
-                counters.bytes[q.index()].store(bytes, Ordering::Relaxed);
-                let head = table.first().map_err(storage)?;
-                let arrival = head.and_then(|(_, v)| Record::decode(v.value()).ok());
-                counters.head_arrival_ms[q.index()]
-                    .store(arrival.map_or(0, |r| r.arrival_ms), Ordering::Relaxed);
-            }
-            Kept {
-                answers: budget::count_answers(&read.open_table(DELIVERED).map_err(storage)?)?,
-                dead_letters: budget::count_dead_letters(&read.open_table(DEAD).map_err(storage)?)?,
-            }
-        };
+        let kept = open::recount(&db, &counters)?;
         counters.set_kept(kept);
         let db = Arc::new(db);
         let (ops, rx) = channel(OPS_QUEUE);
