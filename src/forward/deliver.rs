@@ -174,7 +174,8 @@ impl DeliveryService {
                         Attempt::Delivered => break self.delivered(route, &record, answer),
                         attempt => attempt,
                     },
-                    // A 2xx whose answer body is too large to keep: delivered all the same.
+                    // An answer whose body is over the read limit is judged by its
+                    // status; a 2xx is a delivery, kept without the body.
                     Err(ExchangeError::TooLarge { status, .. }) => {
                         match Attempt::of_status(status) {
                             Attempt::Delivered => {
