@@ -22,7 +22,7 @@ fn record(n: usize, body: &Bytes) -> Record {
         method: "POST".into(),
         target: format!("/msl/playapi/cadmium/event/1?reqName=events/pause&reqId=bench-{n}"),
         content_type: Some("application/json".into()),
-        req_id: Some(format!("bench-{n}")),
+        dedupe_key: Some(format!("bench-{n}")),
         body: body.clone(),
     }
 }

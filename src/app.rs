@@ -153,17 +153,7 @@ impl AppState {
             self.metrics.disk.entries.set(d.entries as i64);
         }
         if let Some(f) = self.forwarder.as_ref().and_then(|f| f.get()) {
-            for q in crate::forward::spool::Queue::ALL {
-                let d = f.spool.depth(q);
-                self.metrics
-                    .spool_entries
-                    .with_label_values(&[q.label()])
-                    .set(d.entries as i64);
-                self.metrics
-                    .spool_bytes
-                    .with_label_values(&[q.label()])
-                    .set(d.bytes as i64);
-            }
+            f.refresh_gauges();
         }
         if let Some(d) = &self.dictionary {
             let d = d.stats();

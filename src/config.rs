@@ -57,6 +57,10 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Default number of requests served on one HTTP/1.1 connection before it is closed.
 pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 10_000;
+/// Default `forward.max_attempts`: answered failures before a record is set aside.
+pub const DEFAULT_FORWARD_MAX_ATTEMPTS: u32 = crate::forward::retry::DEFAULT_MAX_ATTEMPTS;
+/// Default `forward.max_retry_secs`: one hour from a record's first failed attempt.
+pub const DEFAULT_FORWARD_MAX_RETRY_SECS: u64 = crate::forward::retry::DEFAULT_MAX_RETRY_SECS;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -275,6 +279,8 @@ pub struct Forward {
     pub events: Option<UpstreamUrl>,
     pub logblob: Option<UpstreamUrl>,
     pub stats: Option<UpstreamUrl>,
+    /// When background delivery gives up on a record (moves it to the dead letters).
+    pub retry: crate::forward::retry::RetryLimits,
 }
 
 /// Process-level settings (`[server]`).
@@ -609,6 +615,21 @@ mod file {
         pub events: Option<String>,
         pub logblob: Option<String>,
         pub stats: Option<String>,
+        /// Attempts the upstream answered with a failure (500, 501, 505 and up, 3xx, not
+        /// HTTP) before a spooled record is moved to the dead letters. Default 10.
+        #[serde(default = "default_max_attempts")]
+        pub max_attempts: u32,
+        /// Seconds from a spooled record's first failed attempt after which a further
+        /// failure of any kind moves it to the dead letters. Default 3600.
+        #[serde(default = "default_max_retry_secs")]
+        pub max_retry_secs: u64,
+    }
+
+    fn default_max_attempts() -> u32 {
+        DEFAULT_FORWARD_MAX_ATTEMPTS
+    }
+    fn default_max_retry_secs() -> u64 {
+        DEFAULT_FORWARD_MAX_RETRY_SECS
     }
 
     fn default_forward_timeout() -> u64 {
@@ -940,6 +961,15 @@ fn validate_forward(raw: file::Forward) -> Result<Forward, ConfigError> {
     let url = |key: &str, v: &Option<String>| {
         v.as_deref().map(|u| parse_upstream_url(key, u)).transpose()
     };
+    if raw.max_attempts == 0 {
+        return Err(invalid("forward.max_attempts", "must be at least 1"));
+    }
+    if raw.max_retry_secs == 0 || raw.max_retry_secs > 30 * 86_400 {
+        return Err(invalid(
+            "forward.max_retry_secs",
+            "must be between 1 and 2592000 (30 days)",
+        ));
+    }
     Ok(Forward {
         spool_dir: raw.spool_dir,
         spool_max_bytes: raw.spool_max_bytes,
@@ -950,6 +980,10 @@ fn validate_forward(raw: file::Forward) -> Result<Forward, ConfigError> {
         events: url("forward.events", &raw.events)?,
         logblob: url("forward.logblob", &raw.logblob)?,
         stats: url("forward.stats", &raw.stats)?,
+        retry: crate::forward::retry::RetryLimits {
+            max_attempts: raw.max_attempts,
+            max_retry: Duration::from_secs(raw.max_retry_secs),
+        },
     })
 }
 
@@ -1203,6 +1237,38 @@ urls = ["http://127.0.0.1:9000"]
                 Config::from_toml_with_env(&format!("{MINIMAL}\n[{section}]\n{bad}\n"), no_env)
                     .unwrap_err()
                     .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn forward_retry_limits_have_defaults_and_bounds() {
+        let forward = |extra: &str| {
+            Config::from_toml_with_env(
+                &format!("{MINIMAL}\n[forward]\nspool_dir = \"/tmp/s\"\n{extra}\n"),
+                no_env,
+            )
+        };
+        let f = forward("").unwrap().forward.unwrap();
+        assert_eq!(f.retry.max_attempts, DEFAULT_FORWARD_MAX_ATTEMPTS);
+        assert_eq!(
+            f.retry.max_retry,
+            Duration::from_secs(DEFAULT_FORWARD_MAX_RETRY_SECS)
+        );
+        let f = forward("max_attempts = 3\nmax_retry_secs = 60")
+            .unwrap()
+            .forward
+            .unwrap();
+        assert_eq!(
+            (f.retry.max_attempts, f.retry.max_retry),
+            (3, Duration::from_secs(60))
+        );
+        for (bad, key) in [
+            ("max_attempts = 0", "forward.max_attempts"),
+            ("max_retry_secs = 0", "forward.max_retry_secs"),
+            ("max_retry_secs = 2592001", "forward.max_retry_secs"),
+        ] {
+            let err = forward(bad).unwrap_err().to_string();
             assert!(err.contains(key), "{bad}: {err}");
         }
     }

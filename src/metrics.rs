@@ -170,10 +170,13 @@ pub enum ForwardResult {
     Failed,
     /// Refused: spool full or unavailable (503), or body too large (413).
     Refused,
+    /// Refused with 400: the path could leave the route's prefix (dot segments,
+    /// encoded dots, slashes or backslashes).
+    BadPath,
 }
 
 impl ForwardResult {
-    pub const ALL: [ForwardResult; 9] = [
+    pub const ALL: [ForwardResult; 10] = [
         ForwardResult::Relayed,
         ForwardResult::Spooled,
         ForwardResult::Queued,
@@ -183,6 +186,7 @@ impl ForwardResult {
         ForwardResult::Dropped,
         ForwardResult::Failed,
         ForwardResult::Refused,
+        ForwardResult::BadPath,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -196,11 +200,45 @@ impl ForwardResult {
             ForwardResult::Dropped => "dropped",
             ForwardResult::Failed => "failed",
             ForwardResult::Refused => "refused",
+            ForwardResult::BadPath => "bad_path",
         }
     }
 }
 
 const FORWARD_ROUTES: [Route; 3] = [Route::Event, Route::LogBlob, Route::Stats];
+/// The spooled routes.
+const SPOOLED_ROUTES: [Route; 2] = [Route::Event, Route::LogBlob];
+
+/// Why a spooled record was moved to the dead letters, the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The upstream answered 4xx (other than 408 and 429).
+    Rejected,
+    /// The upstream failed on it `forward.max_attempts` times.
+    MaxAttempts,
+    /// Not delivered within `forward.max_retry_secs` of its first failed attempt.
+    MaxAge,
+    /// The spooled bytes could not be read back as a record.
+    Malformed,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 4] = [
+        DeadLetterReason::Rejected,
+        DeadLetterReason::MaxAttempts,
+        DeadLetterReason::MaxAge,
+        DeadLetterReason::Malformed,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::MaxAttempts => "max_attempts",
+            DeadLetterReason::MaxAge => "max_age",
+            DeadLetterReason::Malformed => "malformed",
+        }
+    }
+}
 
 /// Results of dictionary upstream requests, the `result` label.
 const DICTIONARY_UPSTREAM_RESULTS: [&str; 4] = ["ok", "server_error", "timeout", "error"];
@@ -220,6 +258,15 @@ pub struct TierMetrics {
     pub misses: IntCounter,
     pub bytes: IntGauge,
     pub entries: IntGauge,
+}
+
+/// What the spool keeps of one kind after delivery (answers or dead letters), bound at
+/// start.
+pub struct KeptMetrics {
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+    /// Dropped before their time to stay within the spool's budget.
+    pub evicted: IntCounter,
 }
 
 /// The edge's metrics. One instance per process, shared by every service.
@@ -263,6 +310,12 @@ pub struct Metrics {
     pub stats_dropped: IntCounter,
     pub spool_entries: IntGaugeVec,
     pub spool_bytes: IntGaugeVec,
+    /// Delivered answers kept for deduplication.
+    pub spool_answers: KeptMetrics,
+    /// Records delivery gave up on.
+    pub spool_dead_letters: KeptMetrics,
+    forward_dead_letters: Vec<IntCounter>,
+    forward_oldest_age: Vec<prometheus::Gauge>,
     pub connections_open: IntGauge,
     pub connections_refused: IntCounter,
     pub connection_timeouts_request: IntCounter,
@@ -676,6 +729,83 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let kept_entries = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_entries",
+                    "Entries the spool keeps after delivery, by kind: answers (for deduplication) or dead_letters.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept_bytes = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_bytes",
+                    "Bytes the spool keeps after delivery, by kind; they count toward forward.spool_max_bytes.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept_evicted = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_spool_kept_evicted_total",
+                    "Kept answers and dead letters dropped, oldest first, to stay within the spool's budget.",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+        );
+        let kept = |kind: &str| KeptMetrics {
+            entries: kept_entries.with_label_values(&[kind]),
+            bytes: kept_bytes.with_label_values(&[kind]),
+            evicted: kept_evicted.with_label_values(&[kind]),
+        };
+        let spool_answers = kept("answers");
+        let spool_dead_letters = kept("dead_letters");
+        let dead_letters_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_forward_dead_letters_total",
+                    "Spooled records moved to the dead letters, by route and reason.",
+                ),
+                &["route", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        let forward_dead_letters = SPOOLED_ROUTES
+            .iter()
+            .flat_map(|route| {
+                DeadLetterReason::ALL
+                    .iter()
+                    .map(|reason| {
+                        dead_letters_vec.with_label_values(&[route.label(), reason.label()])
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let oldest_age_vec = registered(
+            r,
+            prometheus::GaugeVec::new(
+                Opts::new(
+                    "cdn_edge_forward_oldest_age_seconds",
+                    "Age of the oldest record waiting in the spool, by route; 0 when none waits.",
+                ),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let forward_oldest_age = SPOOLED_ROUTES
+            .iter()
+            .map(|route| oldest_age_vec.with_label_values(&[route.label()]))
+            .collect();
         let connections_open = registered(
             r,
             IntGauge::new(
@@ -759,6 +889,10 @@ impl Metrics {
             stats_dropped,
             spool_entries,
             spool_bytes,
+            spool_answers,
+            spool_dead_letters,
+            forward_dead_letters,
+            forward_oldest_age,
             connections_open,
             connections_refused,
             connection_timeouts_request,
@@ -842,6 +976,21 @@ impl Metrics {
     pub fn forward_delivery(&self, route: Route) -> &Histogram {
         let r = FORWARD_ROUTES.iter().position(|x| *x == route).unwrap_or(0);
         &self.forward_delivery[r]
+    }
+
+    pub fn record_dead_letter(&self, route: Route, reason: DeadLetterReason) {
+        let r = SPOOLED_ROUTES.iter().position(|x| *x == route).unwrap_or(0);
+        let i = DeadLetterReason::ALL
+            .iter()
+            .position(|x| *x == reason)
+            .expect("every reason is registered");
+        self.forward_dead_letters[r * DeadLetterReason::ALL.len() + i].inc();
+    }
+
+    /// Age of the oldest record waiting in a spooled route's queue.
+    pub fn forward_oldest_age(&self, route: Route) -> &prometheus::Gauge {
+        let r = SPOOLED_ROUTES.iter().position(|x| *x == route).unwrap_or(0);
+        &self.forward_oldest_age[r]
     }
 
     /// Prometheus text exposition of every metric.

@@ -38,6 +38,22 @@ async fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// Waits (bounded) until `series` equals `value`.
+async fn wait_for_exactly(edge: &Edge, series: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = edge.metric(series).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {now}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_relayed_with_the_upstream_answer() {
     let dir = tempfile::tempdir().unwrap();
@@ -524,5 +540,232 @@ async fn stats_overflow_is_dropped_and_counted() {
     assert!(
         (14.0..=16.0).contains(&dropped),
         "{dropped} dropped of 1040 with a queue of 1024"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_event_is_set_aside_and_later_events_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    // The upstream fails on this one body every time, and takes every other event.
+    up.set_response(&event("poison"), 500, &[], b"cannot parse");
+    for i in 0..3 {
+        up.set_response(&event(&format!("after-{i}")), 200, &[], b"ok");
+    }
+    let edge = Edge::start(opts(
+        dir.path(),
+        &up.url(),
+        &up.url(),
+        &up.url(),
+        "max_attempts = 3",
+    ))
+    .await;
+    assert_eq!(
+        post(edge.http, &event("poison"), &[], b"{\"bad\":")
+            .await
+            .status,
+        202,
+        "a 500 from the relay: spooled"
+    );
+    for i in 0..3 {
+        let r = post(edge.http, &event(&format!("after-{i}")), &[], b"{}").await;
+        assert_eq!(r.status, 202, "queued behind the spooled event");
+    }
+    edge.wait_for_metric(
+        "cdn_edge_forward_dead_letters_total{reason=\"max_attempts\",route=\"event\"}",
+        1.0,
+    )
+    .await;
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"event\"}",
+        3.0,
+    )
+    .await;
+    wait_for_exactly(&edge, "cdn_edge_spool_entries{route=\"event\"}", 0.0).await;
+    let got: Vec<String> = up.received().into_iter().map(|r| r.target).collect();
+    let poison = got.iter().filter(|t| **t == event("poison")).count();
+    assert_eq!(
+        poison,
+        1 + 3,
+        "the relay, then max_attempts deliveries: {got:?}"
+    );
+    let after: Vec<&String> = got.iter().filter(|t| t.contains("after-")).collect();
+    let expected: Vec<String> = (0..3).map(|i| event(&format!("after-{i}"))).collect();
+    assert_eq!(
+        after,
+        expected.iter().collect::<Vec<_>>(),
+        "in arrival order"
+    );
+    assert_eq!(
+        edge.metric("cdn_edge_spool_kept_entries{kind=\"dead_letters\"}")
+            .await,
+        1.0,
+        "kept as a dead letter"
+    );
+    wait_for_exactly(
+        &edge,
+        "cdn_edge_forward_oldest_age_seconds{route=\"event\"}",
+        0.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_upstream_costs_no_record_however_often_it_is_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&blob("waits"), 200, &[], b"");
+    up.set_mode(Mode::Status(503));
+    let edge = Edge::start(opts(
+        dir.path(),
+        &up.url(),
+        &up.url(),
+        &up.url(),
+        "max_attempts = 1",
+    ))
+    .await;
+    assert_eq!(post(edge.http, &blob("waits"), &[], b"b").await.status, 202);
+    // 503 says nothing about the record: it is not one of max_attempts.
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"retried\",route=\"logblob\"}",
+        3.0,
+    )
+    .await;
+    let age = edge
+        .metric("cdn_edge_forward_oldest_age_seconds{route=\"logblob\"}")
+        .await;
+    assert!(age >= 0.2, "the waiting blob's age is exported: {age}");
+    up.set_mode(Mode::Normal);
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"failed\",route=\"logblob\"}")
+            .await,
+        0.0
+    );
+    wait_for_exactly(
+        &edge,
+        "cdn_edge_forward_oldest_age_seconds{route=\"logblob\"}",
+        0.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_could_leave_the_route_are_refused_before_anything_is_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    let cases = [
+        (
+            "/msl/playapi/cadmium/event/../../admin/x?reqId=t1",
+            "dot segment",
+        ),
+        (
+            "/msl/playapi/cadmium/event/%2e%2e/%2e%2e/admin/x?reqId=t2",
+            "encoded dot",
+        ),
+        (
+            "/msl/playapi/cadmium/event/%2E%2E/admin?reqId=t3",
+            "encoded dot",
+        ),
+        (
+            "/msl/playapi/cadmium/event/..%2fadmin?reqId=t4",
+            "encoded slash",
+        ),
+        (
+            "/msl/playapi/cadmium/event/..%5cadmin?reqId=t5",
+            "backslash",
+        ),
+        ("/log/cadmium/logblob/..\\..\\admin?reqId=t6", "backslash"),
+        (
+            "/log/cadmium/logblob/%252e%252e/admin?reqId=t7",
+            "percent sign",
+        ),
+    ];
+    for (target, reason) in cases {
+        let r = post(edge.http, target, &[], b"{\"e\":1}").await;
+        assert_eq!(r.status, 400, "{target}: {}", r.text());
+        assert!(
+            r.text().starts_with("forwarded path refused: ") && r.text().contains(reason),
+            "{target}: {}",
+            r.text()
+        );
+    }
+    let refused = edge
+        .metric("cdn_edge_forwarded_total{result=\"bad_path\",route=\"event\"}")
+        .await
+        + edge
+            .metric("cdn_edge_forwarded_total{result=\"bad_path\",route=\"logblob\"}")
+            .await;
+    assert_eq!(refused, cases.len() as f64);
+    // A plain path still goes through, and nothing else reached the upstream.
+    assert_eq!(post(edge.http, &blob("fine"), &[], b"ok").await.status, 202);
+    wait_until("the plain blob", || up.requests() == 1).await;
+    assert_eq!(up.received()[0].target, blob("fine"));
+    assert_eq!(
+        edge.metric("cdn_edge_spool_entries{route=\"event\"}").await,
+        0.0,
+        "nothing spooled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_request_id_from_another_client_is_another_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    let edge = Edge::start(opts(dir.path(), &up.url(), &up.url(), &up.url(), "")).await;
+    up.set_response(&event("shared"), 200, &[], b"answer for a");
+    let a = post(edge.http, &event("shared"), &[], b"{\"client\":\"a\"}").await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"answer for a"[..]));
+    // Another client picks the same reqId: its event is forwarded and gets its own answer.
+    up.set_response(&event("shared"), 200, &[], b"answer for b");
+    let b = post(edge.http, &event("shared"), &[], b"{\"client\":\"b\"}").await;
+    assert_eq!((b.status, b.body.as_slice()), (200, &b"answer for b"[..]));
+    // Client a's retry (the next reqAttempt, same body) is deduplicated.
+    let retry = format!("{}&reqAttempt=2", event("shared"));
+    up.set_response(&retry, 200, &[], b"answer for a retry");
+    let again = post(edge.http, &retry, &[], b"{\"client\":\"a\"}").await;
+    assert_eq!(
+        (again.status, again.body.as_slice()),
+        (200, &b"answer for a"[..])
+    );
+    let events: Vec<Vec<u8>> = up.received().into_iter().map(|r| r.body).collect();
+    assert_eq!(
+        events,
+        [
+            b"{\"client\":\"a\"}".to_vec(),
+            b"{\"client\":\"b\"}".to_vec()
+        ]
+    );
+
+    // Log blobs alike: both bodies delivered, a's retry not.
+    up.set_response(&blob("shared"), 200, &[], b"");
+    for body in [&b"blob a"[..], b"blob b", b"blob a"] {
+        assert_eq!(
+            post(edge.http, &blob("shared"), &[], body).await.status,
+            202
+        );
+    }
+    edge.wait_for_metric(
+        "cdn_edge_forwarded_total{result=\"delivered\",route=\"logblob\"}",
+        2.0,
+    )
+    .await;
+    wait_for_exactly(&edge, "cdn_edge_spool_entries{route=\"logblob\"}", 0.0).await;
+    let blobs: Vec<Vec<u8>> = up
+        .received()
+        .into_iter()
+        .filter(|r| r.target == blob("shared"))
+        .map(|r| r.body)
+        .collect();
+    assert_eq!(blobs, [b"blob a".to_vec(), b"blob b".to_vec()]);
+    assert_eq!(
+        edge.metric("cdn_edge_forwarded_total{result=\"deduplicated\",route=\"logblob\"}")
+            .await,
+        1.0
     );
 }

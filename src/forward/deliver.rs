@@ -3,7 +3,9 @@
 //! Each spooled queue is delivered in order, one record at a time: a 2xx removes the
 //! record (keeping the answer for deduplication), a 4xx other than 408/429 is a
 //! permanent failure (the record moves to the dead letters, counted), anything else is
-//! retried with exponential backoff and jitter, from 200 ms up to 30 s.
+//! retried with exponential backoff and jitter, from 200 ms up to 30 s, until
+//! [`RetryLimits`] give up on the record (see retry.rs), so that one record the
+//! upstream never accepts cannot hold up the ones behind it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,18 +15,20 @@ use pingora::connectors::http::Connector;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use super::record::Record;
+use super::record::{Record, StoredAnswer};
+use super::retry::{Attempt, RetryLimits};
 use super::spool::{unix_ms, Finished, Queue, Spool, SpoolError};
 use super::{relay, Upstreams};
-use crate::metrics::{ForwardResult, Metrics};
+use crate::metrics::{DeadLetterReason, ForwardResult, Metrics};
 use crate::routes::Route;
 use crate::upstream::ConnectorSettings;
 use crate::upstream::ExchangeError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often delivered answers past the dedupe window are forgotten.
-const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How often delivered answers past the dedupe window are forgotten (all of them, in
+/// chunks).
+const PURGE_EVERY: Duration = Duration::from_secs(10);
 
 /// The delivery workers, run as a Pingora background service.
 pub struct DeliveryService {
@@ -32,6 +36,7 @@ pub struct DeliveryService {
     upstreams: Upstreams,
     stats: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Record>>>,
     dedupe_ms: u64,
+    retry: RetryLimits,
     connectors: ConnectorSettings,
     metrics: Arc<Metrics>,
 }
@@ -48,13 +53,15 @@ impl DeliveryService {
             upstreams: Upstreams::new(cfg)?,
             stats: std::sync::Mutex::new(forwarder.take_stats_receiver()),
             dedupe_ms: forwarder.dedupe_ms,
+            retry: cfg.retry,
             connectors: connectors.clone(),
             metrics,
         })
     }
 }
 
-fn route_of(q: Queue) -> Route {
+/// The route a queue serves.
+pub fn route_of(q: Queue) -> Route {
     match q {
         Queue::Events => Route::Event,
         Queue::LogBlob => Route::LogBlob,
@@ -151,12 +158,7 @@ impl DeliveryService {
             let record = match waiting.record {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::error!(
-                        queue = q.label(),
-                        seq = waiting.seq,
-                        "undecodable spool record moved to dead letters"
-                    );
-                    self.metrics.record_forward(route, ForwardResult::Failed);
+                    self.dead_letter(q, waiting.seq, DeadLetterReason::Malformed, "");
                     let _ = self
                         .spool
                         .finish_later(q, waiting.seq, waiting.len, None, Finished::Dead)
@@ -165,54 +167,61 @@ impl DeliveryService {
                     continue;
                 }
             };
-            let mut attempt = 0u32;
+            let mut failures = waiting.failures;
             let how = loop {
-                match relay(upstream, connector, &record).await {
-                    Ok(answer) if (200..300).contains(&answer.status) => {
-                        self.metrics.record_forward(route, ForwardResult::Delivered);
-                        let secs = unix_ms().saturating_sub(record.arrival_ms) as f64 / 1000.0;
-                        self.metrics.forward_delivery(route).observe(secs);
-                        break Finished::Delivered(answer);
-                    }
-                    // A 2xx whose answer body is too large to keep: delivered all the same.
-                    Err(ExchangeError::TooLarge { status, .. }) if (200..300).contains(&status) => {
-                        self.metrics.record_forward(route, ForwardResult::Delivered);
-                        break Finished::Delivered(super::record::StoredAnswer {
-                            at_ms: unix_ms(),
-                            status,
-                            content_type: None,
-                            body: bytes::Bytes::new(),
-                        });
-                    }
-                    Err(ExchangeError::Invalid { .. }) => {
-                        self.metrics.record_forward(route, ForwardResult::Failed);
-                        break Finished::Dead;
-                    }
-                    Ok(answer)
-                        if (400..500).contains(&answer.status)
-                            && answer.status != 408
-                            && answer.status != 429 =>
-                    {
-                        self.metrics.record_forward(route, ForwardResult::Failed);
-                        tracing::warn!(queue = q.label(), status = answer.status, target = %record.target,
-                            "permanent failure; record moved to dead letters");
-                        break Finished::Dead;
-                    }
-                    outcome => {
-                        self.metrics.record_forward(route, ForwardResult::Retried);
-                        if let Err(e) = outcome {
-                            tracing::debug!(queue = q.label(), error = %e, attempt, "delivery failed; will retry");
+                let attempt = match relay(upstream, connector, &record).await {
+                    Ok(answer) => match Attempt::of_status(answer.status) {
+                        Attempt::Delivered => break self.delivered(route, &record, answer),
+                        attempt => attempt,
+                    },
+                    // An answer whose body is over the read limit is judged by its
+                    // status; a 2xx is a delivery, kept without the body.
+                    Err(ExchangeError::TooLarge { status, .. }) => {
+                        match Attempt::of_status(status) {
+                            Attempt::Delivered => {
+                                let answer = StoredAnswer {
+                                    at_ms: unix_ms(),
+                                    status,
+                                    content_type: None,
+                                    body: bytes::Bytes::new(),
+                                };
+                                break self.delivered(route, &record, answer);
+                            }
+                            attempt => attempt,
                         }
-                        if sleep_or_shutdown(backoff(attempt), &mut shutdown).await {
-                            return;
-                        }
-                        attempt = attempt.saturating_add(1);
                     }
+                    // The upstream answered, but not in HTTP: its failure, like a 500.
+                    Err(e @ ExchangeError::Invalid { .. }) => {
+                        tracing::debug!(queue = q.label(), error = %e, "unusable answer");
+                        Attempt::Failed
+                    }
+                    Err(e) => {
+                        tracing::debug!(queue = q.label(), error = %e, tries = failures.tries, "delivery failed; will retry");
+                        Attempt::Unavailable
+                    }
+                };
+                if attempt == Attempt::Rejected {
+                    self.dead_letter(q, waiting.seq, DeadLetterReason::Rejected, &record.target);
+                    break Finished::Dead;
+                }
+                let now = unix_ms();
+                failures.note(attempt, now);
+                if let Some(reason) = self.retry.give_up(&failures, now) {
+                    self.dead_letter(q, waiting.seq, reason, &record.target);
+                    break Finished::Dead;
+                }
+                self.metrics.record_forward(route, ForwardResult::Retried);
+                // Kept so that a restart goes on counting; lost only in a crash.
+                if let Err(e) = self.spool.note_failures(waiting.seq, failures).await {
+                    tracing::debug!(queue = q.label(), error = %e, "cannot keep the failed attempts");
+                }
+                if sleep_or_shutdown(backoff(failures.tries - 1), &mut shutdown).await {
+                    return;
                 }
             };
             match self
                 .spool
-                .finish_later(q, waiting.seq, waiting.len, record.req_id.clone(), how)
+                .finish_later(q, waiting.seq, waiting.len, record.dedupe_key.clone(), how)
                 .await
             {
                 Ok(rx) => {
@@ -227,6 +236,28 @@ impl DeliveryService {
                 }
             }
         }
+    }
+
+    /// Counts a delivery and its latency.
+    fn delivered(&self, route: Route, record: &Record, answer: StoredAnswer) -> Finished {
+        self.metrics.record_forward(route, ForwardResult::Delivered);
+        let secs = unix_ms().saturating_sub(record.arrival_ms) as f64 / 1000.0;
+        self.metrics.forward_delivery(route).observe(secs);
+        Finished::Delivered(answer)
+    }
+
+    /// Logs and counts a record moved to the dead letters.
+    fn dead_letter(&self, q: Queue, seq: u64, reason: DeadLetterReason, target: &str) {
+        let route = route_of(q);
+        self.metrics.record_forward(route, ForwardResult::Failed);
+        self.metrics.record_dead_letter(route, reason);
+        tracing::warn!(
+            queue = q.label(),
+            seq,
+            reason = reason.label(),
+            target,
+            "delivery gave up; record moved to the dead letters"
+        );
     }
 
     async fn deliver_stats(
@@ -256,7 +287,18 @@ impl DeliveryService {
 
     async fn purge(&self, mut shutdown: ShutdownWatch) {
         while !sleep_or_shutdown(PURGE_EVERY, &mut shutdown).await {
-            self.spool.purge(unix_ms().saturating_sub(self.dedupe_ms));
+            match self
+                .spool
+                .purge(unix_ms().saturating_sub(self.dedupe_ms))
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(purged = n, "expired delivered answers forgotten")
+                }
+                Ok(_) => {}
+                Err(SpoolError::HandedOver) => return,
+                Err(e) => tracing::warn!(error = %e, "purging expired delivered answers failed"),
+            }
         }
     }
 }

@@ -10,9 +10,12 @@
 //! delivery runs on its own runtime (a Pingora background service), and its queues are
 //! bounded.
 
+pub mod dedupe;
 pub mod deliver;
 pub mod opening;
+pub mod path;
 pub mod record;
+pub mod retry;
 pub mod spool;
 
 use std::sync::{Arc, Mutex};
@@ -87,7 +90,7 @@ pub struct Forwarder {
     stats_rx: Mutex<Option<mpsc::Receiver<Record>>>,
     max_body: u64,
     pub dedupe_ms: u64,
-    /// Relays in flight by reqId: concurrent duplicates share one upstream request.
+    /// Relays in flight by dedupe key: concurrent duplicates share one upstream request.
     relaying: moka::future::Cache<String, StoredAnswer>,
     metrics: Arc<Metrics>,
 }
@@ -122,6 +125,31 @@ impl Forwarder {
         })
     }
 
+    /// Copies spool depths and kept bytes into their gauges; called before each scrape.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let now = unix_ms();
+        for q in Queue::ALL {
+            let age = self.spool.oldest_age_ms(q, now) as f64 / 1000.0;
+            m.forward_oldest_age(deliver::route_of(q)).set(age);
+            let d = self.spool.depth(q);
+            m.spool_entries
+                .with_label_values(&[q.label()])
+                .set(d.entries as i64);
+            m.spool_bytes
+                .with_label_values(&[q.label()])
+                .set(d.bytes as i64);
+        }
+        let kept = self.spool.kept();
+        for (gauges, usage) in [
+            (&m.spool_answers, kept.answers),
+            (&m.spool_dead_letters, kept.dead_letters),
+        ] {
+            gauges.entries.set(usage.entries as i64);
+            gauges.bytes.set(usage.bytes as i64);
+        }
+    }
+
     /// The stats queue's receiving end, for the delivery service (once).
     pub fn take_stats_receiver(&self) -> Option<mpsc::Receiver<Record>> {
         self.stats_rx.lock().ok().and_then(|mut r| r.take())
@@ -136,6 +164,14 @@ impl Forwarder {
         };
         if upstream.is_none() {
             return respond::plain(session, 404, "not configured on this edge").await;
+        }
+        // Before anything is read: the body of a refused request is never read, so the
+        // connection is not kept.
+        if let Err(bad) = path::check(session.req_header().uri.path()) {
+            self.metrics.record_forward(route, ForwardResult::BadPath);
+            tracing::debug!(route = route.label(), reason = %bad, "forwarded path refused");
+            session.set_keepalive(None);
+            return respond::plain(session, 400, &format!("forwarded path refused: {bad}")).await;
         }
         if session.req_header().method != Method::POST {
             return respond::method_not_allowed(session, "POST").await;
@@ -186,13 +222,14 @@ impl Forwarder {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            req_id: req.uri.query().and_then(req_id),
+            // Set by `dedupe`, off the runtime: it hashes the body.
+            dedupe_key: None,
             body,
         }
     }
 
-    async fn event(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        match self.id_state(Queue::Events, &record).await {
+    async fn event(&self, session: &mut Session, mut record: Record) -> pingora::Result<u64> {
+        match self.dedupe(Queue::Events, &mut record).await {
             IdState::Delivered(answer) => {
                 self.metrics
                     .record_forward(Route::Event, ForwardResult::Deduplicated);
@@ -213,11 +250,11 @@ impl Forwarder {
                 .await;
         }
         let upstream = self.relay.events.as_ref().expect("checked by serve");
-        let relayed = match &record.req_id {
-            Some(id) => {
+        let relayed = match &record.dedupe_key {
+            Some(key) => {
                 let shared = self
                     .relaying
-                    .try_get_with(id.clone(), relay(upstream, &self.relay_connector, &record))
+                    .try_get_with(key.clone(), relay(upstream, &self.relay_connector, &record))
                     .await
                     .map_err(|e| (*e).clone());
                 if let Ok(answer) = &shared {
@@ -226,14 +263,14 @@ impl Forwarder {
                         // duplicate finds the answer.
                         if let Err(e) = self
                             .spool
-                            .remember(Queue::Events, id.clone(), answer.clone())
+                            .remember(Queue::Events, key.clone(), answer.clone())
                             .await
                         {
                             tracing::warn!(error = %e, "cannot keep an event answer for deduplication");
                         }
                     }
                 }
-                self.relaying.invalidate(id).await;
+                self.relaying.invalidate(key).await;
                 shared
             }
             None => relay(upstream, &self.relay_connector, &record).await,
@@ -254,8 +291,8 @@ impl Forwarder {
         }
     }
 
-    async fn logblob(&self, session: &mut Session, record: Record) -> pingora::Result<u64> {
-        if self.id_state(Queue::LogBlob, &record).await != IdState::Unknown {
+    async fn logblob(&self, session: &mut Session, mut record: Record) -> pingora::Result<u64> {
+        if self.dedupe(Queue::LogBlob, &mut record).await != IdState::Unknown {
             self.metrics
                 .record_forward(Route::LogBlob, ForwardResult::Deduplicated);
             return accepted(session).await;
@@ -278,15 +315,31 @@ impl Forwarder {
         json(session, 200, b"{\"status\":200}").await
     }
 
-    async fn id_state(&self, queue: Queue, record: &Record) -> IdState {
-        let Some(id) = record.req_id.clone() else {
+    /// Gives a record with a `reqId` its dedupe key and says what the spool knows of
+    /// it. Off the runtime: it hashes the body and reads the store.
+    async fn dedupe(&self, queue: Queue, record: &mut Record) -> IdState {
+        let has_id = record
+            .target
+            .split_once('?')
+            .is_some_and(|(_, q)| dedupe::req_id(q).is_some());
+        if !has_id {
             return IdState::Unknown;
-        };
-        let spool = self.spool.clone();
-        let window = self.dedupe_ms;
-        tokio::task::spawn_blocking(move || spool.id_state_blocking(queue, &id, unix_ms(), window))
-            .await
-            .unwrap_or(IdState::Unknown)
+        }
+        let (spool, window) = (self.spool.clone(), self.dedupe_ms);
+        let (target, body) = (record.target.clone(), record.body.clone());
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let key = dedupe::key(&target, &body)?;
+            let state = spool.id_state_blocking(queue, &key, unix_ms(), window);
+            Some((key, state))
+        })
+        .await;
+        match looked_up {
+            Ok(Some((key, state))) => {
+                record.dedupe_key = Some(key);
+                state
+            }
+            _ => IdState::Unknown,
+        }
     }
 
     async fn spool_and_answer(
@@ -338,15 +391,6 @@ pub async fn not_open(
             .map(|_| ())
     })
     .await
-}
-
-/// The `reqId` query parameter, as sent.
-fn req_id(query: &str) -> Option<String> {
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("reqId="))
-        .filter(|v| !v.is_empty() && v.len() <= 256)
-        .map(str::to_string)
 }
 
 /// Reads the whole request body; `None` if it is larger than `limit`.
@@ -443,20 +487,4 @@ async fn json(session: &mut Session, status: u16, body: &'static [u8]) -> pingor
 
 async fn accepted(session: &mut Session) -> pingora::Result<u64> {
     json(session, 202, b"{\"status\":202}").await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids() {
-        assert_eq!(
-            req_id("reqAttempt=1&reqName=events/pause&reqId=abc-1").as_deref(),
-            Some("abc-1")
-        );
-        assert_eq!(req_id("reqId=&x=1"), None);
-        assert_eq!(req_id("xreqId=1"), None);
-        assert_eq!(req_id(&format!("reqId={}", "a".repeat(300))), None);
-    }
 }

@@ -16,7 +16,10 @@ pub struct Record {
     /// Path and query as received.
     pub target: String,
     pub content_type: Option<String>,
-    pub req_id: Option<String>,
+    /// Deduplication key (dedupe.rs) when the request has a `reqId`. Records spooled by
+    /// earlier versions hold the bare `reqId` here: they are still delivered, and the
+    /// answer kept under that key simply expires.
+    pub dedupe_key: Option<String>,
     pub body: Bytes,
 }
 
@@ -103,7 +106,7 @@ impl Record {
         put_str(&mut out, &self.method);
         put_str(&mut out, &self.target);
         put_opt(&mut out, &self.content_type);
-        put_opt(&mut out, &self.req_id);
+        put_opt(&mut out, &self.dedupe_key);
         out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.body);
         out
@@ -120,7 +123,7 @@ impl Record {
             method: r.string()?,
             target: r.string()?,
             content_type: r.opt_string()?,
-            req_id: r.opt_string()?,
+            dedupe_key: r.opt_string()?,
             body: r.bytes()?,
         };
         if !r.0.is_empty() {
@@ -172,7 +175,7 @@ mod tests {
             target: "/msl/playapi/cadmium/event/1?reqAttempt=1&reqName=events/pause&reqId=abc"
                 .into(),
             content_type: Some("application/json".into()),
-            req_id: Some("abc".into()),
+            dedupe_key: Some("abc".into()),
             body: Bytes::from_static(b"{\"event\":\"pause\"}"),
         }
     }
@@ -183,7 +186,7 @@ mod tests {
         assert_eq!(Record::decode(&r.encode()).unwrap(), r);
         let bare = Record {
             content_type: None,
-            req_id: None,
+            dedupe_key: None,
             body: Bytes::new(),
             ..record()
         };
