@@ -374,15 +374,23 @@ async fn a_panicking_handler_gives_its_connection_slot_back() {
     );
 }
 
+/// A socket pair whose client must take 1 MB/s over each `window_ms` of waiting.
+async fn rate_limited_pair(
+    metrics: Arc<Metrics>,
+    window_ms: u64,
+) -> (GuardedStream, tokio::net::TcpStream) {
+    let rate = MinSendRate {
+        bytes_per_sec: 1_000_000,
+        window: Duration::from_millis(window_ms),
+    };
+    socket_pair_with(metrics, Some(rate)).await
+}
+
 #[tokio::test]
 async fn a_client_taking_a_trickle_is_cut_off_by_the_send_rate() {
     let metrics = Arc::new(Metrics::new());
-    // 1 MB/s over 300 ms of waiting: a client must take 300 kB a window.
-    let rate = MinSendRate {
-        bytes_per_sec: 1_000_000,
-        window: Duration::from_millis(300),
-    };
-    let (mut server, mut client) = socket_pair_with(metrics.clone(), Some(rate)).await;
+    // A client must take 300 kB in each 300 ms of waiting.
+    let (mut server, mut client) = rate_limited_pair(metrics.clone(), 300).await;
     // Far more than the socket buffers hold, so writes wait on the client.
     let body = vec![7u8; 32 << 20];
     let started = Instant::now();
@@ -412,11 +420,7 @@ async fn a_client_taking_a_trickle_is_cut_off_by_the_send_rate() {
 #[tokio::test]
 async fn clients_that_keep_up_and_pauses_of_the_edge_are_not_cut_off() {
     let metrics = Arc::new(Metrics::new());
-    let rate = MinSendRate {
-        bytes_per_sec: 1_000_000,
-        window: Duration::from_millis(100),
-    };
-    let (mut server, mut client) = socket_pair_with(metrics.clone(), Some(rate)).await;
+    let (mut server, mut client) = rate_limited_pair(metrics.clone(), 100).await;
     let body = vec![7u8; 32 << 20];
     for _ in 0..2 {
         let (written, got) = tokio::join!(

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::certs::TestPki;
+use support::client::{answered, closed_within};
 use support::edge::{signed, Edge, EdgeOptions};
 use support::object_bytes;
 use support::origin::TestOrigin;
@@ -26,22 +27,7 @@ async fn origin_with(len: usize) -> TestOrigin {
 }
 
 fn limited(origin: &TestOrigin, limits: &str) -> EdgeOptions {
-    let mut opts = EdgeOptions::new(vec![origin.url()]);
-    opts.extra = format!("[limits]\n{limits}\n");
-    opts
-}
-
-/// Reads until the server closes or `within` passes; returns whether it closed.
-async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
+    EdgeOptions::limited(origin.url(), limits)
 }
 
 /// A connection with a small receive buffer that has sent `GET target` and reads nothing.
@@ -55,38 +41,6 @@ async fn stalled_get(addr: SocketAddr, target: &str) -> TcpStream {
     sock
 }
 
-/// Waits (bounded) until `series` is exactly `value`.
-async fn wait_for_exact(edge: &Edge, series: &str, value: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = edge.metric(series).await;
-        if now == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {now}, expected {value}; edge log:\n{}",
-            edge.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A connection proven accepted by the answer to one request on it.
-async fn answered(addr: SocketAddr, q: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET /range/0-0?{q} HTTP/1.1\r\nHost: e\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = [0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
-    s
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_per_address_cap_are_closed_at_once() {
     let origin = origin_with(1000).await;
@@ -95,8 +49,11 @@ async fn connections_over_the_per_address_cap_are_closed_at_once() {
         "max_connections = 100\nmax_connections_per_ip = 2",
     ))
     .await;
-    let q = signed("movie", "1");
-    let held = vec![answered(edge.http, &q).await, answered(edge.http, &q).await];
+    let target = format!("/range/0-0?{}", signed("movie", "1"));
+    let held = vec![
+        answered(edge.http, &target).await,
+        answered(edge.http, &target).await,
+    ];
     let mut third = TcpStream::connect(edge.http).await.unwrap();
     assert!(closed_within(&mut third, Duration::from_secs(5)).await);
     edge.wait_for_metric(
@@ -110,8 +67,9 @@ async fn connections_over_the_per_address_cap_are_closed_at_once() {
         0.0
     );
     drop(held);
-    wait_for_exact(&edge, "cdn_edge_client_connections", 0.0).await;
-    let _again = answered(edge.http, &q).await;
+    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
+        .await;
+    let _again = answered(edge.http, &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +117,8 @@ async fn tls_handshakes_count_against_the_cap_and_have_a_deadline() {
         2.0,
     )
     .await;
-    wait_for_exact(&edge, "cdn_edge_client_connections", 0.0).await;
+    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
+        .await;
 
     // A handshake that finishes is served, over h2 as ALPN chose.
     let out = Command::new("curl")
@@ -255,7 +214,8 @@ async fn video_responses_over_the_pinned_budget_get_503_until_slow_ones_end() {
 
     // The slow client leaves: what its response held is given back.
     drop(slow);
-    wait_for_exact(&edge, "cdn_edge_response_pinned_bytes", 0.0).await;
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", 0.0)
+        .await;
     let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body, object_bytes(5, 100));
@@ -284,6 +244,7 @@ async fn a_client_reading_a_trickle_is_cut_off_and_its_slices_let_go() {
     });
     edge.wait_for_metric("cdn_edge_client_slow_sends_total", 1.0)
         .await;
-    wait_for_exact(&edge, "cdn_edge_response_pinned_bytes", 0.0).await;
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", 0.0)
+        .await;
     trickle.abort();
 }
