@@ -13,7 +13,6 @@ mod admission;
 mod handshake;
 mod send_rate;
 
-pub use admission::{client_address, Admission, Slot};
 pub use handshake::TlsHandshake;
 pub use send_rate::MinSendRate;
 
@@ -45,6 +44,7 @@ use tokio::time::Sleep;
 use crate::cache::pages::{self, SENDFILE_MIN};
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use admission::Admission;
 use send_rate::{SendRate, Verdict};
 
 /// Most a first read takes from a new connection before Pingora reads it.
@@ -187,7 +187,8 @@ enum Phase {
     Receiving,
 }
 
-/// A stream that fails reads and writes once its current deadline has passed.
+/// A stream that fails reads and writes once its current deadline has passed, and writes
+/// to a client that takes them more slowly than the least send rate.
 pub struct GuardedStream {
     inner: Stream,
     deadlines: Deadlines,
@@ -204,6 +205,8 @@ pub struct GuardedStream {
     raw_socket: bool,
     /// The least send rate, when there is one.
     rate: Option<SendRate>,
+    /// Cut off for taking bytes too slowly: counted once, however many writes fail.
+    too_slow: bool,
 }
 
 impl GuardedStream {
@@ -223,6 +226,7 @@ impl GuardedStream {
             held: Vec::new(),
             raw_socket,
             rate: deadlines.min_send_rate.map(SendRate::new),
+            too_slow: false,
         }
     }
 
@@ -313,7 +317,9 @@ impl GuardedStream {
             }
             let wake = match self.rate.as_mut().map(|r| r.waiting(now)) {
                 Some(Verdict::TooSlow) => {
-                    self.metrics.slow_sends.inc();
+                    if !std::mem::replace(&mut self.too_slow, true) {
+                        self.metrics.slow_sends.inc();
+                    }
                     return Some(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "client takes the response too slowly",

@@ -413,6 +413,9 @@ async fn a_client_taking_a_trickle_is_cut_off_by_the_send_rate() {
     let err = written.unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Later writes fail too, and the cut-off is counted once.
+    let again = server.write_all(&body).await.unwrap_err();
+    assert_eq!(again.kind(), io::ErrorKind::TimedOut, "{again}");
     assert_eq!(metrics.slow_sends.get(), 1);
     assert_eq!(metrics.connection_timeouts_idle.get(), 0);
 }

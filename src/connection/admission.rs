@@ -91,7 +91,8 @@ impl Admission {
     }
 
     /// Connections open now from `peer`'s address (0 without a per-address cap).
-    pub fn open_from(&self, peer: IpAddr) -> usize {
+    #[cfg(test)]
+    fn open_from(&self, peer: IpAddr) -> usize {
         self.per_ip.as_ref().map_or(0, |p| {
             let ip = client_address(peer);
             p.shard(ip).get(&ip).copied().unwrap_or(0)
