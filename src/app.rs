@@ -15,6 +15,7 @@ use crate::forward::spool::SpoolError;
 use crate::forward::ForwardSetupError;
 use crate::metrics::Metrics;
 use crate::origin::OriginClient;
+use crate::pinned::PinnedBudget;
 use crate::routes::Router;
 use crate::upstream::ConnectorSettings;
 use crate::upstream::ResolveError;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub store: SliceStore,
     pub origin: Arc<OriginClient>,
     pub metrics: Arc<Metrics>,
+    /// Slices held by video responses in flight, within `limits.max_pinned_bytes`.
+    pub pinned: PinnedBudget,
     pub memory_capacity: u64,
     pub started: Instant,
 }
@@ -128,6 +131,11 @@ impl AppState {
             router: Router::new(dictionary_paths),
             store,
             origin,
+            pinned: PinnedBudget::new(
+                config.limits.max_pinned_bytes,
+                config.cache.slice_bytes,
+                metrics.pinned_bytes.clone(),
+            ),
             metrics,
             memory_capacity: config.cache.memory_bytes,
             started: Instant::now(),

@@ -61,6 +61,17 @@ pub const DEFAULT_KEEPALIVE_REQUESTS: u32 = 10_000;
 pub const DEFAULT_FORWARD_MAX_ATTEMPTS: u32 = crate::forward::retry::DEFAULT_MAX_ATTEMPTS;
 /// Default `forward.max_retry_secs`: one hour from a record's first failed attempt.
 pub const DEFAULT_FORWARD_MAX_RETRY_SECS: u64 = crate::forward::retry::DEFAULT_MAX_RETRY_SECS;
+/// Default cap on open connections from one client address (an IPv4 address, or an IPv6
+/// /64): room for a carrier-grade NAT address shared by a few hundred players.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+/// Default time a TLS handshake may take, from accept to its end.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default least rate, in bytes per second, at which a client must take a response
+/// while the edge waits on it: 8 kbit/s, below any mobile link that plays video.
+pub const DEFAULT_MIN_SEND_RATE_BYTES_PER_SEC: u64 = 1_024;
+/// Default window over which the send rate is measured: this much time spent waiting on
+/// the client.
+pub const DEFAULT_SEND_RATE_WINDOW_MS: u64 = 60_000;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +319,19 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Requests served on one HTTP/1.1 connection before the edge closes it.
     pub keepalive_requests: u32,
+    /// Open connections from one client address (IPv4, or IPv6 /64); further ones are
+    /// closed at once. At or above `max_connections` it has no effect.
+    pub max_connections_per_ip: usize,
+    /// Time a TLS handshake may take from accept.
+    pub tls_handshake_timeout: Duration,
+    /// Least bytes per second a client must take while the edge waits on it; 0: no
+    /// minimum.
+    pub min_send_rate_bytes_per_sec: u64,
+    /// Waiting time over which the send rate is measured.
+    pub send_rate_window: Duration,
+    /// Bytes of slices that video responses in flight may hold; a video response that
+    /// would go over gets 503.
+    pub max_pinned_bytes: u64,
 }
 
 /// Logging (`[log]`); `CDN_EDGE_LOG` in the environment overrides `level`.
@@ -335,6 +359,27 @@ impl Default for Log {
             format: LogFormat::Json,
         }
     }
+}
+
+/// Log targets quieted unless a filter names them: any client can make rustls log a
+/// WARN line per connection (an IP address sent as SNI, as wrk and some players do; a
+/// warning alert; an odd message order). TLS handshake failures are counted in
+/// `cdn_edge_tls_handshake_failures_total` instead.
+const QUIET_TARGETS: [(&str, &str); 1] = [("rustls", "rustls=error")];
+
+/// The tracing filter for a configured or `CDN_EDGE_LOG` level: the level, then a
+/// directive quieting each of [`QUIET_TARGETS`] that the level does not mention.
+pub fn log_filter(level: &str) -> String {
+    let mut filter = level.trim().to_string();
+    for (target, directive) in QUIET_TARGETS {
+        if !filter.contains(target) {
+            if !filter.is_empty() {
+                filter.push(',');
+            }
+            filter.push_str(directive);
+        }
+    }
+    filter
 }
 
 impl Config {
@@ -436,6 +481,12 @@ mod file {
         pub request_timeout_ms: u64,
         pub idle_timeout_ms: u64,
         pub keepalive_requests: u32,
+        pub max_connections_per_ip: usize,
+        pub tls_handshake_timeout_ms: u64,
+        pub min_send_rate_bytes_per_sec: u64,
+        pub send_rate_window_ms: u64,
+        /// None: `cache.memory_bytes`.
+        pub max_pinned_bytes: Option<u64>,
     }
 
     impl Default for Limits {
@@ -446,6 +497,11 @@ mod file {
                 request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
                 idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
                 keepalive_requests: DEFAULT_KEEPALIVE_REQUESTS,
+                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+                tls_handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+                min_send_rate_bytes_per_sec: DEFAULT_MIN_SEND_RATE_BYTES_PER_SEC,
+                send_rate_window_ms: DEFAULT_SEND_RATE_WINDOW_MS,
+                max_pinned_bytes: None,
             }
         }
     }
@@ -681,12 +737,21 @@ impl file::Root {
                 .transpose()?,
             admin: parse_addr("listen.admin", &self.listen.admin)?,
         };
+        if listen
+            .https
+            .is_some_and(|https| https.port() == listen.http.port())
+        {
+            return Err(invalid(
+                "listen.https",
+                "must use another port than listen.http",
+            ));
+        }
         let tls = validate_tls(self.tls, listen.https.is_some())?;
-        let limits = validate_limits(self.limits)?;
+        let cache = validate_cache(self.cache)?;
+        let limits = validate_limits(self.limits, &cache)?;
         let log = validate_log(self.log)?;
 
         let signing = validate_signing(self.signing, env)?;
-        let cache = validate_cache(self.cache)?;
         let origin = validate_origin(self.origin)?;
         let dictionary = self.dictionary.map(validate_dictionary).transpose()?;
         let forward = self.forward.map(validate_forward).transpose()?;
@@ -747,9 +812,22 @@ fn validate_tls(raw: file::Tls, https: bool) -> Result<Tls, ConfigError> {
     })
 }
 
-fn validate_limits(raw: file::Limits) -> Result<Limits, ConfigError> {
+fn validate_limits(raw: file::Limits, cache: &Cache) -> Result<Limits, ConfigError> {
     if raw.max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be greater than 0"));
+    }
+    if raw.max_connections_per_ip == 0 {
+        return Err(invalid(
+            "limits.max_connections_per_ip",
+            "must be greater than 0",
+        ));
+    }
+    let max_pinned_bytes = raw.max_pinned_bytes.unwrap_or(cache.memory_bytes);
+    if max_pinned_bytes < cache.slice_bytes {
+        return Err(invalid(
+            "limits.max_pinned_bytes",
+            "must hold at least one slice (>= cache.slice_bytes)",
+        ));
     }
     if !(1024..=MAX_REQUEST_HEAD_LIMIT).contains(&raw.max_request_head_bytes) {
         return Err(invalid(
@@ -769,6 +847,14 @@ fn validate_limits(raw: file::Limits) -> Result<Limits, ConfigError> {
         request_timeout: positive_ms("limits.request_timeout_ms", raw.request_timeout_ms)?,
         idle_timeout: positive_ms("limits.idle_timeout_ms", raw.idle_timeout_ms)?,
         keepalive_requests: raw.keepalive_requests,
+        max_connections_per_ip: raw.max_connections_per_ip,
+        tls_handshake_timeout: positive_ms(
+            "limits.tls_handshake_timeout_ms",
+            raw.tls_handshake_timeout_ms,
+        )?,
+        min_send_rate_bytes_per_sec: raw.min_send_rate_bytes_per_sec,
+        send_rate_window: positive_ms("limits.send_rate_window_ms", raw.send_rate_window_ms)?,
+        max_pinned_bytes,
     })
 }
 
@@ -1207,6 +1293,42 @@ urls = ["http://127.0.0.1:9000"]
     }
 
     #[test]
+    fn pinned_bytes_default_to_the_memory_tier_and_http_and_https_need_two_ports() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(c.limits.max_pinned_bytes, DEFAULT_MEMORY_BYTES);
+        let text = format!("{MINIMAL}\n[cache]\nmemory_bytes = 8388608\n");
+        let c = Config::from_toml_with_env(&text, no_env).unwrap();
+        assert_eq!(c.limits.max_pinned_bytes, 8 << 20);
+        let text = format!("{MINIMAL}\n[limits]\nmax_pinned_bytes = 33554432\n");
+        let c = Config::from_toml_with_env(&text, no_env).unwrap();
+        assert_eq!(c.limits.max_pinned_bytes, 32 << 20);
+
+        let text = MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\nhttps = \"0.0.0.0:8080\"",
+        );
+        let text = format!("{text}\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listen.https") && err.contains("port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn log_filters_quiet_rustls_unless_they_name_it() {
+        assert_eq!(log_filter("info"), "info,rustls=error");
+        assert_eq!(log_filter(" debug "), "debug,rustls=error");
+        assert_eq!(log_filter(""), "rustls=error");
+        assert_eq!(log_filter("info,rustls=warn"), "info,rustls=warn");
+        for level in ["info", "warn,cdn_edge=debug", "trace"] {
+            tracing_subscriber::EnvFilter::try_new(log_filter(level)).unwrap();
+        }
+    }
+
+    #[test]
     fn limits_and_log_have_defaults_and_bounds() {
         let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
         assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -1229,6 +1351,26 @@ urls = ["http://127.0.0.1:9000"]
                 "limits",
                 "keepalive_requests = 0",
                 "limits.keepalive_requests",
+            ),
+            (
+                "limits",
+                "max_connections_per_ip = 0",
+                "limits.max_connections_per_ip",
+            ),
+            (
+                "limits",
+                "tls_handshake_timeout_ms = 0",
+                "limits.tls_handshake_timeout_ms",
+            ),
+            (
+                "limits",
+                "send_rate_window_ms = 0",
+                "limits.send_rate_window_ms",
+            ),
+            (
+                "limits",
+                "max_pinned_bytes = 1000",
+                "limits.max_pinned_bytes",
             ),
             ("log", "level = \"info,=[\"", "log.level"),
             ("log", "format = \"xml\"", "log.format"),

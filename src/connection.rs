@@ -1,15 +1,26 @@
-//! Client connection limits that Pingora does not enforce by itself: a cap on open
-//! connections, a deadline for a whole request (a client trickling bytes, slowloris, is cut
-//! off), and an idle deadline for connections on which nothing moves.
+//! Client connection limits that Pingora does not enforce by itself: caps on open
+//! connections (in all, and per client address) counted from accept, a bounded TLS
+//! handshake, a deadline for a whole request (a client trickling bytes, slowloris, is cut
+//! off), an idle deadline for connections on which nothing moves, and a least rate at
+//! which a client must take its responses.
 //!
-//! [`GuardedApp`] wraps the HTTP application and puts every accepted stream (after the
-//! TLS handshake) inside a [`GuardedStream`] that keeps the deadlines.
+//! [`GuardedApp`] wraps the HTTP application: it admits every accepted stream
+//! ([`admission`]), does the TLS handshake of HTTPS connections ([`handshake`]), and puts
+//! the stream inside a [`GuardedStream`] that keeps the deadlines and the send rate
+//! ([`send_rate`]).
+
+mod admission;
+mod handshake;
+mod send_rate;
+
+pub use handshake::TlsHandshake;
+pub use send_rate::MinSendRate;
 
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,6 +28,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::apps::ServerApp;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
@@ -26,12 +38,14 @@ use pingora::protocols::{
 };
 use pingora::protocols::{SocketDigest, TimingDigest};
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::cache::pages::{self, SENDFILE_MIN};
 use crate::config::Limits;
 use crate::metrics::Metrics;
+use admission::Admission;
+use send_rate::{SendRate, Verdict};
 
 /// Most a first read takes from a new connection before Pingora reads it.
 const PREFETCH_BYTES: usize = 4096;
@@ -41,6 +55,20 @@ const PREFETCH_BYTES: usize = 4096;
 /// wake-up of the client instead of two.
 const HOLD_BYTES: usize = 4096;
 
+/// The plain HTTP listener on `addr`. Its streams get no write buffer: [`GuardedStream`]
+/// holds small writes itself, and sends memory-tier slices by file offset beside the
+/// stream, which must then have nothing of its own waiting. (Pingora's default is a
+/// 1,460-byte buffer, and 64 KiB for reads, which is kept.)
+pub fn plain_listener(addr: SocketAddr) -> ListenerConfig {
+    ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().write(0))
+}
+
+/// The HTTPS listener on `addr`: plain TCP, with Pingora's default buffers under TLS;
+/// [`GuardedApp`] does the handshake ([`TlsHandshake`]).
+pub fn tls_listener(addr: SocketAddr) -> ListenerConfig {
+    ListenerConfig::tcp(addr.to_string())
+}
+
 /// The deadlines a [`GuardedStream`] keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
@@ -48,30 +76,60 @@ pub struct Deadlines {
     pub request: Duration,
     /// Without a request starting or a byte being written.
     pub idle: Duration,
+    /// The least rate at which the client must take responses; `None`: no minimum.
+    pub min_send_rate: Option<MinSendRate>,
+}
+
+impl Deadlines {
+    pub fn from_limits(limits: &Limits) -> Self {
+        Self {
+            request: limits.request_timeout,
+            idle: limits.idle_timeout,
+            min_send_rate: (limits.min_send_rate_bytes_per_sec > 0).then_some(MinSendRate {
+                bytes_per_sec: limits.min_send_rate_bytes_per_sec,
+                window: limits.send_rate_window,
+            }),
+        }
+    }
 }
 
 /// Wraps a server application with the connection limits of `[limits]`.
 pub struct GuardedApp<A> {
     inner: Arc<A>,
-    max_connections: usize,
-    open: AtomicUsize,
+    admission: Admission,
+    tls: Option<TlsHandshake>,
     deadlines: Deadlines,
     metrics: Arc<Metrics>,
 }
 
 impl<A> GuardedApp<A> {
-    pub fn new(inner: A, limits: &Limits, metrics: Arc<Metrics>) -> Self {
+    /// `tls`: the HTTPS listener's handshake, when there is one.
+    pub fn new(
+        inner: A,
+        limits: &Limits,
+        metrics: Arc<Metrics>,
+        tls: Option<TlsHandshake>,
+    ) -> Self {
         Self {
             inner: Arc::new(inner),
-            max_connections: limits.max_connections,
-            open: AtomicUsize::new(0),
-            deadlines: Deadlines {
-                request: limits.request_timeout,
-                idle: limits.idle_timeout,
-            },
+            admission: Admission::new(limits, metrics.clone()),
+            tls,
+            deadlines: Deadlines::from_limits(limits),
             metrics,
         }
     }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.admission.open()
+    }
+}
+
+/// The client's IP address, known since accept (no system call).
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    let addr = digest.peer_addr()?.as_inet()?.ip();
+    Some(addr)
 }
 
 #[async_trait]
@@ -84,13 +142,12 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let open = self.open.fetch_add(1, Ordering::AcqRel);
-        if open >= self.max_connections {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.connections_refused.inc();
-            return None;
-        }
-        self.metrics.connections_open.inc();
+        // Held until this returns or unwinds: the connection is counted exactly as long.
+        let _slot = self.admission.admit(peer_ip(&stream)).ok()?;
+        let stream = match &self.tls {
+            Some(tls) if tls.is_for(&stream) => tls.accept(stream, &self.metrics).await?,
+            _ => stream,
+        };
         // HTTP/2 multiplexes requests, so only the idle deadline is meaningful for it.
         let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
         let deadlines = Deadlines {
@@ -99,15 +156,13 @@ where
             } else {
                 self.deadlines.request
             },
-            idle: self.deadlines.idle,
+            ..self.deadlines
         };
         let mut guarded = GuardedStream::new(stream, deadlines, self.metrics.clone());
         // Pingora drops a connection still waiting for its first request when shutdown
         // starts, even one whose request is on its way. Waiting here for the first bytes
         // means a request that arrives before the process stops is read and answered.
         if !h2 && !guarded.prefetch().await {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.connections_open.dec();
             return None;
         }
         let mut stream: Stream = Box::new(guarded);
@@ -116,8 +171,6 @@ where
         while let Some(next) = self.inner.process_new(stream, shutdown).await {
             stream = next;
         }
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections_open.dec();
         None
     }
 
@@ -134,7 +187,8 @@ enum Phase {
     Receiving,
 }
 
-/// A stream that fails reads and writes once its current deadline has passed.
+/// A stream that fails reads and writes once its current deadline has passed, and writes
+/// to a client that takes them more slowly than the least send rate.
 pub struct GuardedStream {
     inner: Stream,
     deadlines: Deadlines,
@@ -149,13 +203,17 @@ pub struct GuardedStream {
     /// Whether `inner` writes straight to a socket (plain TCP, not TLS): then a write of
     /// bytes from the page pool may be sent from the pool's file instead.
     raw_socket: bool,
+    /// The least send rate, when there is one.
+    rate: Option<SendRate>,
+    /// Cut off for taking bytes too slowly: counted once, however many writes fail.
+    too_slow: bool,
 }
 
 impl GuardedStream {
     pub fn new(inner: Stream, deadlines: Deadlines, metrics: Arc<Metrics>) -> Self {
         let now = Instant::now();
-        // Pingora's L4 stream of an accepted connection has no write buffer (capacity 0):
-        // what it accepts is in the socket, so the socket may be written to beside it.
+        // A plain TCP stream: what it accepts is in the socket (the listener gives it no
+        // write buffer, see `plain_listener`), so the socket may be written to beside it.
         let raw_socket = inner.as_any().is::<L4Stream>();
         Self {
             inner,
@@ -167,6 +225,8 @@ impl GuardedStream {
             prefetched: Bytes::new(),
             held: Vec::new(),
             raw_socket,
+            rate: deadlines.min_send_rate.map(SendRate::new),
+            too_slow: false,
         }
     }
 
@@ -215,7 +275,7 @@ impl GuardedStream {
     }
 
     /// Moves the idle deadline on after bytes were written, or fails a write that has
-    /// waited past it.
+    /// waited past it or on too slow a client.
     fn after_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -224,12 +284,56 @@ impl GuardedStream {
         match written {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    self.since = Instant::now();
+                    let now = Instant::now();
+                    self.since = now;
+                    if let Some(rate) = &mut self.rate {
+                        rate.took(n, now);
+                    }
                 }
                 Poll::Ready(Ok(n))
             }
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            Poll::Pending => match self.write_waits(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
             other => other,
+        }
+    }
+
+    /// A write waits on the client: the error that ends it when the deadline has passed
+    /// or the client takes bytes too slowly; otherwise the timer is set to wake the task
+    /// when either is due.
+    fn write_waits(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.rate.is_none() {
+            return self.expired(cx).then(|| self.timed_out());
+        }
+        // Bounded: each turn either returns or sets the timer to a later time than the
+        // one that fired (a passed deadline fails; a finished window starts a new one).
+        loop {
+            let now = Instant::now();
+            let deadline = self.deadline();
+            if now >= deadline {
+                return Some(self.timed_out());
+            }
+            let wake = match self.rate.as_mut().map(|r| r.waiting(now)) {
+                Some(Verdict::TooSlow) => {
+                    if !std::mem::replace(&mut self.too_slow, true) {
+                        self.metrics.slow_sends.inc();
+                    }
+                    return Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client takes the response too slowly",
+                    ));
+                }
+                Some(Verdict::WaitUntil(at)) => at.min(deadline),
+                None => deadline,
+            };
+            if self.timer.is_elapsed() || self.timer.deadline().into_std() != wake {
+                self.timer.as_mut().reset(wake.into());
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
         }
     }
 
@@ -261,6 +365,15 @@ impl GuardedStream {
             return None;
         }
         let range = pages::locate(buf)?;
+        // Whatever the stream itself buffered must leave first. The listener gives it no
+        // write buffer, so this is no system call; should one ever be set, a send from
+        // the file still cannot overtake bytes written before it.
+        if !matches!(
+            Pin::new(&mut self.inner).poll_flush(cx),
+            Poll::Ready(Ok(()))
+        ) {
+            return None;
+        }
         let socket = pages::socket_of(self.inner.as_any().downcast_ref::<L4Stream>()?);
         while !self.held.is_empty() {
             match pages::send_more(socket, &self.held) {
@@ -399,7 +512,10 @@ impl AsyncWrite for GuardedStream {
             return Poll::Ready(Err(e));
         }
         match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending if self.expired(cx) => Poll::Ready(Err(self.timed_out())),
+            Poll::Pending => match self.write_waits(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
             other => other,
         }
     }
@@ -408,16 +524,25 @@ impl AsyncWrite for GuardedStream {
         if let Err(e) = std::task::ready!(self.poll_release(cx)) {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => match self.write_waits(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
-        // Held bytes go out first; a client that is gone is closed all the same.
-        let _ = std::future::poll_fn(|cx| self.poll_release(cx)).await;
-        self.inner.shutdown().await
+        // Held bytes go out first, then TLS's close_notify, within the deadlines. A client
+        // that is gone is closed all the same, logged at debug only: Pingora's TLS
+        // shutdown logs a WARN line for each client that left first.
+        if let Err(e) = AsyncWriteExt::shutdown(self).await {
+            tracing::debug!(error = %e, "closing a client connection");
+        }
     }
 }
 

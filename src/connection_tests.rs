@@ -1,8 +1,13 @@
-//! Tests of [`super::GuardedStream`]'s writes: held heads, and bytes sent by file offset.
+//! Tests of [`super::GuardedStream`]'s writes (held heads, bytes sent by file offset, the
+//! least send rate) and of [`super::GuardedApp`]'s slots. Streams of real sockets are
+//! accepted by a Pingora listener built by [`plain_listener`], as the public service
+//! builds them.
 
 use super::*;
+use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 /// Records each write call as one entry; reads never complete.
 #[derive(Debug, Default, Clone)]
@@ -91,6 +96,7 @@ fn guarded(recorder: &Recorder) -> GuardedStream {
     let deadlines = Deadlines {
         request: Duration::from_secs(10),
         idle: Duration::from_secs(10),
+        min_send_rate: None,
     };
     GuardedStream::new(
         Box::new(recorder.clone()),
@@ -132,20 +138,76 @@ async fn held_bytes_go_out_on_flush_and_shutdown() {
     assert_eq!(rec.writes().last().unwrap(), b"last words");
 }
 
+/// Hands each accepted stream to the test.
+struct Handover(mpsc::UnboundedSender<Stream>);
+
+#[async_trait]
+impl ServerApp for Handover {
+    async fn process_new(self: &Arc<Self>, stream: Stream, _: &ShutdownWatch) -> Option<Stream> {
+        let _ = self.0.send(stream);
+        None
+    }
+}
+
+/// A Pingora listener on a free loopback port, configured by `listener` as the public
+/// service configures its own; its accepted streams come out of the receiver. It stops
+/// when the sender of the returned watch is dropped.
+async fn listen(
+    listener: fn(SocketAddr) -> ListenerConfig,
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Stream>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    use pingora::services::Service as _;
+    // Bound here and handed over as an inherited descriptor, so the port cannot be taken
+    // between choosing and binding it.
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let mut fds = pingora::server::Fds::new();
+    fds.add(addr.to_string(), socket.into_raw_fd());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut service =
+        pingora::services::listening::Service::new("test listener".into(), Handover(tx));
+    service.add_listener(listener(addr));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let fds = Arc::new(parking_lot::Mutex::new(fds));
+        service.start_service(Some(fds), shutdown, 1).await;
+    });
+    (addr, rx, stop)
+}
+
+/// The server end of a loopback TCP connection as the public listener accepts it, and
+/// its client end.
+async fn accepted_pair() -> (Stream, tokio::net::TcpStream) {
+    let (addr, mut accepted, stop) = listen(plain_listener).await;
+    let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("accepted in time")
+        .unwrap();
+    drop(stop);
+    (server, client)
+}
+
 /// A guarded server end of a loopback TCP connection, and its client end.
 async fn socket_pair(metrics: Arc<Metrics>) -> (GuardedStream, tokio::net::TcpStream) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
-    let (client, accepted) = tokio::join!(client, listener.accept());
-    let server = pingora::protocols::l4::stream::Stream::from(accepted.unwrap().0);
+    socket_pair_with(metrics, None).await
+}
+
+async fn socket_pair_with(
+    metrics: Arc<Metrics>,
+    min_send_rate: Option<MinSendRate>,
+) -> (GuardedStream, tokio::net::TcpStream) {
+    let (server, client) = accepted_pair().await;
     let deadlines = Deadlines {
         request: Duration::from_secs(30),
         idle: Duration::from_secs(30),
+        min_send_rate,
     };
-    (
-        GuardedStream::new(Box::new(server), deadlines, metrics),
-        client.unwrap(),
-    )
+    (GuardedStream::new(server, deadlines, metrics), client)
 }
 
 fn pattern(len: usize) -> Bytes {
@@ -222,4 +284,156 @@ async fn pool_bytes_written_through_other_streams_are_written_as_bytes() {
 /// Polls `f` once and reports what it returned.
 async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut f).poll(cx))).await
+}
+
+#[tokio::test]
+async fn small_writes_never_fall_behind_pool_bytes_sent_from_the_file() {
+    let metrics = Arc::new(Metrics::new());
+    let (mut server, mut client) = socket_pair(metrics.clone()).await;
+    let pool = crate::cache::pages::PagePool::for_tier(1 << 20, 1 << 20).unwrap();
+    let body = pool.adopt(pattern(1 << 20));
+    // A chunked body's framing goes out in small vectored writes, which pass the held
+    // bytes and go to the stream as they are; the body after it is sent from the file.
+    let (framing, end) = (b"100000\r\n".to_vec(), b"\r\n0\r\n\r\n".to_vec());
+    let (sent, got) = tokio::join!(
+        async {
+            server.write_all(b"HTTP/1.1 200 OK\r\n").await?;
+            let n = server
+                .write_vectored(&[io::IoSlice::new(b"Transfer-Encoding: chunked\r\n\r\n")])
+                .await?;
+            assert_eq!(n, 30);
+            let n = server.write_vectored(&[io::IoSlice::new(&framing)]).await?;
+            assert_eq!(n, framing.len());
+            server.write_all(&body).await?;
+            server.write_all(&end).await?;
+            server.flush().await
+        },
+        read_exactly(
+            &mut client,
+            17 + 30 + framing.len() + body.len() + end.len()
+        )
+    );
+    sent.unwrap();
+    let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+    assert!(
+        got == [&head[..], &framing, &body[..], &end].concat(),
+        "every byte in the order written"
+    );
+    assert!(
+        metrics.client_sendfile_bytes.get() > 0,
+        "the body left by sendfile"
+    );
+}
+
+/// An application whose handler panics after the first bytes arrive.
+struct Panics;
+
+#[async_trait]
+impl ServerApp for Panics {
+    async fn process_new(self: &Arc<Self>, _: Stream, _: &ShutdownWatch) -> Option<Stream> {
+        panic!("a bug in the request handler");
+    }
+}
+
+fn limits(toml: &str) -> Limits {
+    crate::config::Config::from_toml(&format!(
+        "[listen]\nhttp = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n[signing]\n\
+         [[signing.keys]]\nid = \"k\"\nsecret = \"s\"\n[origin]\nurls = [\"http://127.0.0.1:3\"]\n\
+         [limits]\n{toml}\n"
+    ))
+    .unwrap()
+    .limits
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gives_its_connection_slot_back() {
+    let metrics = Arc::new(Metrics::new());
+    let app = Arc::new(GuardedApp::new(
+        Panics,
+        &limits("max_connections = 1\nmax_connections_per_ip = 1"),
+        metrics.clone(),
+        None,
+    ));
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    for _ in 0..2 {
+        let (server, mut client) = accepted_pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (task_app, shutdown) = (app.clone(), shutdown.clone());
+        let task = tokio::spawn(async move { task_app.process_new(server, &shutdown).await });
+        let ended = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the handler ran");
+        assert!(ended.unwrap_err().is_panic());
+        assert_eq!(app.open_connections(), 0, "the slot came back");
+        assert_eq!(metrics.connections_open.get(), 0);
+    }
+    assert_eq!(
+        metrics.connections_refused.get(),
+        0,
+        "the cap of 1 let both in"
+    );
+}
+
+/// A socket pair whose client must take 1 MB/s over each `window_ms` of waiting.
+async fn rate_limited_pair(
+    metrics: Arc<Metrics>,
+    window_ms: u64,
+) -> (GuardedStream, tokio::net::TcpStream) {
+    let rate = MinSendRate {
+        bytes_per_sec: 1_000_000,
+        window: Duration::from_millis(window_ms),
+    };
+    socket_pair_with(metrics, Some(rate)).await
+}
+
+#[tokio::test]
+async fn a_client_taking_a_trickle_is_cut_off_by_the_send_rate() {
+    let metrics = Arc::new(Metrics::new());
+    // A client must take 300 kB in each 300 ms of waiting.
+    let (mut server, mut client) = rate_limited_pair(metrics.clone(), 300).await;
+    // Far more than the socket buffers hold, so writes wait on the client.
+    let body = vec![7u8; 32 << 20];
+    let started = Instant::now();
+    let trickle = async {
+        let mut buf = [0u8; 1024];
+        // 1 kB every 20 ms (50 kB/s), for as long as the write lasts.
+        loop {
+            let _ = client.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let written = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            r = server.write_all(&body) => r,
+            () = trickle => unreachable!(),
+        }
+    })
+    .await
+    .expect("the slow client was not cut off");
+    let err = written.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Later writes fail too, and the cut-off is counted once.
+    let again = server.write_all(&body).await.unwrap_err();
+    assert_eq!(again.kind(), io::ErrorKind::TimedOut, "{again}");
+    assert_eq!(metrics.slow_sends.get(), 1);
+    assert_eq!(metrics.connection_timeouts_idle.get(), 0);
+}
+
+#[tokio::test]
+async fn clients_that_keep_up_and_pauses_of_the_edge_are_not_cut_off() {
+    let metrics = Arc::new(Metrics::new());
+    let (mut server, mut client) = rate_limited_pair(metrics.clone(), 100).await;
+    let body = vec![7u8; 32 << 20];
+    for _ in 0..2 {
+        let (written, got) = tokio::join!(
+            server.write_all(&body),
+            read_exactly(&mut client, body.len())
+        );
+        written.unwrap();
+        assert_eq!(got.len(), body.len());
+        // The edge itself waits (on an origin, for a request) far longer than a window.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(metrics.slow_sends.get(), 0);
 }

@@ -20,6 +20,7 @@ pub mod edge; // the public HTTP app: route → handler, metrics, access log
 pub mod forward; // events, log blobs and stats: relay, durable spool, delivery
 pub mod metrics; // every metric, registered once
 pub mod origin; // origin client: slice fetch, validation, failover
+pub mod pinned; // bytes of slices held by video responses, and their budget
 pub mod range; // range parsing and slice arithmetic (pure)
 pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use cdn_edge::config::{Config, Log, LogFormat};
+use cdn_edge::config::{self, Config, Log, LogFormat};
 use cdn_edge::server::{EdgeServer, StartMode};
 use cdn_edge::{auth, demo, systemd};
 
@@ -209,13 +209,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Logs to stderr: `log` from the config (JSON lines by default), plain text at `info`
 /// for the one-shot commands. `CDN_EDGE_LOG` (a tracing filter) overrides the level.
+/// Either way rustls is quieted unless the filter names it ([`config::log_filter`]).
 /// Lines are written by a background thread, so a slow stderr (a pipe, journald) never
 /// holds up a request; if it falls 128k lines behind, new lines are dropped. The returned
 /// guard writes out what is queued when dropped.
 fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuard {
     let level = log.map_or("info", |l| l.level.as_str());
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CDN_EDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = std::env::var("CDN_EDGE_LOG")
+        .ok()
+        .and_then(|env| tracing_subscriber::EnvFilter::try_new(config::log_filter(&env)).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(config::log_filter(level)));
     // Buffered: the writer thread flushes whenever it has caught up, so lines go out in
     // few writes under load and at once when traffic is light.
     let stderr = std::io::BufWriter::with_capacity(64 << 10, std::io::stderr());

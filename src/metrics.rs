@@ -205,6 +205,60 @@ impl ForwardResult {
     }
 }
 
+/// Why a client was turned away, the `reason` label of `cdn_edge_client_refusals_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A connection over `limits.max_connections`.
+    MaxConnections,
+    /// A connection over `limits.max_connections_per_ip`.
+    MaxConnectionsPerIp,
+    /// A video response (503) over `limits.max_pinned_bytes`.
+    PinnedBytes,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [
+        Refusal::MaxConnections,
+        Refusal::MaxConnectionsPerIp,
+        Refusal::PinnedBytes,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refusal::PinnedBytes => "pinned_bytes",
+        }
+    }
+}
+
+/// How a client's TLS handshake failed, the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Not done within `limits.tls_handshake_timeout_ms`.
+    Timeout,
+    /// The client closed or reset the connection.
+    Closed,
+    /// Anything TLS refused: no common version or cipher, a bad message, an alert.
+    Protocol,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 3] = [
+        TlsFailure::Timeout,
+        TlsFailure::Closed,
+        TlsFailure::Protocol,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Closed => "closed",
+            TlsFailure::Protocol => "protocol",
+        }
+    }
+}
+
 const FORWARD_ROUTES: [Route; 3] = [Route::Event, Route::LogBlob, Route::Stats];
 /// The spooled routes.
 const SPOOLED_ROUTES: [Route; 2] = [Route::Event, Route::LogBlob];
@@ -320,6 +374,10 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     pub connection_timeouts_request: IntCounter,
     pub connection_timeouts_idle: IntCounter,
+    refusals: [IntCounter; Refusal::ALL.len()],
+    pub slow_sends: IntCounter,
+    pub pinned_bytes: IntGauge,
+    tls_handshake_failures: [IntCounter; TlsFailure::ALL.len()],
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -835,6 +893,43 @@ impl Metrics {
         );
         let connection_timeouts_request = timeouts.with_label_values(&["request"]);
         let connection_timeouts_idle = timeouts.with_label_values(&["idle"]);
+        let refusals_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_client_refusals_total",
+                    "Clients turned away by a limit, by reason: max_connections and max_connections_per_ip (connection closed at once), pinned_bytes (video response answered 503).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let refusals = Refusal::ALL.map(|why| refusals_vec.with_label_values(&[why.label()]));
+        let slow_sends = counter(
+            "cdn_edge_client_slow_sends_total",
+            "Client connections closed because the client took response bytes slower than limits.min_send_rate_bytes_per_sec.",
+        );
+        let pinned_bytes = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_response_pinned_bytes",
+                "Bytes of slices held by video responses in flight (a slice held by two responses counts twice).",
+            )
+            .expect("valid metric"),
+        );
+        let tls_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_tls_handshake_failures_total",
+                    "Client TLS handshakes that failed, by reason: timeout, closed (by the client), protocol.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let tls_handshake_failures =
+            TlsFailure::ALL.map(|why| tls_vec.with_label_values(&[why.label()]));
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -897,7 +992,21 @@ impl Metrics {
             connections_refused,
             connection_timeouts_request,
             connection_timeouts_idle,
+            refusals,
+            slow_sends,
+            pinned_bytes,
+            tls_handshake_failures,
         }
+    }
+
+    /// Counts a client turned away by a limit.
+    pub fn record_refusal(&self, why: Refusal) {
+        self.refusals[why as usize].inc();
+    }
+
+    /// Counts a failed client TLS handshake.
+    pub fn record_tls_failure(&self, why: TlsFailure) {
+        self.tls_handshake_failures[why as usize].inc();
     }
 
     /// The bound counters of one route.
@@ -1027,6 +1136,35 @@ mod tests {
         assert!(text.contains(r#"cdn_edge_origin_requests_total{result="timeout"} 1"#));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("cdn_edge_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn refusal_and_tls_failure_counters_are_bound_in_label_order() {
+        let m = Metrics::new();
+        for (i, why) in Refusal::ALL.into_iter().enumerate() {
+            assert_eq!(why as usize, i);
+            m.record_refusal(why);
+        }
+        for (i, why) in TlsFailure::ALL.into_iter().enumerate() {
+            assert_eq!(why as usize, i);
+            m.record_tls_failure(why);
+            m.record_tls_failure(why);
+        }
+        let text = String::from_utf8(m.encode()).unwrap();
+        for why in Refusal::ALL {
+            let line = format!(
+                "cdn_edge_client_refusals_total{{reason=\"{}\"}} 1",
+                why.label()
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        for why in TlsFailure::ALL {
+            let line = format!(
+                "cdn_edge_tls_handshake_failures_total{{reason=\"{}\"}} 2",
+                why.label()
+            );
+            assert!(text.contains(&line), "{line}");
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::admin::AdminApp;
 use crate::app::AppState;
 use crate::app::StateError;
 use crate::config::Config;
-use crate::connection::GuardedApp;
+use crate::connection::{self, GuardedApp, TlsHandshake};
 use crate::edge::Edge;
 use crate::forward::opening::DeliveryWhenOpen;
 use crate::tls::{self, TlsError};
@@ -71,8 +71,12 @@ impl EdgeServer {
     /// file is unusable or an origin host does not resolve, instead of failing later
     /// inside a service thread.
     pub fn build_with(config: &Config, mode: StartMode) -> Result<Self, StartError> {
-        let https = match (&config.listen.https, &config.tls.server) {
-            (Some(addr), Some(cert)) => Some((addr, tls::listener_settings(cert)?)),
+        let https = match (config.listen.https, &config.tls.server) {
+            (Some(addr), Some(cert)) => Some(TlsHandshake::new(
+                addr,
+                tls::acceptor(cert)?,
+                config.limits.tls_handshake_timeout,
+            )),
             _ => None,
         };
         if let Some(ca) = &config.tls.ca_file {
@@ -110,11 +114,13 @@ impl EdgeServer {
         options.keepalive_request_limit = Some(config.limits.keepalive_requests - 1);
         options.h2_idle_timeout = Some(config.limits.idle_timeout);
         let edge_app = Edge::new(state.clone(), &config.limits, &config.log, options);
-        let app = GuardedApp::new(edge_app, &config.limits, state.metrics.clone());
+        let app = GuardedApp::new(edge_app, &config.limits, state.metrics.clone(), https);
+        // One service, so one runtime, for both listeners. HTTPS is listened on as plain
+        // TCP: the application counts each connection, then does its TLS handshake.
         let mut edge = Service::new("cdn-edge public".to_string(), app);
-        edge.add_tcp(&config.listen.http.to_string());
-        if let Some((addr, settings)) = https {
-            edge.add_tls_with_settings(&addr.to_string(), None, settings);
+        edge.add_listener(connection::plain_listener(config.listen.http));
+        if let Some(addr) = config.listen.https {
+            edge.add_listener(connection::tls_listener(addr));
         }
         server.add_service(edge);
 

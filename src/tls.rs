@@ -1,12 +1,16 @@
-//! TLS files checked at start, and the HTTPS listener's settings.
+//! TLS files checked at start, and the HTTPS listener's acceptor.
 //!
-//! Pingora reads the certificate and key only when the listener starts, inside a service
-//! thread, and panics there on a bad file. Everything is therefore loaded and matched
-//! here first, so that a bad file stops the start with a message that names it.
+//! The certificate and key are loaded and matched here, before any listener opens, so
+//! that a bad file stops the start with a message that names it. The acceptor is built
+//! from that checked configuration: nothing is read again, and nothing can panic later
+//! inside a service thread (as Pingora's `TlsSettings::build` does on a bad file). The
+//! handshakes themselves are done by [`crate::connection::GuardedApp`], after the
+//! connection has been counted and within `limits.tls_handshake_timeout_ms`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::tls::Acceptor;
 use pingora::tls::{load_ca_file_into_store, load_certs_and_key_files, RootCertStore};
 use pingora::tls::{version, ServerConfig};
 
@@ -32,6 +36,11 @@ pub enum TlsError {
 
 /// Loads the certificate chain and key, and checks that the key belongs to the leaf.
 pub fn check_server_cert(sc: &ServerCert) -> Result<(), TlsError> {
+    server_config(sc).map(drop)
+}
+
+/// The HTTPS listener's rustls configuration: TLS 1.2 and 1.3, the one certificate.
+fn server_config(sc: &ServerCert) -> Result<ServerConfig, TlsError> {
     for path in [&sc.cert, &sc.key] {
         std::fs::metadata(path).map_err(|error| TlsError::Read {
             path: path.clone(),
@@ -55,8 +64,7 @@ pub fn check_server_cert(sc: &ServerCert) -> Result<(), TlsError> {
     ServerConfig::builder_with_protocol_versions(&[&version::TLS12, &version::TLS13])
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| bad(format!("the key does not fit the certificate: {e}")))?;
-    Ok(())
+        .map_err(|e| bad(format!("the key does not fit the certificate: {e}")))
 }
 
 /// Loads a CA bundle the way the upstream connectors will.
@@ -79,20 +87,12 @@ pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// Settings of the HTTPS listener: TLS 1.2 and 1.3, ALPN offering h2 then http/1.1.
-pub fn listener_settings(sc: &ServerCert) -> Result<TlsSettings, TlsError> {
-    check_server_cert(sc)?;
-    let bad = |e: pingora::BError| TlsError::ServerCert {
-        cert: sc.cert.clone(),
-        key: sc.key.clone(),
-        why: e.to_string(),
-    };
-    let (cert, key) = (path_str(&sc.cert), path_str(&sc.key));
-    let mut settings = TlsSettings::intermediate(&cert, &key).map_err(bad)?;
-    settings.set_certificate_chain_file(&cert).map_err(bad)?;
-    settings.set_private_key_file(&key).map_err(bad)?;
-    settings.enable_h2();
-    Ok(settings)
+/// The HTTPS listener's acceptor: TLS 1.2 and 1.3, ALPN offering h2 then http/1.1 (as
+/// Pingora's `TlsSettings` with `enable_h2`).
+pub fn acceptor(sc: &ServerCert) -> Result<Acceptor, TlsError> {
+    let mut config = server_config(sc)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Acceptor::from_server_config(Arc::new(config)))
 }
 
 fn path_str(p: &Path) -> String {

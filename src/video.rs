@@ -16,6 +16,7 @@ use crate::app::AppState;
 use crate::cache::{ObjectMeta, ObjectRef};
 use crate::conditional::{self, Decision};
 use crate::edge::Session;
+use crate::metrics::Refusal;
 use crate::origin::OriginError;
 use crate::range::{
     parse_range_header, parse_range_path, resolve_range_path, slice_len, slice_pieces, ByteRange,
@@ -27,6 +28,9 @@ use crate::routes::{Route, RANGE_PREFIX};
 const CACHE_HIT: HeaderValue = HeaderValue::from_static("cdn-edge; hit");
 const CACHE_MISS: HeaderValue = HeaderValue::from_static("cdn-edge; fwd=miss");
 const BYTES: HeaderValue = HeaderValue::from_static("bytes");
+/// `Retry-After` of a 503 over `limits.max_pinned_bytes`: slow responses end within a
+/// send-rate window or two, most far sooner.
+const RETRY_AFTER_SECS: u64 = 2;
 
 /// What the client asked for, before the object size is known.
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +163,9 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             return Ok(0);
         }
     };
+    let Some(mut pinned) = state.pinned.admit() else {
+        return over_pinned_budget(state, session).await;
+    };
     let mut pieces = slice_pieces(body_range, slice_bytes);
     let mut piece = pieces.next().expect("a range covers at least one slice");
     let (mut current, content_type) = match lookup.slice {
@@ -170,6 +177,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             Err(e) => return origin_failure(session, &e).await,
         },
     };
+    pinned.hold(current.len());
     let chunk = match piece_of(&current, piece, slice_bytes, meta.size, &obj) {
         Ok(c) => c,
         Err(_) => return respond::plain(session, 502, "bad gateway: inconsistent object").await,
@@ -196,16 +204,23 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             return Ok(written);
         };
         // Performance: the next slice is fetched while this one drains to the socket.
-        let (sent, fetched) = tokio::join!(
-            session.write_response_body(this, false),
-            state.store.slice(&obj, next.index, meta)
-        );
+        let fetch = async {
+            let fetched = state.store.slice(&obj, next.index, meta).await;
+            if let Ok(s) = &fetched {
+                pinned.hold(s.bytes.len());
+            }
+            fetched
+        };
+        let (sent, fetched) = tokio::join!(session.write_response_body(this, false), fetch);
         if let Err(e) = sent {
             state.metrics.stream_aborts.inc();
             return Err(e);
         }
         current = match fetched {
-            Ok(s) => s.bytes,
+            Ok(s) => {
+                pinned.release(current.len());
+                s.bytes
+            }
             Err(e) => {
                 state.metrics.stream_aborts.inc();
                 tracing::warn!(object = obj.o, version = obj.v, slice = next.index, error = %e,
@@ -323,6 +338,22 @@ async fn not_satisfiable(session: &mut Session, meta: &ObjectMeta) -> pingora::R
         r.insert_header(header::ACCEPT_RANGES, BYTES)?;
         Ok(())
     })
+    .await
+}
+
+/// 503 for a video response that would hold slices over `limits.max_pinned_bytes`.
+async fn over_pinned_budget(state: &AppState, session: &mut Session) -> pingora::Result<u64> {
+    state.metrics.record_refusal(Refusal::PinnedBytes);
+    tracing::debug!(
+        held = state.pinned.held(),
+        "video response refused: limits.max_pinned_bytes"
+    );
+    respond::plain_with(
+        session,
+        503,
+        "service unavailable: too many slow responses in flight; retry shortly",
+        |r| r.insert_header(header::RETRY_AFTER, RETRY_AFTER_SECS),
+    )
     .await
 }
 

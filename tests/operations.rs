@@ -8,9 +8,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::certs::TestPki;
+use support::client::{self, closed_within};
 use support::edge::{signed, Edge, EdgeOptions};
+use support::object_bytes;
 use support::origin::TestOrigin;
-use support::{client, object_bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -211,22 +212,7 @@ async fn https_origin_is_verified_against_the_configured_ca() {
 }
 
 fn limited(origin: &TestOrigin, limits: &str) -> EdgeOptions {
-    let mut opts = EdgeOptions::new(vec![origin.url()]);
-    opts.extra = format!("[limits]\n{limits}\n");
-    opts
-}
-
-/// Reads until the server closes or `within` passes; returns whether it closed.
-async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
+    EdgeOptions::limited(origin.url(), limits)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,17 +292,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     // Two open connections, each proven accepted by an answer.
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(edge.http).await.unwrap();
-        s.write_all(format!("GET /range/0-0?{q} HTTP/1.1\r\nHost: e\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        held.push(s);
+        held.push(client::answered(edge.http, &format!("/range/0-0?{q}")).await);
     }
     let mut third = TcpStream::connect(edge.http).await.unwrap();
     assert!(closed_within(&mut third, Duration::from_secs(5)).await);

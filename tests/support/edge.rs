@@ -40,6 +40,13 @@ pub struct EdgeOptions {
 }
 
 impl EdgeOptions {
+    /// Options for one origin with a `[limits]` section of `limits` (TOML lines).
+    pub fn limited(origin: String, limits: &str) -> Self {
+        let mut opts = Self::new(vec![origin]);
+        opts.extra = format!("[limits]\n{limits}\n");
+        opts
+    }
+
     pub fn new(origins: Vec<String>) -> Self {
         Self {
             origins,
@@ -335,15 +342,26 @@ upgrade_sock = {upgrade_sock:?}
 
     /// Waits (bounded) until `series` reaches at least `value`.
     pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        self.wait_for_metric_where(series, |now| now >= value, &format!("at least {value}"))
+            .await
+    }
+
+    /// Waits (bounded) until `series` is exactly `value` (a gauge going back down).
+    pub async fn wait_for_metric_exact(&self, series: &str, value: f64) {
+        self.wait_for_metric_where(series, |now| now == value, &value.to_string())
+            .await
+    }
+
+    async fn wait_for_metric_where(&self, series: &str, ok: impl Fn(f64) -> bool, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let now = self.metric(series).await;
-            if now >= value {
+            if ok(now) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{series} stayed at {now}, expected {value}; edge log:\n{}",
+                "{series} stayed at {now}, expected {want}; edge log:\n{}",
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;

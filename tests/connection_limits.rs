@@ -1,0 +1,250 @@
+//! Client limits that bound what slow or many clients can hold: caps on connections in all
+//! and per client address (TLS handshakes included), the TLS handshake deadline, the least
+//! send rate, and the budget of slice bytes held by video responses.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::certs::TestPki;
+use support::client::{answered, closed_within};
+use support::edge::{signed, Edge, EdgeOptions};
+use support::object_bytes;
+use support::origin::TestOrigin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Larger than loopback socket buffers hold, so a client that does not read holds the
+/// response in flight.
+const BIG: usize = 32 << 20;
+
+async fn origin_with(len: usize) -> TestOrigin {
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "1", object_bytes(5, len), "video/mp4");
+    origin
+}
+
+fn limited(origin: &TestOrigin, limits: &str) -> EdgeOptions {
+    EdgeOptions::limited(origin.url(), limits)
+}
+
+/// A connection with a small receive buffer that has sent `GET target` and reads nothing.
+async fn stalled_get(addr: SocketAddr, target: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut sock = socket.connect(addr).await.unwrap();
+    sock.write_all(format!("GET {target} HTTP/1.1\r\nHost: e\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    sock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_cap_are_closed_at_once() {
+    let origin = origin_with(1000).await;
+    let edge = Edge::start(limited(
+        &origin,
+        "max_connections = 100\nmax_connections_per_ip = 2",
+    ))
+    .await;
+    let target = format!("/range/0-0?{}", signed("movie", "1"));
+    let held = vec![
+        answered(edge.http, &target).await,
+        answered(edge.http, &target).await,
+    ];
+    let mut third = TcpStream::connect(edge.http).await.unwrap();
+    assert!(closed_within(&mut third, Duration::from_secs(5)).await);
+    edge.wait_for_metric(
+        "cdn_edge_client_refusals_total{reason=\"max_connections_per_ip\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        edge.metric("cdn_edge_client_refusals_total{reason=\"max_connections\"}")
+            .await,
+        0.0
+    );
+    drop(held);
+    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
+        .await;
+    let _again = answered(edge.http, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_handshakes_count_against_the_cap_and_have_a_deadline() {
+    let pki = TestPki::new();
+    let origin = origin_with(1000).await;
+    let mut opts = limited(
+        &origin,
+        "max_connections = 2\ntls_handshake_timeout_ms = 1500",
+    );
+    opts.https = Some((pki.cert.clone(), pki.key.clone()));
+    let edge = Edge::start(opts).await;
+    let https = edge.https.unwrap();
+
+    // Two connections that never send a ClientHello hold both places...
+    let started = Instant::now();
+    let mut silent = vec![
+        TcpStream::connect(https).await.unwrap(),
+        TcpStream::connect(https).await.unwrap(),
+    ];
+    edge.wait_for_metric("cdn_edge_client_connections", 2.0)
+        .await;
+    let mut plain = TcpStream::connect(edge.http).await.unwrap();
+    assert!(
+        closed_within(&mut plain, Duration::from_secs(5)).await,
+        "a third connection was let in beside two handshakes"
+    );
+    edge.wait_for_metric(
+        "cdn_edge_client_refusals_total{reason=\"max_connections\"}",
+        1.0,
+    )
+    .await;
+
+    // ...until their handshakes run out of time.
+    for sock in &mut silent {
+        assert!(closed_within(sock, Duration::from_secs(10)).await);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(6),
+        "handshakes closed after {elapsed:?}"
+    );
+    edge.wait_for_metric(
+        "cdn_edge_tls_handshake_failures_total{reason=\"timeout\"}",
+        2.0,
+    )
+    .await;
+    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
+        .await;
+
+    // A handshake that finishes is served, over h2 as ALPN chose.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--http2", "--cacert"])
+        .arg(&pki.ca)
+        .args([
+            "--resolve",
+            &format!("localhost:{}:127.0.0.1", https.port()),
+        ])
+        .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+        .arg(format!(
+            "https://localhost:{}/range/0-9?{}",
+            https.port(),
+            signed("movie", "1")
+        ))
+        .output()
+        .expect("curl (Debian package curl)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+}
+
+/// The start of a TLS ClientHello record, cut off.
+const HALF_A_CLIENT_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01, 0x00, 0x00, 0xc4, 0x03];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_handshakes_and_ip_sni_are_counted_without_error_or_warning_lines() {
+    let pki = TestPki::new();
+    let origin = origin_with(1000).await;
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.https = Some((pki.cert.clone(), pki.key.clone()));
+    let edge = Edge::start(opts).await;
+    let https = edge.https.unwrap();
+
+    // A client that gives up in the middle of its ClientHello.
+    let mut sock = TcpStream::connect(https).await.unwrap();
+    sock.write_all(HALF_A_CLIENT_HELLO).await.unwrap();
+    drop(sock);
+    edge.wait_for_metric(
+        "cdn_edge_tls_handshake_failures_total{reason=\"closed\"}",
+        1.0,
+    )
+    .await;
+
+    // A client that sends an IP address as SNI, as wrk does; its handshake succeeds.
+    let out = Command::new("openssl")
+        .args(["s_client", "-brief", "-connect"])
+        .arg(https.to_string())
+        .args(["-servername", "127.0.0.1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the openssl command line tool");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("CONNECTION ESTABLISHED"), "{said}");
+
+    // Lines are written in order by one thread: once this request's access line is out,
+    // so is anything logged about the handshakes before it.
+    let r = edge.get("/after-the-handshakes", &[]).await;
+    assert_eq!(r.status, 404);
+    edge.wait_for_log("/after-the-handshakes").await;
+    let log = edge.log_text();
+    for line in log.lines() {
+        assert!(
+            !line.contains("\"ERROR\"") && !line.contains("\"WARN\""),
+            "a failed handshake or an IP address as SNI logged: {line}"
+        );
+    }
+    assert_eq!(
+        edge.metric("cdn_edge_tls_handshake_failures_total{reason=\"protocol\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_responses_over_the_pinned_budget_get_503_until_slow_ones_end() {
+    let origin = origin_with(BIG).await;
+    // Slices are 64 KiB: one response holding one slice leaves no room for another.
+    let edge = Edge::start(limited(&origin, "max_pinned_bytes = 100000")).await;
+    let q = signed("movie", "1");
+    let slow = stalled_get(edge.http, &format!("/range/0-{}?{q}", BIG - 1)).await;
+    edge.wait_for_metric("cdn_edge_response_pinned_bytes", 65536.0)
+        .await;
+
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("Retry-After"), Some("2"));
+    assert_eq!(
+        edge.metric("cdn_edge_client_refusals_total{reason=\"pinned_bytes\"}")
+            .await,
+        1.0
+    );
+    // Other routes hold no slices and are not refused.
+    assert_eq!(edge.get("/healthz-or-anything", &[]).await.status, 404);
+
+    // The slow client leaves: what its response held is given back.
+    drop(slow);
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", 0.0)
+        .await;
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, object_bytes(5, 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_a_trickle_is_cut_off_and_its_slices_let_go() {
+    let origin = origin_with(BIG).await;
+    let edge = Edge::start(limited(
+        &origin,
+        "min_send_rate_bytes_per_sec = 1000000\nsend_rate_window_ms = 500",
+    ))
+    .await;
+    let q = signed("movie", "1");
+    let mut slow = stalled_get(edge.http, &format!("/range/0-{}?{q}", BIG - 1)).await;
+    // 1 KiB every 50 ms (20 kB/s): each read moves the idle deadline on. (The client
+    // keeps receiving what the kernel queued for it after the edge let go.)
+    let trickle = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        for _ in 0..400 {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    edge.wait_for_metric("cdn_edge_client_slow_sends_total", 1.0)
+        .await;
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", 0.0)
+        .await;
+    trickle.abort();
+}
