@@ -321,7 +321,9 @@ impl SliceStore {
                     slice: None,
                 });
             }
-            let checked = self.recheck(obj, meta.clone()).await;
+            // Boxed, like the miss path: the re-check holds an origin exchange, and a hit
+            // should not carry its size (each request's future is copied as it starts).
+            let checked = Box::pin(self.recheck(obj, meta.clone())).await;
             return Ok(MetaLookup {
                 fetched: !checked.agrees_with(&meta),
                 meta: checked,
@@ -369,7 +371,7 @@ impl SliceStore {
     async fn meta_of_slice(&self, obj: &ObjectRef<'_>, index: u64, slice: Slice) -> MetaLookup {
         let carried = slice.meta;
         let meta = if carried.is_due(unix_ms()) {
-            self.recheck(obj, carried.clone()).await
+            Box::pin(self.recheck(obj, carried.clone())).await
         } else {
             self.meta
                 .entry(obj.id)
