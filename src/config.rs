@@ -33,6 +33,11 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_ORIGIN_TIMEOUT_MS: u64 = 10_000;
 /// Default time before an unhealthy origin is probed again in its configured place.
 pub const DEFAULT_RETRY_UNHEALTHY_MS: u64 = 10_000;
+/// Default time an origin's 404 or 410 for an object is remembered, in seconds.
+pub const DEFAULT_ORIGIN_NEGATIVE_TTL_SECS: u64 = 10;
+/// Longest accepted `origin.negative_ttl_secs`: one hour (an object that appears at the
+/// origin is served at most this late).
+pub const MAX_ORIGIN_NEGATIVE_TTL_SECS: u64 = 3_600;
 /// Longest lifetime a cache setting may give, in seconds (one year).
 pub const MAX_CACHE_SECS: u64 = 365 * 86_400;
 /// Default origin path template.
@@ -188,6 +193,10 @@ pub struct Origin {
     pub timeout: Duration,
     /// How long an origin with 3+ consecutive failures is tried after the healthy ones.
     pub retry_unhealthy: Duration,
+    /// How long an origin's 404 or 410 for an object is remembered and answered without
+    /// asking again; zero remembers nothing. `origin.negative_ttl_secs`, seconds,
+    /// default 10.
+    pub negative_ttl: Duration,
 }
 
 /// `http[s]://host[:port]` of an origin or upstream, checked but not resolved.
@@ -592,10 +601,15 @@ mod file {
         pub timeout_ms: u64,
         #[serde(default = "default_retry_unhealthy")]
         pub retry_unhealthy_ms: u64,
+        #[serde(default = "default_origin_negative_ttl")]
+        pub negative_ttl_secs: u64,
     }
 
     fn default_retry_unhealthy() -> u64 {
         DEFAULT_RETRY_UNHEALTHY_MS
+    }
+    fn default_origin_negative_ttl() -> u64 {
+        DEFAULT_ORIGIN_NEGATIVE_TTL_SECS
     }
 
     fn default_origin_path() -> String {
@@ -980,12 +994,21 @@ fn validate_origin(raw: file::Origin) -> Result<Origin, ConfigError> {
         .map(|(i, u)| parse_upstream_url(&format!("origin.urls[{i}]"), u))
         .collect::<Result<Vec<_>, _>>()?;
     let path = PathTemplate::parse(&raw.path).map_err(|m| invalid("origin.path", m))?;
+    if raw.negative_ttl_secs > MAX_ORIGIN_NEGATIVE_TTL_SECS {
+        return Err(invalid(
+            "origin.negative_ttl_secs",
+            format!(
+                "must be at most {MAX_ORIGIN_NEGATIVE_TTL_SECS} (one hour); 0 remembers nothing"
+            ),
+        ));
+    }
     Ok(Origin {
         urls,
         path,
         connect_timeout: positive_ms("origin.connect_timeout_ms", raw.connect_timeout_ms)?,
         timeout: positive_ms("origin.timeout_ms", raw.timeout_ms)?,
         retry_unhealthy: positive_ms("origin.retry_unhealthy_ms", raw.retry_unhealthy_ms)?,
+        negative_ttl: Duration::from_secs(raw.negative_ttl_secs),
     })
 }
 
@@ -1215,6 +1238,28 @@ urls = ["http://127.0.0.1:9000"]
                 .to_string();
             assert!(err.contains("cache.meta_ttl_secs"), "{err}");
         }
+    }
+
+    #[test]
+    fn origin_negative_ttl_has_a_default_and_a_bound() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(
+            c.origin.negative_ttl,
+            Duration::from_secs(DEFAULT_ORIGIN_NEGATIVE_TTL_SECS)
+        );
+        for (secs, ttl) in [("0", 0), ("1", 1), ("3600", 3_600)] {
+            let text = MINIMAL.replace(
+                "[origin]\n",
+                &format!("[origin]\nnegative_ttl_secs = {secs}\n"),
+            );
+            let c = Config::from_toml_with_env(&text, no_env).unwrap();
+            assert_eq!(c.origin.negative_ttl, Duration::from_secs(ttl));
+        }
+        let text = MINIMAL.replace("[origin]\n", "[origin]\nnegative_ttl_secs = 3601\n");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("origin.negative_ttl_secs"), "{err}");
     }
 
     #[test]

@@ -67,16 +67,19 @@ pub enum OriginResult {
     BadStatus,
     Invalid,
     NotSatisfiable,
+    /// A 404 or 410: the object does not exist.
+    NotFound,
 }
 
 impl OriginResult {
-    pub const ALL: [OriginResult; 6] = [
+    pub const ALL: [OriginResult; 7] = [
         OriginResult::Ok,
         OriginResult::ConnectError,
         OriginResult::Timeout,
         OriginResult::BadStatus,
         OriginResult::Invalid,
         OriginResult::NotSatisfiable,
+        OriginResult::NotFound,
     ];
 
     pub const fn label(self) -> &'static str {
@@ -87,6 +90,7 @@ impl OriginResult {
             OriginResult::BadStatus => "bad_status",
             OriginResult::Invalid => "invalid_response",
             OriginResult::NotSatisfiable => "not_satisfiable",
+            OriginResult::NotFound => "not_found",
         }
     }
 }
@@ -340,6 +344,11 @@ pub struct Metrics {
     pub disk_index_ready: IntGauge,
     pub disk_index_rebuild_seconds: prometheus::Gauge,
     pub coalesced_waits: IntCounter,
+    /// Requests for an object not known yet that waited for another request's first
+    /// origin answer about it.
+    pub cold_object_waits: IntCounter,
+    /// Slice fetches answered from a remembered origin 404/410 instead of the origin.
+    pub negative_hits: IntCounter,
     meta_checks: Vec<IntCounter>,
     pub stale_slices: IntCounter,
     origin_requests: Vec<IntCounter>,
@@ -534,6 +543,14 @@ impl Metrics {
                 "Slice misses that waited for another request's origin fetch instead of making their own.",
             )
             .expect("valid metric"),
+        );
+        let cold_object_waits = counter(
+            "cdn_edge_cache_cold_object_waits_total",
+            "Requests for an object not known yet that waited for another request's first origin answer about it instead of asking the origin themselves.",
+        );
+        let negative_hits = counter(
+            "cdn_edge_cache_negative_hits_total",
+            "Slice fetches answered 404 from an origin 404 or 410 remembered for origin.negative_ttl_secs, instead of an origin request.",
         );
 
         let meta_checks_vec = registered(
@@ -961,6 +978,8 @@ impl Metrics {
             disk_index_ready,
             disk_index_rebuild_seconds,
             coalesced_waits,
+            cold_object_waits,
+            negative_hits,
             meta_checks,
             stale_slices,
             origin_requests,

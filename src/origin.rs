@@ -7,6 +7,11 @@
 //! bytes. Anything else is an [`OriginError`], and errors are never cached. Whether the
 //! answer agrees with what is already known of the object (size, validator) is the
 //! cache's call ([`crate::cache::meta`]).
+//!
+//! Two answers are about the object, not failures of the origin: a 416 with the
+//! object's size, and a 404 or 410 (the object does not exist). Origins are replicas, so
+//! either is final (no failover) and leaves the origin's health as it is; the cache
+//! remembers a 404/410 for `origin.negative_ttl_secs` ([`crate::cache::missing`]).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -46,6 +51,13 @@ pub enum OriginError {
     /// The origin says the range starts at or past the end of the object.
     #[error("range starts past the end of the {size}-byte object")]
     NotSatisfiable { size: u64 },
+    /// The origin answered 404 or 410: the object does not exist.
+    #[error("{origin}: answered {status}: the object does not exist")]
+    NotFound { origin: String, status: u16 },
+    /// An origin answered 404 or 410 for the object less than `origin.negative_ttl_secs`
+    /// ago: no origin was asked ([`crate::cache::missing`]).
+    #[error("the object does not exist (an origin answered 404 or 410 for it recently)")]
+    RememberedNotFound,
     /// A valid answer that contradicts what is known of the object (its size or
     /// validator): refused by the cache, see [`crate::cache::meta`].
     #[error("the origin's answer disagrees with the object's {what} already known; refused")]
@@ -57,6 +69,7 @@ impl OriginError {
     pub fn status(&self) -> u16 {
         match self {
             OriginError::Timeout { .. } => 504,
+            OriginError::NotFound { .. } | OriginError::RememberedNotFound => 404,
             // A 416 is turned into the client's 416 by the metadata lookup; one that
             // reaches a client means the origin contradicted itself.
             _ => 502,
@@ -68,9 +81,20 @@ impl OriginError {
     fn is_origin_failure(&self) -> bool {
         match self {
             OriginError::BadStatus { status, .. } => *status >= 500,
-            OriginError::NotSatisfiable { .. } => false,
+            OriginError::NotSatisfiable { .. }
+            | OriginError::NotFound { .. }
+            | OriginError::RememberedNotFound => false,
             _ => true,
         }
+    }
+
+    /// Whether this is a definite answer about the object (past its end, or no such
+    /// object): every replica would say the same, so no other origin is asked.
+    fn is_final(&self) -> bool {
+        matches!(
+            self,
+            OriginError::NotSatisfiable { .. } | OriginError::NotFound { .. }
+        )
     }
 
     fn result(&self) -> OriginResult {
@@ -80,6 +104,9 @@ impl OriginError {
             OriginError::BadStatus { .. } => OriginResult::BadStatus,
             OriginError::Invalid { .. } => OriginResult::Invalid,
             OriginError::NotSatisfiable { .. } => OriginResult::NotSatisfiable,
+            OriginError::NotFound { .. } | OriginError::RememberedNotFound => {
+                OriginResult::NotFound
+            }
             OriginError::Changed { .. } => OriginResult::Invalid,
         }
     }
@@ -130,6 +157,7 @@ pub struct OriginClient {
     retry_unhealthy_ms: u64,
     path: PathTemplate,
     timeout: Duration,
+    negative_ttl: Duration,
     metrics: Arc<Metrics>,
     /// Where slice bodies are read into when they are big enough (see [`PagePool`]).
     pages: Option<PagePool>,
@@ -165,9 +193,16 @@ impl OriginClient {
             retry_unhealthy_ms: cfg.retry_unhealthy.as_millis() as u64,
             path: cfg.path.clone(),
             timeout: cfg.timeout,
+            negative_ttl: cfg.negative_ttl,
             metrics,
             pages,
         })
+    }
+
+    /// How long an answer that an object does not exist (404, 410) holds:
+    /// `origin.negative_ttl_secs`.
+    pub fn negative_ttl(&self) -> Duration {
+        self.negative_ttl
     }
 
     /// Fetches `range` of object (o, v), trying healthy origins first, each in
@@ -205,10 +240,12 @@ impl OriginClient {
                     origin.consecutive_failures.store(0, Ordering::Relaxed);
                     return Ok(body);
                 }
-                Err(e @ OriginError::NotSatisfiable { .. }) => {
-                    // A definite answer about the object, not a failure of this origin.
+                Err(e) if e.is_final() => {
+                    // A definite answer about the object, not a failure of this origin:
+                    // it answers, and every replica would answer the same.
                     self.metrics.record_origin(e.result());
                     origin.consecutive_failures.store(0, Ordering::Relaxed);
+                    tracing::debug!(origin = %origin.url, path = %path, answer = %e, "origin answered about the object");
                     return Err(e);
                 }
                 Err(e) => {
@@ -359,6 +396,12 @@ async fn read_slice(
         .map(|v| v.as_bytes());
     match status {
         206 => {}
+        404 | 410 => {
+            return Err(OriginError::NotFound {
+                origin: origin.url.clone(),
+                status,
+            })
+        }
         416 => {
             let size = content_range
                 .and_then(parse_unsatisfied_range)
@@ -598,5 +641,37 @@ mod tests {
             502
         );
         assert_eq!(OriginError::NotSatisfiable { size: 3 }.status(), 502);
+        let gone = OriginError::NotFound {
+            origin: "o".into(),
+            status: 410,
+        };
+        assert_eq!(gone.status(), 404);
+        assert_eq!(OriginError::RememberedNotFound.status(), 404);
+    }
+
+    #[test]
+    fn answers_about_the_object_are_final_and_not_failures() {
+        let not_found = OriginError::NotFound {
+            origin: "o".into(),
+            status: 404,
+        };
+        let past_end = OriginError::NotSatisfiable { size: 3 };
+        for e in [&not_found, &past_end] {
+            assert!(e.is_final() && !e.is_origin_failure(), "{e}");
+        }
+        assert_eq!(not_found.result(), OriginResult::NotFound);
+        let failures = [
+            OriginError::BadStatus {
+                origin: "o".into(),
+                status: 503,
+            },
+            OriginError::Unreachable {
+                origin: "o".into(),
+                detail: "x".into(),
+            },
+        ];
+        for e in &failures {
+            assert!(!e.is_final() && e.is_origin_failure(), "{e}");
+        }
     }
 }

@@ -358,6 +358,25 @@ async fn over_pinned_budget(state: &AppState, session: &mut Session) -> pingora:
 }
 
 async fn origin_failure(session: &mut Session, e: &OriginError) -> pingora::Result<u64> {
+    // An origin's 404/410: no such object (SPEC §2.3), answered from the origin or from
+    // the remembered answer.
+    let cache_status = match e {
+        OriginError::NotFound { .. } => Some(CACHE_MISS),
+        OriginError::RememberedNotFound => Some(CACHE_HIT),
+        _ => None,
+    };
+    if let Some(cache_status) = cache_status {
+        return respond::plain_with(
+            session,
+            404,
+            "not found: no such object at the origin",
+            |r| {
+                r.insert_header(respond::CACHE_STATUS, cache_status)
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
     let status = e.status();
     let message = if status == 504 {
         "gateway timeout: the origin did not answer in time"

@@ -360,7 +360,7 @@ async fn objects_and_versions_do_not_mix() {
     let missing = edge
         .get(&format!("/range/0-9?{}", signed("nope", "1")), &[])
         .await;
-    assert_eq!(missing.status, 502, "an origin 404 is an origin error");
+    assert_eq!(missing.status, 404, "an origin 404 is the client's 404");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

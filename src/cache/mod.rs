@@ -18,10 +18,15 @@
 //!    fill is not cached, and every waiter gets its error.
 //! 5. Every cached slice carries its object's metadata, so an object with any slice
 //!    cached can be answered without the origin even if the metadata cache forgot it.
+//! 6. An origin's 404 or 410 is remembered per (o, v) for `origin.negative_ttl_secs`, in
+//!    memory only, in place of origin requests and never of cached data; and concurrent
+//!    requests for an object not known yet make one origin request between them. The
+//!    rules are in [`missing`].
 
 pub mod disk;
 pub mod memory;
 pub mod meta;
+pub mod missing;
 pub mod pages;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +45,7 @@ use disk::{DiskStats, DiskTier};
 use memory::MemoryTier;
 pub use meta::ObjectMeta;
 use meta::{unix_ms, Answer, Verdict};
+use missing::{ColdObjects, MissingObjects, Turn};
 use pages::PagePool;
 
 /// Most objects whose metadata is remembered.
@@ -134,6 +140,8 @@ pub struct CacheStats {
     pub memory_bytes: u64,
     pub memory_entries: u64,
     pub metadata_entries: u64,
+    /// Objects an origin answered 404 or 410 for, remembered for `origin.negative_ttl_secs`.
+    pub missing_entries: u64,
     /// `null` when no disk tier is configured.
     pub disk: Option<DiskStats>,
 }
@@ -148,6 +156,10 @@ pub struct SliceStore {
     meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
     /// How long metadata from a single origin answer is used before it is re-checked.
     meta_ttl_ms: u64,
+    /// Objects an origin said do not exist, for `origin.negative_ttl_secs`.
+    missing: MissingObjects,
+    /// Objects not known yet whose first origin request is in flight.
+    cold: ColdObjects,
     origin: Arc<OriginClient>,
     metrics: Arc<Metrics>,
 }
@@ -172,6 +184,8 @@ impl SliceStore {
                 .max_capacity(METADATA_ENTRIES)
                 .build(),
             meta_ttl_ms: meta_ttl.as_millis() as u64,
+            missing: MissingObjects::new(origin.negative_ttl()),
+            cold: ColdObjects::default(),
             origin,
             metrics,
         }
@@ -330,11 +344,20 @@ impl SliceStore {
                 slice: None,
             });
         }
+        // Not known yet: one origin request between every request that wants it now.
+        let (hint_index, next_index, lead) = match self.cold.join(obj.id, hint_index) {
+            Turn::Lead(guard) => (hint_index, next_index, Some(guard)),
+            Turn::Follow(leading) => {
+                self.metrics.cold_object_waits.inc();
+                (leading, None, None)
+            }
+        };
         let first = self.lookup(obj, hint_index, true);
         let first = match next_index {
             Some(next) => tokio::join!(first, self.lookup(obj, next, true)).0,
             None => first.await,
         };
+        drop(lead);
         match first {
             Ok(slice) => {
                 let fetched = matches!(slice.source, Source::Origin | Source::Coalesced);
@@ -542,9 +565,15 @@ impl SliceStore {
                 }
             }
         }
+        if self.missing.contains(&obj.id).await {
+            self.metrics.negative_hits.inc();
+            return Err(OriginError::RememberedNotFound);
+        }
         let range = slice_bounds(key.index, self.slice_bytes);
         match self.origin.fetch_slice(obj.o, obj.v, range).await {
             Ok(body) => {
+                // The object exists after all (it appeared since an origin said not).
+                self.missing.forget(&obj.id).await;
                 let meta = self.record_answer(obj, &body.about).await?;
                 // Read into the page pool already, when it had room.
                 let cached = CachedSlice {
@@ -560,6 +589,10 @@ impl SliceStore {
                 self.record_answer(obj, &Answer::size_only(size)).await?;
                 Err(OriginError::NotSatisfiable { size })
             }
+            Err(e @ OriginError::NotFound { .. }) => {
+                self.missing.remember(obj.id, obj.o).await;
+                Err(e)
+            }
             Err(e) => Err(e),
         }
     }
@@ -570,6 +603,17 @@ impl SliceStore {
             Some(pages) => pages.adopt(bytes),
             None => bytes,
         }
+    }
+
+    /// Forgets that an origin said (o, v) does not exist (for a purge): the next request
+    /// for it asks the origin.
+    pub async fn forget_missing(&self, object: ObjectId) {
+        self.missing.forget(&object).await;
+    }
+
+    /// [`SliceStore::forget_missing`] for every version of `o`.
+    pub fn forget_missing_object(&self, o: &str) {
+        self.missing.forget_object(o);
     }
 
     /// Gives the disk tier's directory up to the process taking over; see
@@ -585,6 +629,7 @@ impl SliceStore {
             memory_bytes: self.memory.weighted_bytes(),
             memory_entries: self.memory.entries(),
             metadata_entries: self.meta.entry_count(),
+            missing_entries: self.missing.entries(),
             disk: self.disk.as_ref().map(DiskTier::stats),
         }
     }
@@ -593,6 +638,7 @@ impl SliceStore {
     pub async fn sync(&self) {
         self.memory.sync().await;
         self.meta.run_pending_tasks().await;
+        self.missing.sync().await;
         if let Some(disk) = &self.disk {
             let shared = disk.shared();
             // Disk index maintenance may delete evicted files: not on the async runtime.

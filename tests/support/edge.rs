@@ -27,6 +27,8 @@ pub struct EdgeOptions {
     /// `cache.meta_ttl_secs`; `None` leaves the default.
     pub meta_ttl_secs: Option<u64>,
     pub retry_unhealthy_ms: u64,
+    /// `origin.negative_ttl_secs`; `None` leaves the default.
+    pub negative_ttl_secs: Option<u64>,
     /// SIGTERM grace period; 0 makes a stop immediate.
     pub grace_period_secs: u64,
     /// An HTTPS listener with this certificate chain and key.
@@ -59,6 +61,7 @@ impl EdgeOptions {
             disk: None,
             meta_ttl_secs: None,
             retry_unhealthy_ms: 10_000,
+            negative_ttl_secs: None,
             grace_period_secs: 0,
             https: None,
             ca_file: None,
@@ -150,6 +153,7 @@ path = "/objects/{{o}}/{{v}}"
 connect_timeout_ms = {connect}
 timeout_ms = {timeout}
 retry_unhealthy_ms = {retry}
+{negative_ttl}
 
 [server]
 threads = 2
@@ -170,6 +174,9 @@ upgrade_sock = {upgrade_sock:?}
             connect = opts.connect_timeout_ms,
             timeout = opts.origin_timeout_ms,
             retry = opts.retry_unhealthy_ms,
+            negative_ttl = opts
+                .negative_ttl_secs
+                .map_or(String::new(), |s| format!("negative_ttl_secs = {s}")),
             grace = opts.grace_period_secs,
             extra = opts.extra,
         );
