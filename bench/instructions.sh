@@ -26,6 +26,13 @@ for _ in $(seq 1 600); do
   curl -fs -o /dev/null "http://$admin/healthz" && break
   sleep 0.1
 done
+# Forward delivery starts once the spool is open (slow under valgrind) and builds its
+# TLS connector then: wait for it, so that start-up work is not counted as requests'.
+for _ in $(seq 1 600); do
+  curl -fs "http://$admin/status" | grep -q '"state": "open"' && break
+  sleep 0.1
+done
+sleep 2
 query=$(grep -o "range/122638100-122948590?[^']*" "$dir/demo.log" | head -1 | cut -d'?' -f2)
 range_url="http://$http/range/122638100-122948590?$query"
 dict_url="http://$http/base_dict_getHoverDict_8?form=%EC%96%B4&lemma=&sl=ko&tl=en&pos=NOUN&pow=n"
