@@ -21,21 +21,11 @@ use crate::config::{Limits, Log, LogFormat};
 use crate::dictionary;
 use crate::respond;
 use crate::routes::Route;
+use crate::session::{RequestCtx, Session};
 use crate::video;
-
-/// A client's HTTP/1.1 or HTTP/2 request, as the handlers see it.
-pub type Session = pingora::protocols::http::ServerSession;
 
 /// Longest path written to the access log; longer ones are cut.
 const MAX_LOGGED_PATH: usize = 512;
-
-/// Per-request context: filled in by the handler, read when the request is accounted.
-pub struct RequestCtx {
-    pub route: Route,
-    pub started: Instant,
-    /// Body bytes written to the client.
-    pub body_bytes: u64,
-}
 
 /// The edge's public HTTP application.
 pub struct Edge {

@@ -25,6 +25,7 @@ pub mod range; // range parsing and slice arithmetic (pure)
 pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)
 pub mod server; // Pingora server and services from config
+pub mod session; // the client session and request context handlers are given
 pub mod systemd; // sd_notify readiness for Type=notify units
 pub mod tls; // TLS files checked at start, HTTPS listener settings
 pub mod upstream; // upstream resolution and whole-body exchanges

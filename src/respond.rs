@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderName, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::OrErr;
 
-use crate::edge::Session;
+use crate::session::Session;
 
 /// `Cache-Status` (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");

@@ -15,7 +15,6 @@ use pingora::{Error, ErrorType};
 use crate::app::AppState;
 use crate::cache::{ObjectMeta, ObjectRef};
 use crate::conditional::{self, Decision};
-use crate::edge::Session;
 use crate::metrics::Refusal;
 use crate::origin::OriginError;
 use crate::range::{
@@ -24,6 +23,7 @@ use crate::range::{
 };
 use crate::respond;
 use crate::routes::{Route, RANGE_PREFIX};
+use crate::session::Session;
 
 const CACHE_HIT: HeaderValue = HeaderValue::from_static("cdn-edge; hit");
 const CACHE_MISS: HeaderValue = HeaderValue::from_static("cdn-edge; fwd=miss");

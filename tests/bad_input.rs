@@ -187,7 +187,10 @@ async fn huge_numbers_never_overflow() {
     // Past signing.max_ttl_secs: refused, and nothing overflows on the way (with the
     // limit off it is served: see auth's a_lifetime_past_max_ttl_is_403).
     let r = edge.get(&format!("/range/0-1?{e}"), &[]).await;
-    assert_eq!(r.status, 403, "e = u64::MAX must not overflow with the skew");
+    assert_eq!(
+        r.status, 403,
+        "e = u64::MAX must not overflow with the skew"
+    );
     assert_eq!(
         r.text(),
         "signed URL expires further ahead than this edge accepts\n"

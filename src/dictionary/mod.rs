@@ -17,8 +17,8 @@ use pingora::http::ResponseHeader;
 
 use crate::app::AppState;
 use crate::cors::{ALLOWED_METHODS, PREFLIGHT_MAX_AGE};
-use crate::edge::Session;
 use crate::respond;
+use crate::session::Session;
 use store::Outcome;
 
 const VARY: HeaderValue = HeaderValue::from_static("Origin, Accept-Encoding");

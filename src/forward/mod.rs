@@ -27,10 +27,10 @@ use pingora::http::ResponseHeader;
 use tokio::sync::mpsc;
 
 use crate::config::Forward as ForwardConfig;
-use crate::edge::Session;
 use crate::metrics::{ForwardResult, Metrics};
 use crate::respond;
 use crate::routes::Route;
+use crate::session::Session;
 use crate::upstream::ConnectorSettings;
 use crate::upstream::{ExchangeError, HttpUpstream, ResolveError};
 use record::{Record, StoredAnswer};
