@@ -8,6 +8,7 @@ pub mod admin; // /metrics, /healthz, /status on the admin listener
 pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)
 pub mod cache; // slice cache tiers and coalesced fills
+pub mod cluster; // a site of several edges: slice owners on a consistent-hash ring
 pub mod conditional; // If-Match, If-None-Match, If-Range on the video routes (pure)
 pub mod config; // typed, validated configuration
 pub mod connection; // client connection cap, request and idle deadlines
