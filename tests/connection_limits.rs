@@ -6,7 +6,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::certs::TestPki;
 use support::client::{answered, closed_within};
@@ -70,75 +70,6 @@ async fn connections_over_the_per_address_cap_are_closed_at_once() {
     edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
         .await;
     let _again = answered(edge.http, &target).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_handshakes_count_against_the_cap_and_have_a_deadline() {
-    let pki = TestPki::new();
-    let origin = origin_with(1000).await;
-    let mut opts = limited(
-        &origin,
-        // Long enough that the third connection below surely arrives while both
-        // handshakes still hold their places, however slowly the metrics are polled.
-        "max_connections = 2\ntls_handshake_timeout_ms = 5000",
-    );
-    opts.https = Some((pki.cert.clone(), pki.key.clone()));
-    let edge = Edge::start(opts).await;
-    let https = edge.https.unwrap();
-
-    // Two connections that never send a ClientHello hold both places...
-    let started = Instant::now();
-    let mut silent = vec![
-        TcpStream::connect(https).await.unwrap(),
-        TcpStream::connect(https).await.unwrap(),
-    ];
-    edge.wait_for_metric("cdn_edge_client_connections", 2.0)
-        .await;
-    let mut plain = TcpStream::connect(edge.http).await.unwrap();
-    assert!(
-        closed_within(&mut plain, Duration::from_secs(5)).await,
-        "a third connection was let in beside two handshakes"
-    );
-    edge.wait_for_metric(
-        "cdn_edge_client_refusals_total{reason=\"max_connections\"}",
-        1.0,
-    )
-    .await;
-
-    // ...until their handshakes run out of time.
-    for sock in &mut silent {
-        assert!(closed_within(sock, Duration::from_secs(15)).await);
-    }
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(4900) && elapsed < Duration::from_secs(12),
-        "handshakes closed after {elapsed:?}"
-    );
-    edge.wait_for_metric(
-        "cdn_edge_tls_handshake_failures_total{reason=\"timeout\"}",
-        2.0,
-    )
-    .await;
-    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
-        .await;
-
-    // A handshake that finishes is served, over h2 as ALPN chose.
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--http2", "--cacert"])
-        .arg(&pki.ca)
-        .args([
-            "--resolve",
-            &format!("localhost:{}:127.0.0.1", https.port()),
-        ])
-        .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
-        .arg(format!(
-            "https://localhost:{}/range/0-9?{}",
-            https.port(),
-            signed("movie", "1")
-        ))
-        .output()
-        .expect("curl (Debian package curl)");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
 }
 
 /// The start of a TLS ClientHello record, cut off.
