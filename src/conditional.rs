@@ -45,7 +45,7 @@ pub fn evaluate(headers: &HeaderMap, etag: &HeaderValue) -> Decision {
     let honour_range = match headers.get(header::IF_RANGE) {
         // A date never validates: the edge sends no Last-Modified to compare with.
         Some(v) => {
-            let v = trim(v.as_bytes());
+            let v = v.as_bytes().trim_ascii();
             !v.starts_with(b"W/") && v.first() == Some(&b'"') && opaque(v) == opaque(ours)
         }
         None => true,
@@ -64,13 +64,13 @@ enum Comparison {
 /// Whether a field value (`*` or a comma-separated list of entity tags) matches `ours`.
 /// Malformed members never match.
 fn list_matches(value: &[u8], ours: &[u8], how: Comparison) -> bool {
-    let value = trim(value);
+    let value = value.trim_ascii();
     if value == b"*" {
         return true;
     }
     let ours = opaque(ours);
     value.split(|&b| b == b',').any(|member| {
-        let member = trim(member);
+        let member = member.trim_ascii();
         let (weak, tag) = match member.strip_prefix(b"W/") {
             Some(rest) => (true, rest),
             None => (false, member),
@@ -86,10 +86,6 @@ fn opaque(tag: &[u8]) -> &[u8] {
     tag.strip_prefix(b"\"")
         .and_then(|t| t.strip_suffix(b"\""))
         .unwrap_or(tag)
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
 }
 
 #[cfg(test)]

@@ -14,22 +14,13 @@ use support::object_bytes;
 use support::origin::TestOrigin;
 use tokio::net::TcpStream;
 
-async fn origin_with(len: usize) -> TestOrigin {
-    let origin = TestOrigin::start().await;
-    origin.add_object("movie", "1", object_bytes(5, len), "video/mp4");
-    origin
-}
-
-fn limited(origin: &TestOrigin, limits: &str) -> EdgeOptions {
-    EdgeOptions::limited(origin.url(), limits)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshakes_count_against_the_cap_and_have_a_deadline() {
     let pki = TestPki::new();
-    let origin = origin_with(1000).await;
-    let mut opts = limited(
-        &origin,
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "1", object_bytes(5, 1000), "video/mp4");
+    let mut opts = EdgeOptions::limited(
+        origin.url(),
         // Long enough that the third connection below surely arrives while both
         // handshakes still hold their places, however slowly the metrics are polled.
         "max_connections = 2\ntls_handshake_timeout_ms = 10000",
