@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod cluster;
+pub use cluster::{Cluster, KeepNonOwned, OriginMode};
+
 /// Default slice size: 1 MiB.
 pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;
 /// Default memory tier budget: 1 GiB.
@@ -117,6 +120,8 @@ pub struct Config {
     pub server: Server,
     pub limits: Limits,
     pub log: Log,
+    /// `[cluster]`: the site this node belongs to and its parent tier (SPEC 6).
+    pub cluster: Option<Cluster>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +129,8 @@ pub struct Listen {
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The peer listener: siblings and child sites fill from it (with `[cluster]`).
+    pub peer: Option<SocketAddr>,
 }
 
 /// `[tls]`: the HTTPS listener's certificate, and the trust store for HTTPS upstreams.
@@ -197,6 +204,11 @@ pub struct Origin {
     /// asking again; zero remembers nothing. `origin.negative_ttl_secs`, seconds,
     /// default 10.
     pub negative_ttl: Duration,
+    /// `pull`, or `directed`: a client's miss is never filled from upstream (SPEC 6.3).
+    pub mode: OriginMode,
+    /// Directed mode: where a miss no node of the site holds is sent (302), with the
+    /// request's path and query appended; `None` answers 404. No trailing slash.
+    pub redirect_url: Option<String>,
 }
 
 /// `http[s]://host[:port]` of an origin or upstream, checked but not resolved.
@@ -464,6 +476,7 @@ mod file {
         pub limits: Limits,
         #[serde(default)]
         pub log: Log,
+        pub cluster: Option<super::cluster::RawCluster>,
     }
 
     #[derive(Deserialize)]
@@ -472,6 +485,7 @@ mod file {
         pub http: String,
         pub https: Option<String>,
         pub admin: String,
+        pub peer: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -603,6 +617,10 @@ mod file {
         pub retry_unhealthy_ms: u64,
         #[serde(default = "default_origin_negative_ttl")]
         pub negative_ttl_secs: u64,
+        #[serde(default)]
+        pub mode: super::OriginMode,
+        #[serde(default)]
+        pub redirect_url: String,
     }
 
     fn default_retry_unhealthy() -> u64 {
@@ -750,7 +768,22 @@ impl file::Root {
                 .map(|a| parse_addr("listen.https", a))
                 .transpose()?,
             admin: parse_addr("listen.admin", &self.listen.admin)?,
+            peer: self
+                .listen
+                .peer
+                .as_deref()
+                .map(|a| parse_addr("listen.peer", a))
+                .transpose()?,
         };
+        if let Some(peer) = listen.peer {
+            let taken = [Some(listen.http), listen.https, Some(listen.admin)];
+            if taken.iter().flatten().any(|a| a.port() == peer.port()) {
+                return Err(invalid(
+                    "listen.peer",
+                    "must use a port of its own (not that of listen.http, https or admin)",
+                ));
+            }
+        }
         if listen
             .https
             .is_some_and(|https| https.port() == listen.http.port())
@@ -767,6 +800,7 @@ impl file::Root {
 
         let signing = validate_signing(self.signing, env)?;
         let origin = validate_origin(self.origin)?;
+        let cluster = cluster::validate(self.cluster, listen.peer, origin.timeout, env)?;
         let dictionary = self.dictionary.map(validate_dictionary).transpose()?;
         let forward = self.forward.map(validate_forward).transpose()?;
 
@@ -803,6 +837,7 @@ impl file::Root {
             },
             limits,
             log,
+            cluster,
         })
     }
 }
@@ -1009,7 +1044,27 @@ fn validate_origin(raw: file::Origin) -> Result<Origin, ConfigError> {
         timeout: positive_ms("origin.timeout_ms", raw.timeout_ms)?,
         retry_unhealthy: positive_ms("origin.retry_unhealthy_ms", raw.retry_unhealthy_ms)?,
         negative_ttl: Duration::from_secs(raw.negative_ttl_secs),
+        mode: raw.mode,
+        redirect_url: validate_redirect_url(&raw.redirect_url)?,
     })
+}
+
+fn validate_redirect_url(s: &str) -> Result<Option<String>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let bad = |why: &str| invalid("origin.redirect_url", format!("{s:?}: {why}"));
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| bad("must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') || s.contains(['?', '#', ' ']) {
+        return Err(bad(
+            "must be scheme://host[:port][/path prefix], without query",
+        ));
+    }
+    http::HeaderValue::from_str(s).map_err(|_| bad("not a valid header value"))?;
+    Ok(Some(s.trim_end_matches('/').to_string()))
 }
 
 fn validate_dictionary(raw: file::Dictionary) -> Result<Dictionary, ConfigError> {
