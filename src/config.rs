@@ -1514,4 +1514,123 @@ urls = ["http://127.0.0.1:9000"]
             assert!(err.contains(key), "{bad}: {err}");
         }
     }
+
+    fn site(extra: &str) -> Result<Config, ConfigError> {
+        let text = MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\npeer = \"0.0.0.0:7080\"",
+        );
+        Config::from_toml_with_env(
+            &format!(
+                "{text}\n[cluster]\nself = \"10.0.0.1:7080\"\npeers = [\"10.0.0.1:7080\", \"10.0.0.2:7080\"]\n{extra}"
+            ),
+            |v: &str| (v == "CLUSTER_SECRET").then(|| "from-env".to_string()),
+        )
+    }
+
+    #[test]
+    fn cluster_defaults_and_secrets() {
+        let c = site("secret = \"s\"").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.secret, b"s");
+        assert_eq!(
+            cluster.parent_secret, b"s",
+            "parent_secret defaults to secret"
+        );
+        assert_eq!(cluster.health_check, Duration::from_millis(1000));
+        assert_eq!(cluster.keep_non_owned, KeepNonOwned::Memory);
+        assert_eq!(
+            cluster.peer_timeout,
+            c.origin.timeout + Duration::from_secs(5)
+        );
+        let c = site("secret_env = \"CLUSTER_SECRET\"\nparent_secret = \"p\"").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.secret, b"from-env");
+        assert_eq!(cluster.parent_secret, b"p");
+        assert!(!format!("{cluster:?}").contains("from-env"));
+    }
+
+    #[test]
+    fn cluster_mistakes_name_their_key() {
+        let cases = [
+            ("", "cluster.secret"),
+            ("secret = \"\"", "cluster.secret"),
+            ("secret_env = \"UNSET\"", "cluster.secret_env"),
+            (
+                "secret = \"s\"\nhealth_check_ms = 50",
+                "cluster.health_check_ms",
+            ),
+            (
+                "secret = \"s\"\npeer_timeout_ms = 0",
+                "cluster.peer_timeout_ms",
+            ),
+            (
+                "secret = \"s\"\nparents = [\"10.0.0.2:7080\"]",
+                "cluster.parents",
+            ),
+            (
+                "secret = \"s\"\nparents = [\"0.0.0.0:7080\"]",
+                "cluster.parents[0]",
+            ),
+            (
+                "secret = \"s\"\nkeep_non_owned = \"disk\"",
+                "keep_non_owned",
+            ),
+        ];
+        for (extra, key) in cases {
+            let e = site(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra:?}: {e}");
+        }
+        let not_member = MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\npeer = \"10.0.0.9:7080\"",
+        )
+            + "[cluster]\nself = \"10.0.0.9:7080\"\npeers = [\"10.0.0.1:7080\"]\nsecret = \"s\"\n";
+        let e = Config::from_toml(&not_member).unwrap_err().to_string();
+        assert!(e.contains("cluster.self"), "{e}");
+        let e = Config::from_toml(&(MINIMAL.to_string() + "[cluster]\nself = \"10.0.0.1:7080\"\npeers = [\"10.0.0.1:7080\"]\nsecret = \"s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs listen.peer"), "{e}");
+        let e = Config::from_toml(&MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\npeer = \"127.0.0.1:7080\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen.peer"), "{e}");
+        let e = Config::from_toml(&MINIMAL.replace(
+            "admin = \"127.0.0.1:9090\"",
+            "admin = \"127.0.0.1:9090\"\npeer = \"127.0.0.1:9090\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("port of its own"), "{e}");
+    }
+
+    #[test]
+    fn origin_mode_and_redirect_url() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.origin.mode, OriginMode::Pull);
+        assert_eq!(c.origin.redirect_url, None);
+        let with = |lines: &str| {
+            Config::from_toml(&MINIMAL.replace(
+                "urls = [\"http://127.0.0.1:9000\"]",
+                &format!("urls = [\"http://127.0.0.1:9000\"]\n{lines}"),
+            ))
+        };
+        let c = with("mode = \"directed\"\nredirect_url = \"https://fill.example/cdn/\"").unwrap();
+        assert_eq!(c.origin.mode, OriginMode::Directed);
+        assert_eq!(
+            c.origin.redirect_url.as_deref(),
+            Some("https://fill.example/cdn")
+        );
+        for bad in ["ftp://x", "https://x/?a=b", "https://", "https:///p"] {
+            let e = with(&format!("redirect_url = {bad:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("origin.redirect_url"), "{bad}: {e}");
+        }
+        assert!(with("mode = \"push\"").is_err());
+    }
 }
