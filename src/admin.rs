@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::app::AppState;
 use crate::cache::CacheStats;
+use crate::cluster::ring::MemberState;
 use crate::dictionary::store::DictionaryStats;
 use crate::forward::opening::SpoolState;
 use crate::forward::spool::{Depth, Queue};
@@ -37,6 +38,11 @@ struct Status {
     /// `null` without a `[dictionary]` section.
     dictionary: Option<DictionaryStats>,
     origins: Vec<OriginHealth>,
+    /// The site's nodes, this one included (always healthy in its own view); empty
+    /// without `[cluster]`.
+    peers: Vec<MemberState>,
+    /// The parent tier's nodes; empty without `cluster.parents`.
+    parents: Vec<MemberState>,
 }
 
 #[derive(Serialize)]
@@ -80,6 +86,12 @@ impl ServeHttp for AdminApp {
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/status" => {
                 self.state.sync_caches().await;
+                let (peers, parents) = self
+                    .state
+                    .site
+                    .as_ref()
+                    .map(|s| s.states())
+                    .unwrap_or_default();
                 let status = Status {
                     version: env!("CARGO_PKG_VERSION"),
                     uptime_secs: self.state.started.elapsed().as_secs(),
@@ -99,6 +111,8 @@ impl ServeHttp for AdminApp {
                     }),
                     dictionary: self.state.dictionary.as_ref().map(|d| d.stats()),
                     origins: self.state.origin.health(),
+                    peers,
+                    parents,
                 };
                 let body = serde_json::to_vec_pretty(&status).expect("status serialises");
                 reply(StatusCode::OK, "application/json", body)

@@ -7,6 +7,8 @@ use crate::auth::Verifier;
 use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::pages::PagePool;
 use crate::cache::SliceStore;
+use crate::cluster::ring::RingError;
+use crate::cluster::site::Site;
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::dictionary::store::DictionaryStore;
@@ -17,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::origin::OriginClient;
 use crate::pinned::PinnedBudget;
 use crate::routes::Router;
+use crate::sources::Sources;
 use crate::upstream::ConnectorSettings;
 use crate::upstream::ResolveError;
 
@@ -31,6 +34,10 @@ pub struct AppState {
     pub router: Router,
     pub store: SliceStore,
     pub origin: Arc<OriginClient>,
+    /// The site and parent tier, with `[cluster]`.
+    pub site: Option<Arc<Site>>,
+    /// Directed mode: where a miss the site does not hold is redirected (SPEC 6.3).
+    pub redirect_url: Option<String>,
     pub metrics: Arc<Metrics>,
     /// Slices held by video responses in flight, within `limits.max_pinned_bytes`.
     pub pinned: PinnedBudget,
@@ -47,6 +54,8 @@ pub enum StateError {
     Disk(#[from] DiskOpenError),
     #[error(transparent)]
     Forward(#[from] ForwardSetupError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
 }
 
 impl StateError {
@@ -98,13 +107,27 @@ impl AppState {
             .as_ref()
             .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone()))
             .transpose()?;
+        let site = config
+            .cluster
+            .as_ref()
+            .map(|c| {
+                Site::new(
+                    c,
+                    config.origin.connect_timeout,
+                    &connectors,
+                    pages.clone(),
+                    &metrics,
+                )
+                .map(Arc::new)
+            })
+            .transpose()?;
         let store = SliceStore::new(
             config.cache.slice_bytes,
             config.cache.memory_bytes,
             config.cache.meta_ttl,
             pages,
             disk,
-            origin.clone(),
+            Sources::new(origin.clone(), site.clone(), config.origin.mode),
             metrics.clone(),
         );
         let dictionary_paths = config
@@ -131,6 +154,8 @@ impl AppState {
             router: Router::new(dictionary_paths),
             store,
             origin,
+            site,
+            redirect_url: config.origin.redirect_url.clone(),
             pinned: PinnedBudget::new(
                 config.limits.max_pinned_bytes,
                 config.cache.slice_bytes,
@@ -162,6 +187,9 @@ impl AppState {
         }
         if let Some(f) = self.forwarder.as_ref().and_then(|f| f.get()) {
             f.refresh_gauges();
+        }
+        if let Some(site) = &self.site {
+            site.refresh_gauges();
         }
         if let Some(d) = &self.dictionary {
             let d = d.stats();

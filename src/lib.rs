@@ -8,7 +8,7 @@ pub mod admin; // /metrics, /healthz, /status on the admin listener
 pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)
 pub mod cache; // slice cache tiers and coalesced fills
-pub mod cluster; // a site of several edges: slice owners on a consistent-hash ring
+pub mod cluster; // a site of several edges: ring, peer client and listener, health
 pub mod conditional; // If-Match, If-None-Match, If-Range on the video routes (pure)
 pub mod config; // typed, validated configuration
 pub mod connection; // client connection cap, request and idle deadlines
@@ -28,6 +28,7 @@ pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)
 pub mod server; // Pingora server and services from config
 pub mod session; // the client session and request context handlers are given
+pub mod sources; // where a miss is filled from: owner peer, parent tier, origin
 pub mod systemd; // sd_notify readiness for Type=notify units
 pub mod tls; // TLS files checked at start, HTTPS listener settings
 pub mod upstream; // upstream resolution and whole-body exchanges

@@ -397,6 +397,11 @@ fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Regis
 }
 
 impl Metrics {
+    /// Registers a collector defined elsewhere (such as the cluster's) in this registry.
+    pub fn register<C: prometheus::core::Collector + Clone + 'static>(&self, c: C) -> C {
+        registered(&self.registry, c)
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let r = &registry;

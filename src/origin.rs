@@ -62,6 +62,13 @@ pub enum OriginError {
     /// validator): refused by the cache, see [`crate::cache::meta`].
     #[error("the origin's answer disagrees with the object's {what} already known; refused")]
     Changed { what: &'static str },
+    /// Directed mode (SPEC 6.3): no node of the site holds the slice, and a client's
+    /// miss is not filled from upstream.
+    #[error("no node of the site holds this slice (directed mode)")]
+    NotHeld,
+    /// A peer or parent answered that its own upstream failed (`status` 502 or 504).
+    #[error("{via}: its upstream failed ({status})")]
+    Upstream { via: String, status: u16 },
 }
 
 impl OriginError {
@@ -69,7 +76,10 @@ impl OriginError {
     pub fn status(&self) -> u16 {
         match self {
             OriginError::Timeout { .. } => 504,
-            OriginError::NotFound { .. } | OriginError::RememberedNotFound => 404,
+            OriginError::Upstream { status, .. } => *status,
+            OriginError::NotFound { .. }
+            | OriginError::RememberedNotFound
+            | OriginError::NotHeld => 404,
             // A 416 is turned into the client's 416 by the metadata lookup; one that
             // reaches a client means the origin contradicted itself.
             _ => 502,
@@ -83,14 +93,15 @@ impl OriginError {
             OriginError::BadStatus { status, .. } => *status >= 500,
             OriginError::NotSatisfiable { .. }
             | OriginError::NotFound { .. }
-            | OriginError::RememberedNotFound => false,
+            | OriginError::RememberedNotFound
+            | OriginError::NotHeld => false,
             _ => true,
         }
     }
 
     /// Whether this is a definite answer about the object (past its end, or no such
     /// object): every replica would say the same, so no other origin is asked.
-    fn is_final(&self) -> bool {
+    pub fn is_final(&self) -> bool {
         matches!(
             self,
             OriginError::NotSatisfiable { .. } | OriginError::NotFound { .. }
@@ -104,10 +115,11 @@ impl OriginError {
             OriginError::BadStatus { .. } => OriginResult::BadStatus,
             OriginError::Invalid { .. } => OriginResult::Invalid,
             OriginError::NotSatisfiable { .. } => OriginResult::NotSatisfiable,
-            OriginError::NotFound { .. } | OriginError::RememberedNotFound => {
-                OriginResult::NotFound
-            }
+            OriginError::NotFound { .. }
+            | OriginError::RememberedNotFound
+            | OriginError::NotHeld => OriginResult::NotFound,
             OriginError::Changed { .. } => OriginResult::Invalid,
+            OriginError::Upstream { .. } => OriginResult::BadStatus,
         }
     }
 }
@@ -326,7 +338,7 @@ impl OriginClient {
                 return Err(unreachable(e));
             }
             let pages = self.pages.as_ref();
-            let body = read_slice(origin, &mut session, range, pages).await?;
+            let body = read_slice(&origin.url, &mut session, range, pages).await?;
             self.connector
                 .release_http_session(session, &origin.peer, Some(POOL_IDLE))
                 .await;
@@ -351,7 +363,11 @@ fn transport_error(origin: &Origin, e: &pingora::Error, timeout: Duration) -> Or
     }
 }
 
-fn slice_request(path: &str, host: &str, range: ByteRange) -> pingora::Result<Box<RequestHeader>> {
+pub(crate) fn slice_request(
+    path: &str,
+    host: &str,
+    range: ByteRange,
+) -> pingora::Result<Box<RequestHeader>> {
     let mut req = RequestHeader::build("GET", path.as_bytes(), Some(4))?;
     req.insert_header(http::header::HOST, host)?;
     req.insert_header(
@@ -367,7 +383,7 @@ fn slice_request(path: &str, host: &str, range: ByteRange) -> pingora::Result<Bo
     Ok(Box::new(req))
 }
 
-async fn send_and_read_header(
+pub(crate) async fn send_and_read_header(
     session: &mut HttpSession,
     req: Box<RequestHeader>,
 ) -> pingora::Result<()> {
@@ -376,14 +392,16 @@ async fn send_and_read_header(
     session.read_response_header().await
 }
 
-async fn read_slice(
-    origin: &Origin,
+/// Reads and validates the answer to a slice request (module docs) whose header has
+/// been read. `label` names the upstream in errors.
+pub(crate) async fn read_slice(
+    label: &str,
     session: &mut HttpSession,
     range: ByteRange,
     pages: Option<&PagePool>,
 ) -> Result<SliceBody, OriginError> {
     let invalid = |why: &'static str| OriginError::Invalid {
-        origin: origin.url.clone(),
+        origin: label.to_string(),
         why,
     };
     let resp = session
@@ -398,7 +416,7 @@ async fn read_slice(
         206 => {}
         404 | 410 => {
             return Err(OriginError::NotFound {
-                origin: origin.url.clone(),
+                origin: label.to_string(),
                 status,
             })
         }
@@ -413,7 +431,7 @@ async fn read_slice(
         }
         _ => {
             return Err(OriginError::BadStatus {
-                origin: origin.url.clone(),
+                origin: label.to_string(),
                 status,
             })
         }
@@ -473,7 +491,7 @@ async fn read_slice(
             Ok(None) => break,
             Err(e) => {
                 return Err(OriginError::Unreachable {
-                    origin: origin.url.clone(),
+                    origin: label.to_string(),
                     detail: e.to_string(),
                 })
             }

@@ -14,6 +14,8 @@ use tokio::sync::broadcast;
 use crate::admin::AdminApp;
 use crate::app::AppState;
 use crate::app::StateError;
+use crate::cluster::service::PeerApp;
+use crate::cluster::site::SiteHealth;
 use crate::config::Config;
 use crate::connection::{self, GuardedApp, TlsHandshake};
 use crate::edge::Edge;
@@ -95,6 +97,9 @@ impl EdgeServer {
                     check_bindable("listen.https", addr)?;
                 }
                 check_bindable("listen.admin", config.listen.admin)?;
+                if let Some(addr) = config.listen.peer {
+                    check_bindable("listen.peer", addr)?;
+                }
                 let state = AppState::new(config)?;
                 server.bootstrap();
                 state
@@ -128,6 +133,19 @@ impl EdgeServer {
         admin.threads = Some(1);
         admin.add_tcp(&config.listen.admin.to_string());
         server.add_service(admin);
+
+        if let (Some(site), Some(addr)) = (&state.site, config.listen.peer) {
+            let mut peer = Service::new(
+                "cdn-edge peer".to_string(),
+                PeerApp::new(state.clone(), site.clone()),
+            );
+            peer.add_tcp(&addr.to_string());
+            server.add_service(peer);
+            server.add_service(background_service(
+                "cdn-edge peer health",
+                SiteHealth(site.clone()),
+            ));
+        }
 
         if let (Some(slot), Some(cfg)) = (&state.forwarder, &config.forward) {
             let delivery = DeliveryWhenOpen::new(

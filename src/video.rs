@@ -13,7 +13,7 @@ use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
-use crate::cache::{ObjectMeta, ObjectRef};
+use crate::cache::{ObjectMeta, ObjectRef, Source};
 use crate::conditional::{self, Decision};
 use crate::metrics::Refusal;
 use crate::origin::OriginError;
@@ -27,6 +27,7 @@ use crate::session::Session;
 
 const CACHE_HIT: HeaderValue = HeaderValue::from_static("cdn-edge; hit");
 const CACHE_MISS: HeaderValue = HeaderValue::from_static("cdn-edge; fwd=miss");
+const CACHE_PEER: HeaderValue = HeaderValue::from_static("cdn-edge; fwd=miss; detail=peer");
 const BYTES: HeaderValue = HeaderValue::from_static("bytes");
 /// `Retry-After` of a 503 over `limits.max_pinned_bytes`: slow responses end within a
 /// send-rate window or two, most far sooner.
@@ -101,7 +102,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         .map(|_| hint + 1);
     let lookup = match state.store.meta(&obj, hint, next).await {
         Ok(l) => l,
-        Err(e) => return origin_failure(session, &e).await,
+        Err(e) => return origin_failure(state, session, &e).await,
     };
     let meta = lookup.meta.clone();
     let meta = &*meta;
@@ -147,6 +148,11 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         && range.is_none_or(|r| {
             slice_pieces(r, slice_bytes).all(|p| state.store.contains(obj.id, p.index))
         });
+    let mut cache_status = match (all_cached, lookup.from_peer) {
+        (true, _) => CACHE_HIT,
+        (false, true) => CACHE_PEER,
+        (false, false) => CACHE_MISS,
+    };
 
     let body_range = match range {
         Some(r) if !head => r,
@@ -156,7 +162,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
                 range,
                 meta,
                 &meta.content_type,
-                all_cached,
+                cache_status,
                 cache_control,
             )?;
             session.write_response_header(resp).await?;
@@ -171,10 +177,19 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     let (mut current, content_type) = match lookup.slice {
         Some((index, bytes)) if index == piece.index => (bytes, meta.content_type.clone()),
         _ => match state.store.slice(&obj, piece.index, meta).await {
-            // Metadata learnt from a 416 has no type; the slice's own record may.
-            Ok(s) if !meta.content_type_known() => (s.bytes, s.meta.content_type.clone()),
-            Ok(s) => (s.bytes, meta.content_type.clone()),
-            Err(e) => return origin_failure(session, &e).await,
+            Ok(s) => {
+                if s.source == Source::Peer {
+                    cache_status = CACHE_PEER;
+                }
+                // Metadata learnt from a 416 has no type; the slice's own record may.
+                let content_type = if meta.content_type_known() {
+                    meta.content_type.clone()
+                } else {
+                    s.meta.content_type.clone()
+                };
+                (s.bytes, content_type)
+            }
+            Err(e) => return origin_failure(state, session, &e).await,
         },
     };
     pinned.hold(current.len());
@@ -187,7 +202,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         range,
         meta,
         &content_type,
-        all_cached,
+        cache_status,
         cache_control,
     )?;
     session.write_response_header(resp).await?;
@@ -237,7 +252,7 @@ fn response_header(
     range: Option<ByteRange>,
     meta: &ObjectMeta,
     content_type: &HeaderValue,
-    all_cached: bool,
+    cache_status: HeaderValue,
     cache_control: HeaderValue,
 ) -> pingora::Result<Box<ResponseHeader>> {
     let mut h = HeaderMap::with_capacity(8);
@@ -254,10 +269,7 @@ fn response_header(
     h.insert(header::ACCEPT_RANGES, BYTES);
     h.insert(header::ETAG, meta.etag.clone());
     h.insert(header::CACHE_CONTROL, cache_control);
-    h.insert(
-        respond::CACHE_STATUS,
-        if all_cached { CACHE_HIT } else { CACHE_MISS },
-    );
+    h.insert(respond::CACHE_STATUS, cache_status);
     Ok(Box::new(respond::head(status, h)?))
 }
 
@@ -357,7 +369,14 @@ async fn over_pinned_budget(state: &AppState, session: &mut Session) -> pingora:
     .await
 }
 
-async fn origin_failure(session: &mut Session, e: &OriginError) -> pingora::Result<u64> {
+async fn origin_failure(
+    state: &AppState,
+    session: &mut Session,
+    e: &OriginError,
+) -> pingora::Result<u64> {
+    if matches!(e, OriginError::NotHeld) {
+        return Box::pin(not_held(state, session)).await;
+    }
     // An origin's 404/410: no such object (SPEC §2.3), answered from the origin or from
     // the remembered answer.
     let cache_status = match e {
@@ -385,6 +404,23 @@ async fn origin_failure(session: &mut Session, e: &OriginError) -> pingora::Resu
     };
     tracing::warn!(error = %e, status, "request failed at the origin");
     respond::plain(session, status, message).await
+}
+
+/// Directed mode, a slice no node of the site holds (SPEC 6.3): 302 to
+/// `origin.redirect_url` + the request's path and query, or 404 without one.
+async fn not_held(state: &AppState, session: &mut Session) -> pingora::Result<u64> {
+    let Some(base) = &state.redirect_url else {
+        return respond::plain(session, 404, "not found: not held by this site").await;
+    };
+    let uri = &session.req_header().uri;
+    let location = format!(
+        "{base}{}",
+        uri.path_and_query().map_or("/", |pq| pq.as_str())
+    );
+    respond::plain_with(session, 302, "found: not held by this site", |r| {
+        r.insert_header(header::LOCATION, location).map(|_| ())
+    })
+    .await
 }
 
 fn unix_now() -> u64 {

@@ -29,7 +29,7 @@ pub mod meta;
 pub mod missing;
 pub mod pages;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,9 +37,11 @@ use bytes::Bytes;
 use moka::ops::compute::{CompResult, Op};
 use sha2::{Digest, Sha256};
 
+use crate::config::KeepNonOwned;
 use crate::metrics::{MetaCheck, Metrics};
-use crate::origin::{OriginClient, OriginError};
-use crate::range::{slice_bounds, ByteRange};
+use crate::origin::OriginError;
+use crate::range::slice_bounds;
+use crate::sources::{Filled, Sources};
 
 use disk::{DiskStats, DiskTier};
 use memory::MemoryTier;
@@ -81,20 +83,46 @@ pub struct SliceKey {
     pub index: u64,
 }
 
-/// A signed object as the cache sees it: its names (for origin paths) and its id.
+/// Who asks for an object: decides where a miss may be filled from (SPEC 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Via {
+    /// A peer of this node's site, which asks because it takes this node for the owner:
+    /// the miss is never passed on to another peer of the site.
+    pub sibling: bool,
+    /// Parent tiers the request has already come through (0 for a client of this node).
+    pub hops: u8,
+}
+
+impl Via {
+    /// A client of this node.
+    pub const CLIENT: Via = Via {
+        sibling: false,
+        hops: 0,
+    };
+}
+
+/// A signed object as the cache sees it: its names (for origin paths), its id, and who
+/// asks for it.
 #[derive(Debug, Clone, Copy)]
 pub struct ObjectRef<'a> {
     pub o: &'a str,
     pub v: &'a str,
     pub id: ObjectId,
+    pub via: Via,
 }
 
 impl<'a> ObjectRef<'a> {
+    /// An object a client of this node asks for.
     pub fn new(o: &'a str, v: &'a str) -> Self {
+        Self::asked(o, v, Via::CLIENT)
+    }
+
+    pub fn asked(o: &'a str, v: &'a str, via: Via) -> Self {
         Self {
             o,
             v,
             id: ObjectId::new(o, v),
+            via,
         }
     }
 }
@@ -105,8 +133,10 @@ pub enum Source {
     Memory,
     /// Read from the disk tier by this request.
     Disk,
-    /// This request fetched it from the origin.
+    /// This request fetched it from the origin (or the parent tier).
     Origin,
+    /// This request fetched it from the slice's owner, another node of the site.
+    Peer,
     /// Another request's origin fetch, which this one waited for.
     Coalesced,
 }
@@ -131,6 +161,8 @@ pub struct Slice {
 pub struct MetaLookup {
     pub meta: Arc<ObjectMeta>,
     pub fetched: bool,
+    /// The slice looked up came from another node of the site.
+    pub from_peer: bool,
     pub slice: Option<(u64, Bytes)>,
 }
 
@@ -160,9 +192,14 @@ pub struct SliceStore {
     missing: MissingObjects,
     /// Objects not known yet whose first origin request is in flight.
     cold: ColdObjects,
-    origin: Arc<OriginClient>,
+    sources: Sources,
     metrics: Arc<Metrics>,
 }
+
+/// How a memory miss was filled ([`SliceStore::fill`]).
+const FROM_UPSTREAM: u8 = 0;
+const FROM_DISK: u8 = 1;
+const FROM_PEER: u8 = 2;
 
 impl SliceStore {
     pub fn new(
@@ -171,7 +208,7 @@ impl SliceStore {
         meta_ttl: Duration,
         pages: Option<PagePool>,
         disk: Option<DiskTier>,
-        origin: Arc<OriginClient>,
+        sources: Sources,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -184,9 +221,9 @@ impl SliceStore {
                 .max_capacity(METADATA_ENTRIES)
                 .build(),
             meta_ttl_ms: meta_ttl.as_millis() as u64,
-            missing: MissingObjects::new(origin.negative_ttl()),
+            missing: MissingObjects::new(sources.negative_ttl()),
             cold: ColdObjects::default(),
-            origin,
+            sources,
             metrics,
         }
     }
@@ -292,16 +329,22 @@ impl SliceStore {
         key: SliceKey,
         use_disk: bool,
     ) -> Result<Slice, Arc<OriginError>> {
-        let from_disk = AtomicBool::new(false);
+        let from = AtomicU8::new(FROM_UPSTREAM);
         let entry = self
             .memory
             .cache()
             .entry(key)
-            .or_try_insert_with(self.fill(obj, key, &from_disk, use_disk))
+            .or_try_insert_with(self.fill(obj, key, &from, use_disk))
             .await?;
-        let source = match (entry.is_fresh(), from_disk.load(Ordering::Relaxed)) {
-            (true, true) => Source::Disk,
-            (true, false) => Source::Origin,
+        let source = match (entry.is_fresh(), from.load(Ordering::Relaxed)) {
+            (true, FROM_DISK) => Source::Disk,
+            (true, FROM_PEER) => {
+                if self.keeps_nothing_from_peers() {
+                    self.memory.cache().invalidate(&key).await;
+                }
+                Source::Peer
+            }
+            (true, _) => Source::Origin,
             (false, _) => {
                 self.metrics.coalesced_waits.inc();
                 Source::Coalesced
@@ -332,6 +375,7 @@ impl SliceStore {
                 return Ok(MetaLookup {
                     meta,
                     fetched: false,
+                    from_peer: false,
                     slice: None,
                 });
             }
@@ -340,6 +384,7 @@ impl SliceStore {
             let checked = Box::pin(self.recheck(obj, meta.clone())).await;
             return Ok(MetaLookup {
                 fetched: !checked.agrees_with(&meta),
+                from_peer: false,
                 meta: checked,
                 slice: None,
             });
@@ -360,9 +405,14 @@ impl SliceStore {
         drop(lead);
         match first {
             Ok(slice) => {
-                let fetched = matches!(slice.source, Source::Origin | Source::Coalesced);
+                let fetched = matches!(
+                    slice.source,
+                    Source::Origin | Source::Peer | Source::Coalesced
+                );
+                let from_peer = slice.source == Source::Peer;
                 let mut lookup = self.meta_of_slice(obj, hint_index, slice).await;
                 lookup.fetched |= fetched;
+                lookup.from_peer = from_peer;
                 Ok(lookup)
             }
             Err(e) => match *e {
@@ -380,6 +430,7 @@ impl SliceStore {
                     Ok(MetaLookup {
                         meta,
                         fetched: true,
+                        from_peer: false,
                         slice: None,
                     })
                 }
@@ -405,6 +456,7 @@ impl SliceStore {
         let agrees = meta.agrees_with(&carried);
         MetaLookup {
             fetched: !agrees,
+            from_peer: false,
             slice: agrees.then_some((index, slice.bytes)),
             meta,
         }
@@ -427,8 +479,7 @@ impl SliceStore {
                     Some(c) => c.into_value(),
                     None => seen,
                 };
-                let probe = ByteRange { start: 0, end: 0 };
-                let answer = match self.origin.fetch_slice(obj.o, obj.v, probe).await {
+                let answer = match self.sources.probe(obj, self.slice_bytes).await {
                     Ok(body) => body.about,
                     Err(OriginError::NotSatisfiable { size }) => Answer::size_only(size),
                     Err(e) => {
@@ -533,14 +584,15 @@ impl SliceStore {
         }
     }
 
-    /// Fills one memory miss from disk or origin; runs once per cold slice however many
-    /// requests wait on it. Sets `from_disk` when the disk answered. A disk slice cut
-    /// under metadata other than the object's current one is dropped, not used.
+    /// Fills one memory miss from disk, the slice's owner in the site, the parent tier
+    /// or the origin ([`Sources`]); runs once per cold slice however many requests wait
+    /// on it. Sets `from` to say where the slice came from. A disk slice cut under
+    /// metadata other than the object's current one is dropped, not used.
     async fn fill(
         &self,
         obj: &ObjectRef<'_>,
         key: SliceKey,
-        from_disk: &AtomicBool,
+        from: &AtomicU8,
         use_disk: bool,
     ) -> Result<CachedSlice, OriginError> {
         if let Some(disk) = self.disk.as_ref().filter(|_| use_disk) {
@@ -552,7 +604,7 @@ impl SliceStore {
                 };
                 match meta {
                     Some(meta) => {
-                        from_disk.store(true, Ordering::Relaxed);
+                        from.store(FROM_DISK, Ordering::Relaxed);
                         return Ok(CachedSlice {
                             bytes: self.adopt(cached.bytes),
                             meta,
@@ -570,8 +622,8 @@ impl SliceStore {
             return Err(OriginError::RememberedNotFound);
         }
         let range = slice_bounds(key.index, self.slice_bytes);
-        match self.origin.fetch_slice(obj.o, obj.v, range).await {
-            Ok(body) => {
+        match self.sources.fetch(obj, key.index, range).await {
+            Ok((body, filled)) => {
                 // The object exists after all (it appeared since an origin said not).
                 self.missing.forget(&obj.id).await;
                 let meta = self.record_answer(obj, &body.about).await?;
@@ -580,8 +632,14 @@ impl SliceStore {
                     bytes: body.bytes,
                     meta,
                 };
-                if let Some(disk) = &self.disk {
-                    disk.store(key, &cached);
+                match filled {
+                    // Its owner keeps it on disk; this node at most in memory.
+                    Filled::Peer => from.store(FROM_PEER, Ordering::Relaxed),
+                    Filled::Upstream => {
+                        if let Some(disk) = &self.disk {
+                            disk.store(key, &cached);
+                        }
+                    }
                 }
                 Ok(cached)
             }
@@ -595,6 +653,13 @@ impl SliceStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `cluster.keep_non_owned = "none"`: a slice from its owner is not kept here.
+    fn keeps_nothing_from_peers(&self) -> bool {
+        self.sources
+            .site()
+            .is_some_and(|s| s.keep_non_owned == KeepNonOwned::None)
     }
 
     /// The bytes of a slice entering the memory tier, in the page pool when there is one.

@@ -10,10 +10,13 @@
 //! unchanged when it returns); no other slice moves.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use pingora::lb::selection::consistent::KetamaHashing;
-use pingora::lb::LoadBalancer;
+use pingora::lb::{Backend, LoadBalancer};
 
+use super::health::{Marks, PeerCheck};
 use crate::cache::ObjectId;
 
 /// Ring points walked at most to find a peer that is up: enough that a key is always
@@ -25,13 +28,26 @@ const MAX_WALK: usize = 64;
 #[error("cluster.peers: {0}")]
 pub struct RingError(String);
 
-/// The owners of slices over a fixed list of peers.
+/// Up or down, as `/status` shows a member.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberState {
+    pub addr: SocketAddr,
+    /// `healthy` or `down`.
+    pub state: &'static str,
+}
+
+/// The owners of slices over a fixed list of peers, and which of them are up.
 pub struct Ring {
     lb: LoadBalancer<KetamaHashing>,
+    members: Vec<SocketAddr>,
+    /// This node, when it is a member (always up in its own ring).
+    me: Option<SocketAddr>,
+    marks: Arc<Marks>,
 }
 
 impl Ring {
-    /// Builds the ring over `peers` (each an `IP:port`, at least one).
+    /// Builds the ring over `peers` (each an `IP:port`, at least one), with no health
+    /// checks: every member is up until a request to it fails.
     pub fn new(peers: &[SocketAddr]) -> Result<Self, RingError> {
         if peers.is_empty() {
             return Err(RingError("at least one peer is needed".into()));
@@ -39,21 +55,91 @@ impl Ring {
         let addrs: Vec<String> = peers.iter().map(SocketAddr::to_string).collect();
         let lb = LoadBalancer::try_from_iter(addrs.iter().map(String::as_str))
             .map_err(|e| RingError(e.to_string()))?;
-        Ok(Self { lb })
+        Ok(Self {
+            lb,
+            members: peers.to_vec(),
+            me: None,
+            marks: Arc::new(Marks::new(peers)),
+        })
+    }
+
+    /// Builds the ring of a tier whose members are health-checked every `period` by
+    /// [`Ring::check_health`]; `me` is this node when it is a member.
+    pub fn checked(
+        peers: &[SocketAddr],
+        me: Option<SocketAddr>,
+        period: Duration,
+        tier: &'static str,
+    ) -> Result<Self, RingError> {
+        let mut ring = Self::new(peers)?;
+        ring.me = me;
+        ring.lb.set_health_check(Box::new(PeerCheck::new(
+            me,
+            ring.marks.clone(),
+            period,
+            tier,
+        )));
+        Ok(ring)
     }
 
     /// The peer that owns slice `index` of `object`, skipping peers that are down;
     /// `None` when every peer is down.
     pub fn owner(&self, object: &ObjectId, index: u64) -> Option<SocketAddr> {
+        self.owner_except(object, index, &[])
+    }
+
+    /// [`Ring::owner`], also skipping `tried`.
+    pub fn owner_except(
+        &self,
+        object: &ObjectId,
+        index: u64,
+        tried: &[SocketAddr],
+    ) -> Option<SocketAddr> {
         let key = slice_key(object, index);
         self.lb
-            .select(&key, MAX_WALK)
+            .select_with(&key, MAX_WALK, |b, healthy| {
+                let Some(addr) = b.as_inet().copied() else {
+                    return false;
+                };
+                Some(addr) == self.me
+                    || (healthy && !self.marks.is_marked(addr) && !tried.contains(&addr))
+            })
             .and_then(|b| b.as_inet().copied())
     }
 
-    /// The Pingora load balancer behind the ring, for health checks.
-    pub fn balancer(&self) -> &LoadBalancer<KetamaHashing> {
-        &self.lb
+    /// Takes `addr` out of the ring after a failed request, until its next check passes.
+    pub fn mark_failed(&self, addr: SocketAddr) {
+        if Some(addr) != self.me {
+            self.marks.mark_failed(addr);
+        }
+    }
+
+    /// One health-check pass over every member, concurrently.
+    pub async fn check_health(&self) {
+        self.lb.backends().run_health_check(true).await;
+    }
+
+    /// Every member and whether it is up, in configured order.
+    pub fn states(&self) -> Vec<MemberState> {
+        self.members
+            .iter()
+            .map(|&addr| MemberState {
+                addr,
+                state: if self.is_up(addr) { "healthy" } else { "down" },
+            })
+            .collect()
+    }
+
+    fn is_up(&self, addr: SocketAddr) -> bool {
+        if Some(addr) == self.me {
+            return true;
+        }
+        let backend = Backend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+            weight: 1,
+            ext: Default::default(),
+        };
+        self.lb.backends().ready(&backend) && !self.marks.is_marked(addr)
     }
 }
 
