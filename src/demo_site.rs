@@ -305,7 +305,7 @@ impl Site {
                                     node = n.plan.number,
                                     pid = n.pid,
                                     %status,
-                                    "demo site: node exited; the other nodes take over its slices once their health checks find it down"
+                                    "demo site: node exited; its slices move to the other nodes as soon as a request or a health check finds it down"
                                 );
                             }
                         }
@@ -360,7 +360,7 @@ impl Site {
              {status}\
              \n\
              # failover: stop node {second}, then run the requests through the others again; its slices move to\n\
-             # the remaining nodes as soon as their health checks find it down, and no request fails\n\
+             # the remaining nodes as soon as a request or a health check finds it down, and no request fails\n\
              kill {second_pid}\n",
             n = self.summary.len(),
             origin = self.base.origin,

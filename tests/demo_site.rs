@@ -28,7 +28,9 @@ struct Demo {
 #[derive(Debug)]
 struct Node {
     pid: u32,
+    http: SocketAddr,
     admin: SocketAddr,
+    peer: SocketAddr,
 }
 
 /// `n` consecutive free ports on 127.0.0.1, the first one the kernel picked; they stay
@@ -142,7 +144,9 @@ impl Demo {
                 };
                 demo.nodes.push(Node {
                     pid: field("pid ").parse().unwrap(),
+                    http: field("http://").parse().unwrap(),
                     admin: field("admin http://").parse().unwrap(),
+                    peer: field("peer ").parse().unwrap(),
                 });
             }
             if let Some(url) = line.strip_prefix("curl -s -o /dev/null -D - 'http://") {
@@ -217,29 +221,109 @@ fn wait_all_exited(pids: &[u32], within: Duration) {
     }
 }
 
-async fn assert_seed(addr: SocketAddr, target: &str, sample: &[u8]) -> client::Response {
+/// The sum of the samples of `series` (a metric name, or a name and labels) in a
+/// node's `/metrics`.
+async fn metric_sum(admin: SocketAddr, series: &str) -> f64 {
+    let text = client::get(admin, "/metrics", &[]).await.text();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// How many times the sample origin was asked for slice `index` (1 MiB), from the
+/// demo's log: `sample origin: range request path=... start=A end=B`.
+fn origin_fetches(log: &str, index: u64) -> usize {
+    let start = format!("start={} ", index as usize * SLICE);
+    log.lines()
+        .filter(|l| l.contains("sample origin: range request") && l.contains(&start))
+        .count()
+}
+
+/// The index of a slice of `sample`/`1`, not among `skip`, that `owner` owns in the
+/// ring over `peers`, as every node computes it.
+fn slice_owned_by(owner: SocketAddr, peers: &[SocketAddr], skip: &[u64]) -> u64 {
+    let ring = cdn_edge::cluster::ring::Ring::new(peers).unwrap();
+    let id = cdn_edge::cache::ObjectId::new("sample", "1");
+    (0..128)
+        .find(|i| !skip.contains(i) && ring.owner(&id, *i) == Some(owner))
+        .expect("some slice of 128 is the node's")
+}
+
+/// `/range/` of slice `index` (1 MiB slices), with the seed request's signature.
+fn slice_target(seed: &str, index: u64) -> (String, std::ops::RangeInclusive<usize>) {
+    let start = index as usize * SLICE;
+    let end = start + SLICE - 1;
+    let query = seed.split_once('?').unwrap().1;
+    (format!("/range/{start}-{end}?{query}"), start..=end)
+}
+
+const SLICE: usize = 1 << 20;
+
+async fn assert_range(
+    addr: SocketAddr,
+    target: &str,
+    bytes: &[u8],
+    range: std::ops::RangeInclusive<usize>,
+) -> client::Response {
     let r = client::get(addr, target, &[]).await;
     assert_eq!(r.status, 200, "{addr}{target}: {:?}", r.headers);
     assert!(r.complete);
-    assert!(r.body == sample[SEED], "{addr}: wrong bytes");
+    assert!(r.body == bytes[range], "{addr}{target}: wrong bytes");
     r
 }
 
+async fn assert_seed(addr: SocketAddr, target: &str, sample: &[u8]) -> client::Response {
+    assert_range(addr, target, sample, SEED).await
+}
+
+fn cache_status(r: &client::Response) -> &str {
+    r.header("cache-status").unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_node_of_a_demo_site_answers_and_the_site_survives_a_dead_node() {
+async fn a_demo_site_answers_on_every_node_fills_each_slice_once_and_survives_a_dead_node() {
     let mut demo = Demo::start(3);
     let sample = &cdn_edge::demo::sample_objects()[0].bytes;
+
+    // The seed request (slices 116 and 117) through each node in turn: the site asks
+    // the origin once per slice, and the nodes that own neither get them from the owner.
+    let mut statuses = Vec::new();
     for (addr, target) in &demo.seeds {
-        assert_seed(*addr, target, sample).await;
+        let r = assert_seed(*addr, target, sample).await;
+        statuses.push(cache_status(&r).to_string());
     }
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s == "cdn-edge; fwd=miss; detail=peer"),
+        "{statuses:?}"
+    );
     for node in &demo.nodes {
         let status = client::get(node.admin, "/status", &[]).await;
         assert_eq!(status.status, 200);
-        serde_json::from_slice::<serde_json::Value>(&status.body).expect("status is JSON");
+        let status: serde_json::Value = serde_json::from_slice(&status.body).unwrap();
+        assert_eq!(status["peers"].as_array().unwrap().len(), 3, "{status}");
     }
 
-    // Failover: node 2 stops; the others still answer, from their cache or upstream.
-    let dead = demo.nodes[1].pid;
+    // A slice node 1 owns, asked for through node 2: node 2 gets it from node 1, which
+    // fills it from the origin and then has it as a hit.
+    let peers: Vec<SocketAddr> = demo.nodes.iter().map(|n| n.peer).collect();
+    let (node1, node2, node3) = (&demo.nodes[0], &demo.nodes[1], &demo.nodes[2]);
+    let owned_by_1 = slice_owned_by(node1.peer, &peers, &[116, 117]);
+    let (target, range) = slice_target(&demo.seeds[0].1, owned_by_1);
+    let r = assert_range(node2.http, &target, sample, range.clone()).await;
+    assert_eq!(cache_status(&r), "cdn-edge; fwd=miss; detail=peer");
+    let r = assert_range(node1.http, &target, sample, range.clone()).await;
+    assert_eq!(cache_status(&r), "cdn-edge; hit");
+    let filled = r#"cdn_edge_peer_served_total{result="fill"}"#;
+    assert!(metric_sum(node1.admin, filled).await >= 1.0);
+
+    // Failover: node 2 stops; the others still answer, a slice it owned included.
+    let dead = node2.pid;
     demo.signal(dead, "KILL");
     wait_all_exited(&[dead], Duration::from_secs(10));
     for (i, (addr, target)) in demo.seeds.iter().enumerate() {
@@ -247,17 +331,26 @@ async fn every_node_of_a_demo_site_answers_and_the_site_survives_a_dead_node() {
             assert_seed(*addr, target, sample).await;
         }
     }
+    let owned_by_2 = slice_owned_by(node2.peer, &peers, &[116, 117, owned_by_1]);
+    let (target, range) = slice_target(&demo.seeds[0].1, owned_by_2);
+    assert_range(node1.http, &target, sample, range.clone()).await;
+    assert_range(node3.http, &target, sample, range).await;
 
     // SIGTERM to the demo stops the nodes with it.
     let pids: Vec<u32> = demo.nodes.iter().map(|n| n.pid).collect();
     demo.signal(demo.child.id(), "TERM");
     demo.wait_exit(Duration::from_secs(20));
     wait_all_exited(&pids, Duration::from_secs(1));
+    let log = demo.stderr();
     assert!(
-        demo.stderr().contains("node=2"),
-        "the demo logs the dead node:\n{}",
-        demo.stderr()
+        log.contains("node=2"),
+        "the demo logs the dead node:\n{log}"
     );
+    // Each slice reached the site from the origin once, however the clients were
+    // spread (the demo's log is complete once it has exited).
+    for index in [116, 117, owned_by_1] {
+        assert_eq!(origin_fetches(&log, index), 1, "slice {index}:\n{log}");
+    }
 }
 
 #[test]
