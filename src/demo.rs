@@ -10,6 +10,8 @@ use async_trait::async_trait;
 use http::{header, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
 use pingora::services::listening::Service;
 
 use crate::auth::sign_query;
@@ -178,12 +180,49 @@ impl ServeHttp for SampleOrigin {
 
 /// The configuration the demo runs with.
 pub fn demo_config(addrs: &DemoOptions) -> Result<Config, crate::config::ConfigError> {
-    let text = format!(
+    Config::from_toml(&config_text(addrs, None))
+}
+
+/// A node's place in a demo site (`demo --nodes N`): the sections a single-node demo
+/// does not have.
+#[derive(Debug, Clone)]
+pub struct SiteMember {
+    /// This node's peer listener (`listen.peer` and `cluster.self`).
+    pub peer: SocketAddr,
+    /// Every node's peer listener, this one included (`cluster.peers`).
+    pub peers: Vec<SocketAddr>,
+    /// `cluster.secret`, the same on every node.
+    pub secret: String,
+    /// `server.upgrade_sock`: one per node, in the site's directory.
+    pub upgrade_sock: PathBuf,
+}
+
+/// The TOML text of the demo's configuration; with `member`, that of one node of a
+/// demo site.
+pub fn config_text(addrs: &DemoOptions, member: Option<&SiteMember>) -> String {
+    let (peer_line, cluster, upgrade_sock) = match member {
+        Some(m) => {
+            let peers: Vec<String> = m.peers.iter().map(|p| format!("\"{p}\"")).collect();
+            (
+                format!("peer = \"{}\"\n", m.peer),
+                // Text logs: each node's goes to a file a person reads with `tail -f`.
+                format!(
+                    "\n[log]\nformat = \"text\"\n\n[cluster]\nself = \"{}\"\npeers = [{}]\nsecret = {:?}\n",
+                    m.peer,
+                    peers.join(", "),
+                    m.secret
+                ),
+                format!("upgrade_sock = {:?}\n", m.upgrade_sock.display().to_string()),
+            )
+        }
+        None => (String::new(), String::new(), String::new()),
+    };
+    format!(
         r#"
 [listen]
 http = "{http}"
 admin = "{admin}"
-
+{peer_line}
 [signing]
 clock_skew_secs = 30
 [[signing.keys]]
@@ -216,7 +255,7 @@ stats = "http://{sink}"
 [server]
 grace_period_secs = 1
 shutdown_timeout_secs = 1
-"#,
+{upgrade_sock}{cluster}"#,
         http = addrs.http,
         admin = addrs.admin,
         origin = addrs.origin,
@@ -232,13 +271,20 @@ shutdown_timeout_secs = 1
             ),
             None => String::new(),
         },
-    );
-    Config::from_toml(&text)
+    )
 }
+
+/// The signed query of the sample object printed by the demo, valid for an hour.
+pub fn sample_query(now: u64) -> String {
+    sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now + 3600, "demo")
+}
+
+/// The seed request: 310,491 bytes of the sample object, across a slice boundary.
+pub const SEED_RANGE: &str = "/range/122638100-122948590";
 
 /// The text printed when the demo starts.
 pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
-    let q = sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now + 3600, "demo");
+    let q = sample_query(now);
     let t = sign_query(DEMO_SECRET.as_bytes(), "trailer", "2", now + 3600, "demo");
     let expired = sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now - 3600, "demo");
     let base = format!("http://{}", addrs.http);
@@ -249,7 +295,7 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
          Signing key id \"demo\", secret \"{DEMO_SECRET}\". URLs below are valid for one hour.\n\
          \n\
          # the seed request: 310,491 bytes of a 128 MiB object (run it twice: miss, then hit)\n\
-         curl -s -o /dev/null -D - '{base}/range/122638100-122948590?{q}'\n\
+         curl -s -o /dev/null -D - '{base}{SEED_RANGE}?{q}'\n\
          \n\
          # the same object with a Range header (206)\n\
          curl -s -D - -H 'Range: bytes=0-15' '{base}/?{q}' -o /dev/null\n\
@@ -280,8 +326,33 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
     )
 }
 
-/// Builds the demo: the edge plus the sample origin, in one process.
+/// Builds the demo: the edge plus the sample upstreams, in one process.
 pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
+    check_upstreams_bindable(addrs)?;
+    let config = demo_config(addrs).map_err(StartError::Config)?;
+    let mut edge = EdgeServer::build(&config)?;
+    add_upstreams(&mut edge.server, addrs);
+    Ok(edge)
+}
+
+/// Builds a server with the sample upstreams only: the process of `demo --nodes N`,
+/// whose edges run as child processes.
+pub fn build_upstreams(addrs: &DemoOptions) -> Result<Server, StartError> {
+    check_upstreams_bindable(addrs)?;
+    let conf = ServerConf {
+        threads: 1,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+    add_upstreams(&mut server, addrs);
+    Ok(server)
+}
+
+/// Fails with a clear error when an address of the sample upstreams is taken.
+pub fn check_upstreams_bindable(addrs: &DemoOptions) -> Result<(), StartError> {
     for (key, addr) in [
         ("demo origin", addrs.origin),
         ("demo dictionary", addrs.dictionary),
@@ -289,30 +360,31 @@ pub fn build(addrs: &DemoOptions) -> Result<EdgeServer, StartError> {
     ] {
         check_bindable(key, addr)?;
     }
-    let config = demo_config(addrs).map_err(StartError::Config)?;
-    let mut edge = EdgeServer::build(&config)?;
+    Ok(())
+}
+
+fn add_upstreams(server: &mut Server, addrs: &DemoOptions) {
     let mut origin = Service::new(
         "cdn-edge demo origin".to_string(),
         SampleOrigin::new(sample_objects()),
     );
     origin.threads = Some(1);
     origin.add_tcp(&addrs.origin.to_string());
-    edge.server.add_service(origin);
+    server.add_service(origin);
     let mut dictionary = Service::new(
         "cdn-edge demo dictionary".to_string(),
         crate::demo_dictionary::SampleDictionary,
     );
     dictionary.threads = Some(1);
     dictionary.add_tcp(&addrs.dictionary.to_string());
-    edge.server.add_service(dictionary);
+    server.add_service(dictionary);
     let mut sink = Service::new(
         "cdn-edge demo event sink".to_string(),
         crate::demo_sink::EventSink,
     );
     sink.threads = Some(1);
     sink.add_tcp(&addrs.sink.to_string());
-    edge.server.add_service(sink);
-    Ok(edge)
+    server.add_service(sink);
 }
 
 /// Seconds since the epoch, for signing.

@@ -16,6 +16,7 @@ pub mod cors; // CORS allow-list and preflight constants
 pub mod demo; // `cdn-edge demo`: sample origin and instructions
 pub mod demo_dictionary; // the demo's sample dictionary upstream
 pub mod demo_sink; // the demo's event sink
+pub mod demo_site; // `cdn-edge demo --nodes N`: a site of N edges as child processes
 pub mod dictionary; // dictionary lookup cache
 pub mod edge; // the public HTTP app: route → handler, metrics, access log
 pub mod forward; // events, log blobs and stats: relay, durable spool, delivery

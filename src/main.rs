@@ -10,7 +10,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use cdn_edge::config::{self, Config, Log, LogFormat};
 use cdn_edge::server::{EdgeServer, StartMode};
-use cdn_edge::{auth, demo, systemd};
+use cdn_edge::{auth, demo, demo_site, systemd};
 
 /// Characters a token keeps unencoded: RFC 3986 unreserved.
 const TOKEN_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -37,6 +37,10 @@ enum Command {
         /// process SIGQUIT within 5 s. See README "Upgrades without downtime".
         #[arg(long, short = 'u')]
         upgrade: bool,
+        /// Exit (SIGTERM) when the process with this id, the parent, exits: how
+        /// `demo --nodes N` starts its nodes.
+        #[arg(long, hide = true, value_name = "PID")]
+        exit_with_parent: Option<u32>,
     },
     /// Validate a configuration file and exit.
     CheckConfig {
@@ -65,10 +69,18 @@ enum Command {
     },
     /// Run the edge on loopback in front of a built-in sample origin.
     Demo {
+        /// Edges in the site: 1 runs one edge in this process; 2 to 9 run a site of
+        /// edges as child processes, node k on the ports of --http, --admin and --peer
+        /// plus k - 1.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=demo_site::MAX_NODES as i64))]
+        nodes: u8,
         #[arg(long, default_value = "127.0.0.1:8080")]
         http: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+        /// Peer listener of node 1 (with --nodes 2 or more).
+        #[arg(long, default_value = "127.0.0.1:7080")]
+        peer: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9000")]
         origin: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9001")]
@@ -106,7 +118,14 @@ fn main() -> ExitCode {
 #[allow(clippy::print_stdout)]
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { conf, upgrade } => {
+        Command::Serve {
+            conf,
+            upgrade,
+            exit_with_parent,
+        } => {
+            if let Some(parent) = exit_with_parent {
+                demo_site::exit_with_parent(parent).context("--exit-with-parent")?;
+            }
             let config = Config::load(&conf)?;
             let _logs = init_logging(Some(&config.log));
             let mode = if upgrade {
@@ -173,8 +192,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo {
+            nodes,
             http,
             admin,
+            peer,
             origin,
             dictionary,
             sink,
@@ -199,12 +220,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 disk,
                 disk_bytes,
             };
+            if nodes > 1 {
+                return run_demo_site(&addrs, peer, nodes.into());
+            }
             let edge = demo::build(&addrs).context("cannot start the demo")?;
             println!("{}", demo::instructions(&addrs, demo::unix_now()));
             edge.run();
             Ok(())
         }
     }
+}
+
+/// `demo --nodes N`, N > 1: the sample upstreams in this process, the nodes as child
+/// processes; prints the instructions once all of them listen.
+#[allow(clippy::print_stdout)]
+fn run_demo_site(addrs: &demo::DemoOptions, peer: SocketAddr, nodes: usize) -> anyhow::Result<()> {
+    // On this thread, which lives until the process exits: see `Site::start`.
+    let site = demo_site::Site::start(addrs, peer, nodes).context("cannot start the demo site")?;
+    let upstreams = demo::build_upstreams(addrs).context("cannot start the demo")?;
+    let text = site.instructions(demo::unix_now());
+    let origin = addrs.origin;
+    std::thread::spawn(move || {
+        if demo_site::wait_listening(origin, std::time::Duration::from_secs(10)) {
+            println!("{text}");
+        } else {
+            tracing::error!(%origin, "the sample origin is not listening");
+        }
+    });
+    site.watch();
+    upstreams.run(pingora::server::RunArgs::default());
+    drop(site);
+    Ok(())
 }
 
 /// Logs to stderr: `log` from the config (JSON lines by default), plain text at `info`

@@ -6,28 +6,73 @@ fn cdn_edge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
 }
 
-#[test]
-fn every_shipped_config_is_valid() {
-    let mut checked = 0;
-    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/conf")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let out = cdn_edge()
-                .arg("check-config")
-                .arg(&path)
-                .env("CDN_EDGE_KEY_K1", "x")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            checked += 1;
+/// Every `.toml` under conf/, subdirectories included.
+fn shipped_configs() -> Vec<std::path::PathBuf> {
+    let mut dirs = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf"
+    ))];
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                files.push(path);
+            }
         }
     }
-    assert!(checked >= 1);
+    files
+}
+
+/// `check-config FILE` with the secrets the shipped files read from the environment.
+fn check_config(path: &std::path::Path) {
+    let out = cdn_edge()
+        .arg("check-config")
+        .arg(path)
+        .env("CDN_EDGE_KEY_K1", "x")
+        .env("CDN_EDGE_CLUSTER_SECRET", "y")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let files = shipped_configs();
+    for path in &files {
+        check_config(path);
+    }
+    assert!(files.iter().any(|p| p.ends_with("conf/edge.toml")));
+    assert!(files.iter().any(|p| p.ends_with("conf/site/node1.toml")));
+}
+
+/// conf/site/node1.toml says the other nodes' files differ only in `cluster.self`.
+#[test]
+fn the_shipped_site_config_is_valid_for_each_of_its_nodes() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/site/node1.toml");
+    let node1 = std::fs::read_to_string(path).unwrap();
+    let config =
+        cdn_edge::config::Config::from_toml_with_env(&node1, |_| Some("x".into())).unwrap();
+    let cluster = config.cluster.unwrap();
+    assert_eq!(cluster.peers.len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    for (k, peer) in cluster.peers.iter().enumerate() {
+        let text = node1.replacen(
+            &format!("self = \"{}\"", cluster.self_addr),
+            &format!("self = \"{peer}\""),
+            1,
+        );
+        let file = dir.path().join(format!("node{}.toml", k + 1));
+        std::fs::write(&file, text).unwrap();
+        check_config(&file);
+    }
 }
 
 #[test]
