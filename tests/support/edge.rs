@@ -37,6 +37,8 @@ pub struct EdgeOptions {
     pub ca_file: Option<PathBuf>,
     /// More TOML appended to the config, right after `[server]` (e.g. `[dictionary]`).
     pub extra: String,
+    /// More lines in `[origin]` (e.g. `mode` and `redirect_url`).
+    pub origin_extra: String,
     /// `CDN_EDGE_LOG` for the process; `None` leaves the level to `[log]`.
     pub log_env: Option<String>,
 }
@@ -66,7 +68,34 @@ impl EdgeOptions {
             https: None,
             ca_file: None,
             extra: String::new(),
+            origin_extra: String::new(),
             log_env: Some("info".to_string()),
+        }
+    }
+}
+
+/// The addresses an edge listens on. A site picks every node's peer address before any
+/// node starts, as every node's `[cluster]` lists them all.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    /// `listen.peer`.
+    pub peer: Option<SocketAddr>,
+}
+
+impl Ports {
+    /// Free loopback addresses for `opts` (an HTTPS one if it has a certificate), with
+    /// this peer listener.
+    pub fn pick(opts: &EdgeOptions, peer: Option<SocketAddr>) -> Ports {
+        let mut free = free_addrs(3).into_iter();
+        let (http, admin, https) = (free.next(), free.next(), free.next());
+        Ports {
+            http: http.expect("three addresses"),
+            admin: admin.expect("three addresses"),
+            https: opts.https.as_ref().and(https),
+            peer,
         }
     }
 }
@@ -75,6 +104,8 @@ pub struct Edge {
     pub http: SocketAddr,
     pub https: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The peer listener, with `[cluster]`.
+    pub peer: Option<SocketAddr>,
     child: Child,
     log: PathBuf,
     conf: PathBuf,
@@ -82,8 +113,19 @@ pub struct Edge {
     log_env: Option<String>,
 }
 
-fn free_addr() -> SocketAddr {
-    super::origin::dead_addr()
+/// `n` distinct free loopback addresses: each is held until all are picked.
+pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+/// Why a start did not give a serving edge.
+enum NotReady {
+    /// The process exited, or another process answers on its port: the usual cause is
+    /// a port taken between picking it and binding it.
+    Lost,
 }
 
 impl Edge {
@@ -91,133 +133,137 @@ impl Edge {
         // A port picked here can be taken by another test before the edge binds it:
         // the edge then exits at once with a bind error, and we try fresh ports.
         for _ in 0..5 {
-            if let Some(edge) = Self::try_start(&opts).await {
+            if let Some(edge) = Self::try_start(&opts, Ports::pick(&opts, None)).await {
                 return edge;
             }
         }
         panic!("the edge did not start after 5 attempts");
     }
 
-    async fn try_start(opts: &EdgeOptions) -> Option<Edge> {
+    /// Starts an edge on these addresses; `None` when it exited at once or another
+    /// process holds one of its ports (pick fresh ones and try again).
+    pub async fn try_start(opts: &EdgeOptions, ports: Ports) -> Option<Edge> {
         let dir = tempfile::tempdir().unwrap();
-        let (http, admin) = (free_addr(), free_addr());
-        let https = opts.https.as_ref().map(|_| free_addr());
-        let https_line = https.map_or(String::new(), |a| format!("https = \"{a}\""));
-        let mut tls = String::new();
-        if let Some((cert, key)) = &opts.https {
-            tls.push_str(&format!(
-                "cert = {:?}\nkey = {:?}\n",
-                cert.display().to_string(),
-                key.display().to_string()
-            ));
-        }
-        if let Some(ca) = &opts.ca_file {
-            tls.push_str(&format!("ca_file = {:?}\n", ca.display().to_string()));
-        }
-        let upgrade_sock = dir.path().join("upgrade.sock").display().to_string();
-        let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
-        let disk = match &opts.disk {
-            Some((path, max)) => format!(
-                "[cache.disk]\npath = {:?}\nmax_bytes = {max}\n",
-                path.display().to_string()
-            ),
-            None => String::new(),
-        };
-        let conf = format!(
-            r#"
-[listen]
-http = "{http}"
-{https_line}
-admin = "{admin}"
-
-[tls]
-{tls}
-[signing]
-clock_skew_secs = {skew}
-[[signing.keys]]
-id = "k1"
-secret = "{KEY1}"
-[[signing.keys]]
-id = "k2"
-secret_env = "CDN_EDGE_TEST_KEY2"
-
-[cache]
-slice_bytes = {slice}
-memory_bytes = {memory}
-sendfile = {sendfile}
-{meta_ttl}
-{disk}
-[origin]
-urls = [{origins}]
-path = "/objects/{{o}}/{{v}}"
-connect_timeout_ms = {connect}
-timeout_ms = {timeout}
-retry_unhealthy_ms = {retry}
-{negative_ttl}
-
-[server]
-threads = 2
-grace_period_secs = {grace}
-shutdown_timeout_secs = 1
-upgrade_sock = {upgrade_sock:?}
-
-{extra}
-"#,
-            skew = opts.clock_skew_secs,
-            slice = opts.slice_bytes,
-            memory = opts.memory_bytes,
-            sendfile = opts.sendfile,
-            meta_ttl = opts
-                .meta_ttl_secs
-                .map_or(String::new(), |s| format!("meta_ttl_secs = {s}")),
-            origins = origins.join(", "),
-            connect = opts.connect_timeout_ms,
-            timeout = opts.origin_timeout_ms,
-            retry = opts.retry_unhealthy_ms,
-            negative_ttl = opts
-                .negative_ttl_secs
-                .map_or(String::new(), |s| format!("negative_ttl_secs = {s}")),
-            grace = opts.grace_period_secs,
-            extra = opts.extra,
-        );
         let conf_path = dir.path().join("edge.toml");
-        std::fs::write(&conf_path, conf).unwrap();
+        std::fs::write(&conf_path, config_text(opts, &ports, dir.path())).unwrap();
         let log = dir.path().join("edge.log");
         let child = spawn(&conf_path, &log, false, opts.log_env.as_deref());
         let mut edge = Edge {
-            http,
-            https,
-            admin,
+            http: ports.http,
+            https: ports.https,
+            admin: ports.admin,
+            peer: ports.peer,
             child,
             log,
             conf: conf_path,
             dir: Arc::new(dir),
             log_env: opts.log_env.clone(),
         };
+        match edge.wait_ready().await {
+            Ok(()) => Some(edge),
+            Err(NotReady::Lost) => None,
+        }
+    }
+
+    /// The ports this edge listens on.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            http: self.http,
+            https: self.https,
+            admin: self.admin,
+            peer: self.peer,
+        }
+    }
+
+    /// Stops the process at once with SIGKILL (no graceful anything) and waits for it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process if it runs and starts it again on the same config and ports
+    /// (an empty memory tier; the disk tier, if any, is kept). A fresh log file.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.log = self.dir.path().join(format!("edge-{}.log", unix_nanos()));
+        self.child = spawn(&self.conf, &self.log, false, self.log_env.as_deref());
+        if let Err(NotReady::Lost) = self.wait_ready().await {
+            panic!(
+                "the restarted edge lost one of its ports {:?}; log:\n{}",
+                self.ports(),
+                self.log_text()
+            );
+        }
+    }
+
+    /// [`Edge::restart`] with another config on the same ports.
+    pub async fn restart_with(&mut self, opts: &EdgeOptions) {
+        let text = config_text(opts, &self.ports(), self.dir.path());
+        std::fs::write(&self.conf, text).unwrap();
+        self.log_env = opts.log_env.clone();
+        self.restart().await;
+    }
+
+    /// Waits until the process answers on every listener it has; `Lost` when it exited
+    /// or a port answers for someone else.
+    async fn wait_ready(&mut self) -> Result<(), NotReady> {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = edge.child.try_wait() {
-                return None;
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(NotReady::Lost);
             }
-            if tokio::net::TcpStream::connect(edge.admin).await.is_ok()
-                && tokio::net::TcpStream::connect(edge.http).await.is_ok()
+            if tokio::net::TcpStream::connect(self.admin).await.is_ok()
+                && tokio::net::TcpStream::connect(self.http).await.is_ok()
             {
                 // The public port may be another test's server while this edge is
                 // failing to bind it: only the edge answers an unparsable request with
                 // 400 (test origins close), and nothing is counted in its metrics.
-                let mine = client::send_raw(edge.http, b"GARBAGE\r\n\r\n")
+                let mine = client::send_raw(self.http, b"GARBAGE\r\n\r\n")
                     .await
                     .ok()
                     .and_then(|raw| client::parse(&raw, false))
                     .is_some_and(|r| r.status == 400);
-                if !mine || matches!(edge.child.try_wait(), Ok(Some(_))) {
-                    return None;
+                if !mine || matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return Err(NotReady::Lost);
                 }
-                return Some(edge);
+                self.wait_peer_listener(deadline).await?;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("edge not listening after 15 s; log:\n{}", edge.log_text());
+        panic!("edge not listening after 15 s; log:\n{}", self.log_text());
+    }
+
+    /// With a peer listener: waits until it answers its health check. A port held by
+    /// another process makes this one exit (a bind error), which is `Lost`.
+    async fn wait_peer_listener(&mut self, deadline: Instant) -> Result<(), NotReady> {
+        let Some(peer) = self.peer else {
+            return Ok(());
+        };
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(NotReady::Lost);
+            }
+            let raw = client::send_raw(
+                peer,
+                b"GET /peer/v1/health HTTP/1.1\r\nHost: peer\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            let answer = raw.ok().and_then(|raw| client::parse(&raw, false));
+            if answer.is_some_and(|r| r.status == 200) {
+                return if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    Err(NotReady::Lost)
+                } else {
+                    Ok(())
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "peer listener {peer} not answering after 15 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Starts a second process with `--upgrade` on the same config (it waits for the
@@ -230,6 +276,7 @@ upgrade_sock = {upgrade_sock:?}
             http: self.http,
             https: self.https,
             admin: self.admin,
+            peer: self.peer,
             child,
             log,
             conf: self.conf.clone(),
@@ -394,6 +441,98 @@ impl Drop for Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The config file of an edge with `opts` on `ports`; its upgrade socket in `dir`.
+fn config_text(opts: &EdgeOptions, ports: &Ports, dir: &std::path::Path) -> String {
+    let https_line = ports
+        .https
+        .map_or(String::new(), |a| format!("https = \"{a}\""));
+    let peer_line = ports
+        .peer
+        .map_or(String::new(), |a| format!("peer = \"{a}\""));
+    let mut tls = String::new();
+    if let Some((cert, key)) = &opts.https {
+        tls.push_str(&format!(
+            "cert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
+    if let Some(ca) = &opts.ca_file {
+        tls.push_str(&format!("ca_file = {:?}\n", ca.display().to_string()));
+    }
+    let upgrade_sock = dir.join("upgrade.sock").display().to_string();
+    let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
+    let disk = match &opts.disk {
+        Some((path, max)) => format!(
+            "[cache.disk]\npath = {:?}\nmax_bytes = {max}\n",
+            path.display().to_string()
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"
+[listen]
+http = "{http}"
+{https_line}
+admin = "{admin}"
+{peer_line}
+
+[tls]
+{tls}
+[signing]
+clock_skew_secs = {skew}
+[[signing.keys]]
+id = "k1"
+secret = "{KEY1}"
+[[signing.keys]]
+id = "k2"
+secret_env = "CDN_EDGE_TEST_KEY2"
+
+[cache]
+slice_bytes = {slice}
+memory_bytes = {memory}
+sendfile = {sendfile}
+{meta_ttl}
+{disk}
+[origin]
+urls = [{origins}]
+path = "/objects/{{o}}/{{v}}"
+connect_timeout_ms = {connect}
+timeout_ms = {timeout}
+retry_unhealthy_ms = {retry}
+{negative_ttl}
+{origin_extra}
+
+[server]
+threads = 2
+grace_period_secs = {grace}
+shutdown_timeout_secs = 1
+upgrade_sock = {upgrade_sock:?}
+
+{extra}
+"#,
+        http = ports.http,
+        admin = ports.admin,
+        skew = opts.clock_skew_secs,
+        slice = opts.slice_bytes,
+        memory = opts.memory_bytes,
+        sendfile = opts.sendfile,
+        meta_ttl = opts
+            .meta_ttl_secs
+            .map_or(String::new(), |s| format!("meta_ttl_secs = {s}")),
+        origins = origins.join(", "),
+        connect = opts.connect_timeout_ms,
+        timeout = opts.origin_timeout_ms,
+        retry = opts.retry_unhealthy_ms,
+        negative_ttl = opts
+            .negative_ttl_secs
+            .map_or(String::new(), |s| format!("negative_ttl_secs = {s}")),
+        origin_extra = opts.origin_extra,
+        grace = opts.grace_period_secs,
+        extra = opts.extra,
+    )
 }
 
 fn spawn(

@@ -5,6 +5,7 @@ pub mod certs;
 pub mod client;
 pub mod edge;
 pub mod origin;
+pub mod site;
 
 /// Deterministic pseudo-random bytes for test objects.
 pub fn object_bytes(seed: u64, len: usize) -> Vec<u8> {
