@@ -389,10 +389,15 @@ impl SliceStore {
                 slice: None,
             });
         }
-        // Not known yet: one origin request between every request that wants it now.
-        let (hint_index, next_index, lead) = match self.cold.join(obj.id, hint_index) {
-            Turn::Lead(guard) => (hint_index, next_index, Some(guard)),
-            Turn::Follow(leading) => {
+        // Not known yet: one origin request between every request that wants it now. A
+        // sibling's request is not one of them: this node's first request may itself be
+        // waiting for that sibling (each asked for a slice the other owns), so it fetches
+        // its own slice, which only this node fills (one request per slice still).
+        let turn = (!obj.via.sibling).then(|| self.cold.join(obj.id, hint_index));
+        let (hint_index, next_index, lead) = match turn {
+            None => (hint_index, next_index, None),
+            Some(Turn::Lead(guard)) => (hint_index, next_index, Some(guard)),
+            Some(Turn::Follow(leading)) => {
                 self.metrics.cold_object_waits.inc();
                 (leading, None, None)
             }
