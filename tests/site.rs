@@ -10,17 +10,19 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use cdn_edge::cluster::auth::{self as peer_auth, Claim, Kind};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::client;
-use support::edge::signed;
+use support::edge::unix_now;
 use support::object_bytes;
 use support::origin::TestOrigin;
 use support::site::{
     check_exact, fetched_by, get_exact, in_slice, origins, range_target, site_options as opts,
-    slices, ClusterOptions, FakePeer, Site, SITE_OBJECT_SIZE, SITE_SLICE,
+    slices, ClusterOptions, FakePeer, Site, SITE_OBJECT_SIZE, SITE_SECRET, SITE_SLICE,
 };
 
 const SLICE: u64 = SITE_SLICE;
@@ -119,6 +121,67 @@ async fn random_ranges_over_three_nodes_are_exact_and_each_slice_reaches_the_ori
         }
     }
     assert!(peer_ok > 0.0, "nodes fetched slices from each other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_requests_for_cold_objects_on_two_nodes_at_once_do_not_wait_for_each_other() {
+    // Node 0 is asked for a slice node 1 owns while node 1 is asked for one node 0 owns,
+    // of an object neither knows yet: each asks the other, and neither may make the
+    // other's question wait behind its own.
+    const OBJECTS: u64 = 12;
+    let objects: Vec<(String, Vec<u8>)> = (0..OBJECTS)
+        .map(|k| (format!("cold{k}"), object_bytes(200 + k, SIZE)))
+        .collect();
+    let listed: Vec<(&str, &str, &[u8])> = objects
+        .iter()
+        .map(|(o, b)| (o.as_str(), "1", b.as_slice()))
+        .collect();
+    let origins = origins(2, &listed).await;
+    let cluster = ClusterOptions {
+        // A wait for each other ends here rather than after the default 10 s.
+        peer_timeout_ms: Some(3_000),
+        ..ClusterOptions::default()
+    };
+    let site = Site::start(cluster, origins.iter().map(opts).collect()).await;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (o, bytes) in &objects {
+        for asked in [0usize, 1] {
+            let index = (0..slices(SIZE))
+                .find(|&i| site.owner(o, "1", i) != asked)
+                .expect("the other node owns a slice");
+            let (a, b) = in_slice(index, SIZE);
+            let (addr, target) = (site[asked].http, range_target(o, "1", a, b));
+            let want = bytes[a..=b].to_vec();
+            tasks.push(tokio::spawn(async move {
+                let r = client::get(addr, &target, &[]).await;
+                check_exact(&r, &want, 0, want.len() - 1, &target);
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for i in 0..2 {
+        assert_eq!(
+            site.peer_requests(i, site.peers[1 - i], "unreachable")
+                .await,
+            0.0,
+            "node {i} gave up waiting for its peer"
+        );
+    }
+    for ((o, v, index), by) in fetched_by(&origins) {
+        assert_eq!(
+            by,
+            vec![site.owner(&o, &v, index)],
+            "{o}/{v} slice {index}: once, by its owner"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,21 +338,32 @@ async fn an_owner_that_fails_slice_requests_costs_clients_nothing() {
     }
 }
 
-/// A slice request to the peer listener as a sibling would send it, with these
-/// authentication headers.
+/// `GET /peer/v1/slice` for `claim`'s slice, sent to `at` with the authentication headers
+/// of `claim` signed with `secret`; `auth` replaces the signature when given.
 async fn peer_slice_request(
-    peer: std::net::SocketAddr,
-    o: &str,
-    v: &str,
-    index: u64,
-    headers: &[(&str, &str)],
+    at: SocketAddr,
+    claim: &Claim<'_>,
+    secret: &str,
+    auth: Option<&str>,
 ) -> client::Response {
-    client::get(
-        peer,
-        &format!("/peer/v1/slice?o={o}&v={v}&i={index}"),
-        headers,
-    )
-    .await
+    let signature = claim.sign(secret.as_bytes());
+    let (from, time, hops) = (
+        claim.from.to_string(),
+        claim.time.to_string(),
+        claim.hops.to_string(),
+    );
+    let headers = [
+        (peer_auth::FROM, from.as_str()),
+        (peer_auth::TIME, time.as_str()),
+        (peer_auth::HOPS, hops.as_str()),
+        (peer_auth::KIND, claim.kind.label()),
+        (peer_auth::AUTH, auth.unwrap_or(&signature)),
+    ];
+    let target = format!(
+        "/peer/v1/slice?o={}&v={}&i={}",
+        claim.o, claim.v, claim.index
+    );
+    client::get(at, &target, &headers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,35 +372,72 @@ async fn the_peer_listener_serves_only_authenticated_siblings() {
     let origin = TestOrigin::start().await;
     origin.add_object("s", "1", bytes.clone(), "video/mp4");
     let site = Site::start_n(ClusterOptions::default(), opts(&origin), 2).await;
+    let (me, sibling) = (site.peers[0], site.peers[1]);
 
-    let health = client::get(site.peers[0], "/peer/v1/health", &[]).await;
-    assert_eq!((health.status, health.text().as_str()), (200, "ok"));
+    let health = client::get(me, "/peer/v1/health", &[]).await;
+    assert_eq!((health.status, health.text().trim()), (200, "ok"));
 
-    let from = site.peers[1].to_string();
-    let now = support::edge::unix_now().to_string();
-    let denied: Vec<(&str, Vec<(&str, &str)>)> = vec![
-        ("no authentication", vec![]),
+    let claim = Claim {
+        kind: Kind::Sibling,
+        from: sibling,
+        to: me,
+        o: "s",
+        v: "1",
+        index: 1,
+        hops: 0,
+        time: unix_now(),
+    };
+    let stale = Claim {
+        time: claim.time - 600,
+        ..claim
+    };
+    let elsewhere = Claim {
+        to: sibling,
+        ..claim
+    };
+    let denied = [
+        (
+            "no authentication",
+            client::get(me, "/peer/v1/slice?o=s&v=1&i=1", &[]).await,
+        ),
         (
             "a made-up signature",
-            vec![
-                ("cdn-edge-peer-from", from.as_str()),
-                ("cdn-edge-peer-time", now.as_str()),
-                ("cdn-edge-peer-hops", "0"),
-                ("cdn-edge-peer-kind", "peer"),
-                ("cdn-edge-peer-auth", "00112233445566778899aabbccddeeff"),
-            ],
+            peer_slice_request(me, &claim, SITE_SECRET, Some("00ff")).await,
+        ),
+        (
+            "another secret",
+            peer_slice_request(me, &claim, "not-the-site-secret", None).await,
+        ),
+        (
+            "a stale time",
+            peer_slice_request(me, &stale, SITE_SECRET, None).await,
+        ),
+        (
+            "addressed to another node",
+            peer_slice_request(me, &elsewhere, SITE_SECRET, None).await,
         ),
     ];
-    for (what, headers) in &denied {
-        let r = peer_slice_request(site.peers[0], "s", "1", 0, headers).await;
+    for (what, r) in &denied {
         assert_eq!(r.status, 403, "{what}: {}", r.text());
         assert!(r.body.len() < 1_000, "{what}: no slice bytes");
     }
     assert_eq!(origin.requests(), 0, "a denied request costs no fill");
     assert_eq!(site.peer_served(0, "denied").await, denied.len() as f64);
-    // The site itself still works.
-    get_exact(&site[1], "s", "1", &bytes, 0, 1_000).await;
-    let _ = signed("s", "1");
+
+    // The same request, rightly signed, gets the slice (so each refusal above is for
+    // the one thing changed).
+    let (a, b) = (SLICE as usize, 2 * SLICE as usize - 1);
+    for served in ["fill", "hit"] {
+        let r = peer_slice_request(me, &claim, SITE_SECRET, None).await;
+        assert_eq!(r.status, 206, "{}", r.text());
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes {a}-{b}/{SIZE}").as_str())
+        );
+        assert!(r.complete && r.body == bytes[a..=b], "the slice's bytes");
+        assert_eq!(site.peer_served(0, served).await, 1.0, "{served}");
+    }
+    assert_eq!(origin.requests(), 1, "{:?}", origin.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,8 +451,11 @@ async fn a_burst_for_a_missing_object_over_three_nodes_costs_one_origin_request(
     let (a, b) = in_slice(2, SIZE);
     let target = range_target("nope", "1", a, b);
 
-    // Every request is in the site before the origin answers: each node's requests
-    // wait behind its first, which waits at the slice's owner behind the owner's fill.
+    // Every request is in the site before the origin answers: on each node, all but
+    // the first wait behind it (a cold object); the owner's first is at the origin, and
+    // the other nodes' firsts are at the owner, which looked the slice up for each.
+    let owner = site.owner("nope", "1", 2);
+    let per_node = BURST / site.len();
     origin.hold();
     let requests: Vec<_> = (0..BURST)
         .map(|i| {
@@ -356,14 +470,17 @@ async fn a_burst_for_a_missing_object_over_three_nodes_costs_one_origin_request(
             waits += site[i]
                 .metric("cdn_edge_cache_cold_object_waits_total")
                 .await;
-            waits += site[i].metric("cdn_edge_cache_coalesced_waits_total").await;
         }
-        if waits >= (BURST - 1) as f64 {
+        let looked_up = site[owner]
+            .metric("cdn_edge_cache_lookups_total{result=\"miss\",tier=\"memory\"}")
+            .await;
+        if waits >= (BURST - site.len()) as f64 && looked_up >= (per_node + site.len() - 1) as f64 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "only {waits} requests wait behind the first; origin log {:?}",
+            "{waits} requests wait behind their node's first, the owner looked up \
+             {looked_up}; origin log {:?}",
             origin.log()
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
