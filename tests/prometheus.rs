@@ -18,6 +18,7 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::Value;
 use support::edge::{signed, Edge, EdgeOptions};
 use support::origin::{dead_addr, TestOrigin};
+use support::site::ClusterOptions;
 
 const SCRAPE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prometheus.yml");
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/cdn-edge-rules.yml");
@@ -106,7 +107,9 @@ async fn start_site() -> Site {
         "[forward]\nspool_dir = {:?}\nevents = \"{upstream}\"\nlogblob = \"{upstream}\"\nstats = \"{upstream}\"\n",
         spool.path().display().to_string()
     );
-    let edge = Edge::start(opts).await;
+    // A site of one node: the site's series (peers, parents) are exported too.
+    let mut site = support::site::Site::start(ClusterOptions::default(), vec![opts]).await;
+    let edge = site.nodes.remove(0);
     Site {
         edge,
         _origin: origin,
