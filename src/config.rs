@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod cluster;
+mod ops;
 pub use cluster::{Cluster, KeepNonOwned, OriginMode};
+pub use ops::{Admin, Control, Fill, Window};
 
 /// Default slice size: 1 MiB.
 pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;
@@ -122,6 +124,12 @@ pub struct Config {
     pub log: Log,
     /// `[cluster]`: the site this node belongs to and its parent tier (SPEC 6).
     pub cluster: Option<Cluster>,
+    /// `[admin]`: the token of the mutating admin endpoints (SPEC 7).
+    pub admin: Admin,
+    /// `[fill]`: background fill jobs; `None` without the section.
+    pub fill: Option<Fill>,
+    /// `[control]`: the control-plane report; `None` without the section.
+    pub control: Option<Control>,
 }
 
 #[derive(Debug, Clone)]
@@ -477,6 +485,10 @@ mod file {
         #[serde(default)]
         pub log: Log,
         pub cluster: Option<super::cluster::RawCluster>,
+        #[serde(default)]
+        pub admin: super::ops::RawAdmin,
+        pub fill: Option<super::ops::RawFill>,
+        pub control: Option<super::ops::RawControl>,
     }
 
     #[derive(Deserialize)]
@@ -801,6 +813,9 @@ impl file::Root {
         let signing = validate_signing(self.signing, env)?;
         let origin = validate_origin(self.origin)?;
         let cluster = cluster::validate(self.cluster, listen.peer, origin.timeout, env)?;
+        let admin = ops::validate_admin(self.admin, env)?;
+        let fill = self.fill.map(ops::validate_fill).transpose()?;
+        let control = self.control.map(ops::validate_control).transpose()?;
         let dictionary = self.dictionary.map(validate_dictionary).transpose()?;
         let forward = self.forward.map(validate_forward).transpose()?;
 
@@ -838,6 +853,9 @@ impl file::Root {
             limits,
             log,
             cluster,
+            admin,
+            fill,
+            control,
         })
     }
 }
