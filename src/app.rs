@@ -16,6 +16,7 @@ use crate::forward::opening::ForwardSlot;
 use crate::forward::spool::SpoolError;
 use crate::forward::ForwardSetupError;
 use crate::metrics::Metrics;
+use crate::ops::drain::Drain;
 use crate::origin::OriginClient;
 use crate::pinned::PinnedBudget;
 use crate::routes::Router;
@@ -43,6 +44,10 @@ pub struct AppState {
     pub pinned: PinnedBudget,
     pub memory_capacity: u64,
     pub started: Instant,
+    /// `admin.token`: the bearer token of the mutating admin endpoints.
+    pub admin_token: Option<Vec<u8>>,
+    /// Taken out of rotation: `/healthz` answers 503 (SPEC 7).
+    pub drain: Drain,
 }
 
 /// Why the shared state could not be built.
@@ -164,6 +169,8 @@ impl AppState {
             metrics,
             memory_capacity: config.cache.memory_bytes,
             started: Instant::now(),
+            admin_token: config.admin.token.clone(),
+            drain: Drain::load(&config.server.upgrade_sock),
         }))
     }
 

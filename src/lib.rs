@@ -21,6 +21,7 @@ pub mod dictionary; // dictionary lookup cache
 pub mod edge; // the public HTTP app: route → handler, metrics, access log
 pub mod forward; // events, log blobs and stats: relay, durable spool, delivery
 pub mod metrics; // every metric, registered once
+pub mod ops; // content operations on the admin listener: purge, fill, drain, control report
 pub mod origin; // origin client: slice fetch, validation, failover
 pub mod pinned; // bytes of slices held by video responses, and their budget
 pub mod range; // range parsing and slice arithmetic (pure)
