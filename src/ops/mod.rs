@@ -97,32 +97,32 @@ pub fn reply(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> R
 
 /// Reads the whole request body, at most [`MAX_BODY_BYTES`]; an error is the answer to
 /// send.
-pub async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
+pub async fn read_body(session: &mut ServerSession) -> Result<Bytes, Box<Reply>> {
     let mut body = bytes::BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(error(
+                    return Err(Box::new(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "request body larger than 16 MiB",
-                    ));
+                    )));
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
             Err(e) => {
-                return Err(error(
+                return Err(Box::new(error(
                     StatusCode::BAD_REQUEST,
                     &format!("cannot read the request body: {e}"),
-                ))
+                )))
             }
         }
     }
 }
 
 /// Parses a JSON body into `T`; an error names what is wrong.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Reply>> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -131,10 +131,10 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Repl
         } else {
             format!("{path}: ")
         };
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("invalid JSON body: {at}{}", e.inner()),
-        )
+        ))
     })
 }
 
