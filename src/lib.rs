@@ -4,7 +4,8 @@
 //! `cache` (memory tier, coalesced fills) → `origin` (slice fetch, failover) and back.
 
 pub mod access_log; // one line per request, JSON or text, never the query
-pub mod admin; // /metrics, /healthz, /status on the admin listener
+pub mod admin; // /metrics, /healthz, /status, and the content operations on the admin listener
+pub mod admin_client; // the admin commands: one request to a running edge's admin listener
 pub mod app; // process-wide shared state built from config
 pub mod auth; // signed-URL verification and signing (pure)
 pub mod cache; // slice cache tiers and coalesced fills

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use cdn_edge::admin_client::AdminClient;
 use cdn_edge::config::{self, Config, Log, LogFormat};
 use cdn_edge::server::{EdgeServer, StartMode};
 use cdn_edge::{auth, demo, demo_site, systemd};
@@ -100,6 +101,37 @@ enum Command {
         #[arg(long, default_value_t = 1 << 30)]
         disk_bytes: u64,
     },
+    /// Take a running edge out of rotation (`on`: /healthz answers 503 draining, every
+    /// request is still served) or put it back (`off`).
+    Drain {
+        #[arg(value_enum)]
+        state: OnOff,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How the admin commands reach a running edge.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The edge's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+    /// The edge's admin.token; default: the CDN_EDGE_ADMIN_TOKEN environment variable.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+impl AdminArgs {
+    fn client(self) -> AdminClient {
+        AdminClient::new(self.admin, self.token)
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[global_allocator]
@@ -188,6 +220,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}",
                 auth::sign_query(&k.secret, &object, &version, expires, &t)
+            );
+            Ok(())
+        }
+        Command::Drain { state, admin } => {
+            let method = match state {
+                OnOff::On => "POST",
+                OnOff::Off => "DELETE",
+            };
+            let answer = admin.client().call(method, "/drain", None)?;
+            let draining = answer.get("draining").and_then(|d| d.as_bool()) == Some(true);
+            println!(
+                "{}",
+                if draining {
+                    "draining: /healthz answers 503; requests are still served"
+                } else {
+                    "not draining: /healthz answers 200"
+                }
             );
             Ok(())
         }
