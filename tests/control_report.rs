@@ -31,6 +31,7 @@ enum Answer {
 }
 
 /// One report as received.
+#[derive(Clone)]
 struct Received {
     at: Instant,
     path: String,
@@ -85,6 +86,11 @@ impl ControlServer {
 
     fn set(&self, answer: Answer) {
         self.answer.send_replace(answer);
+    }
+
+    /// The reports received so far.
+    fn reports(&self) -> Vec<Received> {
+        self.reports.lock().unwrap().clone()
     }
 
     fn count(&self) -> usize {
@@ -230,7 +236,7 @@ async fn reports_arrive_every_report_secs_with_status_and_load() {
     let sent = control.count();
     control.wait_for(sent + 3, &edge).await;
 
-    let reports = control.reports.lock().unwrap();
+    let reports = control.reports();
     for (i, r) in reports.iter().enumerate() {
         assert_eq!(r.path, "/v1/report");
         assert_eq!(r.content_type.as_deref(), Some("application/json"));
@@ -278,9 +284,7 @@ async fn reports_arrive_every_report_secs_with_status_and_load() {
     );
     let last = &reports.last().unwrap().body["load"];
     assert!(last["cache_fill_ratio"].as_f64().unwrap() > 0.05, "{last}");
-    let n = reports.len() as f64;
-    drop(reports);
-    edge.wait_for_metric(OK, n).await;
+    edge.wait_for_metric(OK, reports.len() as f64).await;
     for series in [ERROR, TIMEOUT, UNREACHABLE] {
         assert_eq!(edge.metric(series).await, 0.0, "{series}");
     }
