@@ -43,7 +43,7 @@ const MAX_ANSWER_BYTES: usize = 64 << 10;
 pub struct Load {
     /// Requests answered on the public listeners per second, every route and status.
     pub requests_per_sec: f64,
-    /// Response body bytes written to clients per second, every route.
+    /// Response body bytes written to clients per second, every route (whole bytes).
     pub bytes_per_sec: f64,
     /// How full the cache is, 0 to 1: see [`cache_fill_ratio`].
     pub cache_fill_ratio: f64,
@@ -81,7 +81,7 @@ impl Load {
         };
         Self {
             requests_per_sec: rate(before.requests, now.requests),
-            bytes_per_sec: rate(before.bytes, now.bytes),
+            bytes_per_sec: rate(before.bytes, now.bytes).round(),
             cache_fill_ratio: round3(cache_fill_ratio),
         }
     }
@@ -141,6 +141,8 @@ fn classify(answer: Result<Answer, ExchangeError>) -> Result<(), Failure> {
 pub struct ControlReporter {
     state: Arc<AppState>,
     cfg: Control,
+    /// `control.report_url`, path included, for the log.
+    url: String,
     connectors: ConnectorSettings,
 }
 
@@ -148,6 +150,7 @@ impl ControlReporter {
     pub fn new(state: Arc<AppState>, cfg: &Control, connectors: &ConnectorSettings) -> Self {
         Self {
             state,
+            url: format!("{}{}", cfg.report_url.url, cfg.report_path),
             cfg: cfg.clone(),
             connectors: connectors.clone(),
         }
@@ -184,7 +187,7 @@ impl ControlReporter {
                     outcome: Outcome::Timeout,
                     detail: format!(
                         "{}: name lookup took longer than {} ms",
-                        self.cfg.report_url.url,
+                        self.url,
                         timeout.as_millis()
                     ),
                 })
@@ -228,7 +231,7 @@ impl ControlReporter {
                 outcome: Outcome::Timeout,
                 detail: format!(
                     "{}: no answer within {} ms",
-                    self.cfg.report_url.url,
+                    self.url,
                     self.cfg.timeout.as_millis()
                 ),
             }),
@@ -237,7 +240,7 @@ impl ControlReporter {
 
     /// Counts a report, and logs when reports start failing and when they recover.
     fn record(&self, result: &Result<(), Failure>, failing: &mut bool) {
-        let url = &self.cfg.report_url.url;
+        let url = &self.url;
         match result {
             Ok(()) => {
                 self.state.metrics.record_control_report(Outcome::Ok);
@@ -251,7 +254,7 @@ impl ControlReporter {
                     tracing::debug!(url, result = f.outcome.label(), error = %f.detail, "control-plane report failed");
                 } else {
                     tracing::warn!(url, result = f.outcome.label(), error = %f.detail,
-                        "control-plane report failed; serving goes on, the next report is due in {} s (logged again once reports recover)",
+                        "control-plane report failed; serving is not affected and reports go on every {} s (further failures are logged at debug level until one is accepted)",
                         self.cfg.every.as_secs());
                 }
             }
@@ -310,7 +313,8 @@ mod tests {
         let before = sample(t0, 100, 1_000_000);
         for (secs, requests, bytes, want_rps, want_bps) in [
             (10.0, 150, 3_000_000, 5.0, 200_000.0),
-            (2.5, 101, 1_000_001, 0.4, 0.4),
+            (2.5, 101, 1_000_001, 0.4, 0.0),
+            (2.0, 101, 1_000_003, 0.5, 2.0),
             (3.0, 101, 1_000_000, 0.333, 0.0),
             // No time at all: no rate rather than infinity.
             (0.0, 200, 2_000_000, 0.0, 0.0),
