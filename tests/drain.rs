@@ -59,19 +59,22 @@ async fn healthz(edge: &Edge) -> (u16, String) {
     (r.status, r.text())
 }
 
+/// Every mutating admin endpoint, with a method it accepts.
+const MUTATING: [(&str, &str); 5] = [
+    ("POST", "/drain"),
+    ("DELETE", "/drain"),
+    ("POST", "/purge"),
+    ("POST", "/fill"),
+    ("GET", "/fill/1"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutating_endpoints_need_the_token_and_read_only_ones_stay_open() {
     let origin = origin_with_object().await;
     let edge = Edge::start(with_token(&origin)).await;
     let wrong = bearer("drain-test-token-012345678X");
     let right = bearer(TOKEN);
-    for (method, path) in [
-        ("POST", "/drain"),
-        ("DELETE", "/drain"),
-        ("POST", "/purge"),
-        ("POST", "/fill"),
-        ("GET", "/fill/1"),
-    ] {
+    for (method, path) in MUTATING {
         for auth in [None, Some(wrong.as_str()), Some(TOKEN)] {
             let r = admin(edge.admin, method, path, auth).await;
             assert_eq!(r.status, 401, "{method} {path} with {auth:?}: {}", r.text());
@@ -106,13 +109,7 @@ async fn mutating_endpoints_need_the_token_and_read_only_ones_stay_open() {
 
     // An edge with no admin.token: the mutating endpoints are off, whatever is sent.
     let tokenless = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
-    for (method, path) in [
-        ("POST", "/drain"),
-        ("DELETE", "/drain"),
-        ("POST", "/purge"),
-        ("POST", "/fill"),
-        ("GET", "/fill/1"),
-    ] {
+    for (method, path) in MUTATING {
         for auth in [None, Some(right.as_str())] {
             let r = admin(tokenless.admin, method, path, auth).await;
             assert_eq!(r.status, 403, "{method} {path} with {auth:?}: {}", r.text());
@@ -152,16 +149,33 @@ fn players(
     })
 }
 
+const RANGES_200: &str = r#"cdn_edge_requests_total{route="range",status="200"}"#;
+
 /// Waits (bounded) until `edge` has answered `n` more range requests than `from`.
 async fn wait_for_ranges(edge: &Edge, from: f64, n: f64) {
-    edge.wait_for_metric(
-        r#"cdn_edge_requests_total{route="range",status="200"}"#,
-        from + n,
-    )
-    .await;
+    edge.wait_for_metric(RANGES_200, from + n).await;
 }
 
-const RANGES_200: &str = r#"cdn_edge_requests_total{route="range",status="200"}"#;
+/// Turns draining on (`POST /drain`) or off (`DELETE`), and checks the answer,
+/// `/healthz`, `/status` and `cdn_edge_draining`.
+async fn set_drain(edge: &Edge, on: bool) {
+    let method = if on { "POST" } else { "DELETE" };
+    let r = admin(edge.admin, method, "/drain", Some(&bearer(TOKEN))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["draining"], on);
+    let health = if on {
+        (503, "draining\n")
+    } else {
+        (200, "ok\n")
+    };
+    assert_eq!(healthz(edge).await, (health.0, health.1.to_string()));
+    assert_eq!(status(edge).await["draining"], on);
+    assert_eq!(
+        edge.metric("cdn_edge_draining").await,
+        if on { 1.0 } else { 0.0 }
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_node_says_so_and_serves_every_request() {
@@ -175,13 +189,7 @@ async fn a_drained_node_says_so_and_serves_every_request() {
     let traffic = players(edge.http, signed("movie", "1"), stop_rx);
     wait_for_ranges(&edge, 0.0, 20.0).await;
 
-    let r = admin(edge.admin, "POST", "/drain", Some(&right)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let body: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(body["draining"], true);
-    assert_eq!(healthz(&edge).await, (503, "draining\n".to_string()));
-    assert_eq!(status(&edge).await["draining"], true);
-    assert_eq!(edge.metric("cdn_edge_draining").await, 1.0);
+    set_drain(&edge, true).await;
     // Draining twice is draining.
     assert_eq!(
         admin(edge.admin, "POST", "/drain", Some(&right))
@@ -193,13 +201,7 @@ async fn a_drained_node_says_so_and_serves_every_request() {
     let served = edge.metric(RANGES_200).await;
     wait_for_ranges(&edge, served, 20.0).await;
 
-    let r = admin(edge.admin, "DELETE", "/drain", Some(&right)).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let body: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(body["draining"], false);
-    assert_eq!(healthz(&edge).await, (200, "ok\n".to_string()));
-    assert_eq!(status(&edge).await["draining"], false);
-    assert_eq!(edge.metric("cdn_edge_draining").await, 0.0);
+    set_drain(&edge, false).await;
     let served = edge.metric(RANGES_200).await;
     wait_for_ranges(&edge, served, 5.0).await;
 
