@@ -188,6 +188,9 @@ impl AppState {
         self.metrics.memory.bytes.set(s.memory_bytes as i64);
         self.metrics.memory.entries.set(s.memory_entries as i64);
         self.metrics.metadata_entries.set(s.metadata_entries as i64);
+        self.metrics
+            .draining
+            .set(i64::from(self.drain.is_draining()));
         if let Some(d) = s.disk {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);

@@ -263,6 +263,37 @@ impl TlsFailure {
     }
 }
 
+/// How a control-plane report ended, the `result` label (SPEC 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlReport {
+    /// Answered 2xx.
+    Ok,
+    /// Answered with another status, or an unusable answer.
+    Error,
+    /// No complete answer within `control.timeout_ms`.
+    Timeout,
+    /// Not resolved, connection refused or lost.
+    Unreachable,
+}
+
+impl ControlReport {
+    pub const ALL: [ControlReport; 4] = [
+        ControlReport::Ok,
+        ControlReport::Error,
+        ControlReport::Timeout,
+        ControlReport::Unreachable,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            ControlReport::Ok => "ok",
+            ControlReport::Error => "error",
+            ControlReport::Timeout => "timeout",
+            ControlReport::Unreachable => "unreachable",
+        }
+    }
+}
+
 const FORWARD_ROUTES: [Route; 3] = [Route::Event, Route::LogBlob, Route::Stats];
 /// The spooled routes.
 const SPOOLED_ROUTES: [Route; 2] = [Route::Event, Route::LogBlob];
@@ -387,6 +418,9 @@ pub struct Metrics {
     pub slow_sends: IntCounter,
     pub pinned_bytes: IntGauge,
     tls_handshake_failures: [IntCounter; TlsFailure::ALL.len()],
+    control_reports: [IntCounter; ControlReport::ALL.len()],
+    /// 1 while the node is draining (`POST /drain`), refreshed on every scrape.
+    pub draining: IntGauge,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -952,6 +986,27 @@ impl Metrics {
         );
         let tls_handshake_failures =
             TlsFailure::ALL.map(|why| tls_vec.with_label_values(&[why.label()]));
+        let control_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_control_reports_total",
+                    "Control-plane reports sent, by result: ok (2xx), error (another status), timeout, unreachable.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let control_reports =
+            ControlReport::ALL.map(|result| control_vec.with_label_values(&[result.label()]));
+        let draining = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_draining",
+                "1 while the node is draining (POST /drain): /healthz answers 503, requests are still served.",
+            )
+            .expect("valid metric"),
+        );
         let build_info = registered(
             r,
             IntGaugeVec::new(
@@ -1020,6 +1075,8 @@ impl Metrics {
             slow_sends,
             pinned_bytes,
             tls_handshake_failures,
+            control_reports,
+            draining,
         }
     }
 
@@ -1031,6 +1088,23 @@ impl Metrics {
     /// Counts a failed client TLS handshake.
     pub fn record_tls_failure(&self, why: TlsFailure) {
         self.tls_handshake_failures[why as usize].inc();
+    }
+
+    /// Counts a control-plane report.
+    pub fn record_control_report(&self, result: ControlReport) {
+        self.control_reports[result as usize].inc();
+    }
+
+    /// Requests answered and response body bytes written on the public listeners since
+    /// start, over every route (the control-plane report's load). Off the hot path: it
+    /// reads each route's counters once.
+    pub fn served_totals(&self) -> (u64, u64) {
+        self.routes.iter().fold((0, 0), |(requests, bytes), rm| {
+            (
+                requests + rm.duration.get_sample_count(),
+                bytes + rm.body_bytes.get(),
+            )
+        })
     }
 
     /// The bound counters of one route.
@@ -1161,6 +1235,39 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("cdn_edge_"), "{line}");
         }
+    }
+
+    #[test]
+    fn control_reports_are_bound_in_label_order() {
+        let m = Metrics::new();
+        for (i, result) in ControlReport::ALL.into_iter().enumerate() {
+            assert_eq!(result as usize, i);
+            for _ in 0..=i {
+                m.record_control_report(result);
+            }
+        }
+        let text = String::from_utf8(m.encode()).unwrap();
+        for (i, result) in ControlReport::ALL.into_iter().enumerate() {
+            let line = format!(
+                "cdn_edge_control_reports_total{{result=\"{}\"}} {}",
+                result.label(),
+                i + 1
+            );
+            assert!(text.contains(&line), "{line}");
+        }
+        assert!(text.contains("cdn_edge_draining 0"));
+    }
+
+    #[test]
+    fn served_totals_add_up_every_route() {
+        let m = Metrics::new();
+        for (route, bytes) in [(Route::Range, 100), (Route::Object, 20), (Route::Stats, 3)] {
+            let rm = m.route(route);
+            rm.duration.observe(0.001);
+            rm.body_bytes.inc_by(bytes);
+        }
+        m.route(Route::Range).duration.observe(0.001);
+        assert_eq!(m.served_totals(), (4, 123));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::connection::{self, GuardedApp, TlsHandshake};
 use crate::edge::Edge;
 use crate::forward::opening::DeliveryWhenOpen;
+use crate::ops::control::ControlReporter;
 use crate::tls::{self, TlsError};
 use crate::upstream::ConnectorSettings;
 
@@ -155,6 +156,12 @@ impl EdgeServer {
                 state.metrics.clone(),
             );
             server.add_service(background_service("cdn-edge forward delivery", delivery));
+        }
+
+        if let Some(cfg) = &config.control {
+            let reporter =
+                ControlReporter::new(state.clone(), cfg, &ConnectorSettings::from_config(config));
+            server.add_service(background_service("cdn-edge control report", reporter));
         }
 
         Ok(Self { server, state })

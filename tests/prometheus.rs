@@ -565,6 +565,10 @@ async fn dashboard_and_rules_use_only_exported_metrics() {
         "cdn_edge_requests_total",
         "cdn_edge_origin_requests_total",
         "cdn_edge_stats_dropped_total",
+        "cdn_edge_peers",
+        "cdn_edge_peer_requests_total",
+        "cdn_edge_draining",
+        "cdn_edge_control_reports_total",
     ] {
         assert!(dashboard_names.contains(name), "no panel uses {name}");
     }

@@ -2,6 +2,7 @@
 //! control-plane report. The mutating endpoints need the admin token
 //! ([`authorize`]); `/metrics`, `/healthz` and `/status` stay open.
 
+pub mod control;
 pub mod drain;
 pub mod fill;
 pub mod purge;
