@@ -6,7 +6,7 @@
 #     -v "$PWD/edge.toml:/etc/cdn-edge/edge.toml:ro" \
 #     -v cdn-edge-cache:/var/cache/cdn-edge -v cdn-edge-spool:/var/spool/cdn-edge cdn-edge
 #
-# More in README.md, "Deployment".
+# More in docs/deployment.md.
 
 ARG RUST_VERSION=1.95
 

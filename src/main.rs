@@ -35,7 +35,7 @@ enum Command {
         #[arg(long, short = 'c', default_value = "conf/edge.toml")]
         conf: PathBuf,
         /// Take over the listeners of the running edge: start this, then send the running
-        /// process SIGQUIT within 5 s. See README "Upgrades without downtime".
+        /// process SIGQUIT within 5 s. See docs/deployment.md, "Upgrades without downtime".
         #[arg(long, short = 'u')]
         upgrade: bool,
         /// Exit (SIGTERM) when the process with this id, the parent, exits: how

@@ -1,7 +1,7 @@
 //! Object metadata: what an origin said about an object (size, type, validator) and how
 //! far the edge believes it.
 //!
-//! Rules (README "Object metadata"):
+//! Rules (docs/video.md, "Object metadata"):
 //! 1. Metadata learnt from one origin answer (a 206's total size, or a 416's
 //!    `bytes */size`) is *provisional*: it is used at once, and it is due for a re-check
 //!    `cache.meta_ttl_secs` after it was learnt. An origin may show an object that is

@@ -1,5 +1,5 @@
 //! The peer listener (`listen.peer`): answers slice requests from the site's other nodes
-//! and from child sites, and health checks. Paths and authentication are in the README
+//! and from child sites, and health checks. Paths and authentication are in docs/site.md
 //! ("Running a site"); they are the project's own, not part of the public contract.
 //!
 //! A sibling's request is answered as the slice's owner: from cache, else from the
