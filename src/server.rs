@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::connection::{self, GuardedApp, TlsHandshake};
 use crate::edge::Edge;
 use crate::forward::opening::DeliveryWhenOpen;
+use crate::ops::fill::runner::FillRunner;
 use crate::tls::{self, TlsError};
 use crate::upstream::ConnectorSettings;
 
@@ -155,6 +156,13 @@ impl EdgeServer {
                 state.metrics.clone(),
             );
             server.add_service(background_service("cdn-edge forward delivery", delivery));
+        }
+
+        if state.fill.is_some() {
+            server.add_service(background_service(
+                "cdn-edge fill jobs",
+                FillRunner::new(state.clone()),
+            ));
         }
 
         Ok(Self { server, state })
