@@ -91,10 +91,10 @@ impl AppState {
         if let Some(f) = &self.forwarder {
             f.hand_over_blocking();
         }
+        tracing::info!("disk tier and spool handed over to the new process");
         if let Some(f) = &self.fill {
             f.hand_over_blocking();
         }
-        tracing::info!("disk tier, spool and fill jobs handed over to the new process");
     }
 
     pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {

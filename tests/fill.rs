@@ -377,6 +377,38 @@ async fn a_job_killed_midway_finishes_after_restart_with_every_slice_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_during_an_upgrade_is_finished_by_the_new_process() {
+    let origin = TestOrigin::start().await;
+    let size = 32 * SLICE as usize;
+    let bytes = object_bytes(9, size);
+    origin.add_object("movie", "1", bytes.clone(), "video/mp4");
+    let state = tempfile::tempdir().unwrap();
+    let disk = tempfile::tempdir().unwrap();
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.disk = Some((disk.path().to_path_buf(), 64 << 20));
+    opts.extra = fill_section(state.path(), "max_bytes_per_sec = 524288");
+    let mut old = Edge::start(opts).await;
+
+    let id = submit(&old, r#"{"objects": [{"o": "movie", "v": "1"}]}"#).await;
+    wait_job(&old, &id, Duration::from_secs(10), |p| {
+        p["slices_done"].as_u64() >= Some(8)
+    })
+    .await;
+    // The new process opens the jobs store once the old one hands it over.
+    let new = old.upgrade().await;
+    let p = wait_job(&new, &id, Duration::from_secs(20), finished).await;
+    assert_eq!(p["state"], "done", "{p}");
+    assert_eq!(p["slices_done"], 32);
+    let fetched = origin.requests();
+    assert!(fetched <= 32 + 4, "{fetched} origin requests: the job started over");
+    // Once the old process is gone, every request reaches the new one.
+    old.wait_exit(Duration::from_secs(30)).await;
+    assert!(old.log_text().contains("fill jobs handed over"));
+    let r = get_exact(&new, "movie", "1", &bytes, 0, size - 1).await;
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_directed_site_each_node_fills_what_it_owns_while_client_misses_are_redirected() {
     let movie = object_bytes(6, SITE_OBJECT_SIZE);
     let other = object_bytes(7, 100_000);

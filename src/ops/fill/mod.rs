@@ -255,6 +255,7 @@ impl FillJobs {
         self.handed_over.store(true, Ordering::Release);
         self.wake.notify_one();
         self.store.hand_over_blocking();
+        tracing::info!("fill jobs handed over to the new process");
     }
 
     /// Copies the jobs by state, and the slices left, into their gauges.
