@@ -1,11 +1,12 @@
 //! Fill jobs (SPEC 7): `POST /fill` and `GET /fill/{id}` on real edges, the slices they
 //! place served as hits, the rate limit, the window, a restart after `kill -9`, a site
-//! where each node fills what it owns (in directed mode).
+//! where each node fills what it owns (in directed mode), and `cdn-edge fill`.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -480,4 +481,92 @@ async fn in_a_directed_site_each_node_fills_what_it_owns_while_client_misses_are
         Some(true)
     );
     assert_eq!(asked(&origins), n);
+}
+
+/// `cdn-edge fill ARGS` with the admin listener of `edge`; (exit code, stdout, stderr).
+async fn fill_command(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cdn-edge"));
+    cmd.arg("fill")
+        .arg("--admin")
+        .arg(admin.to_string())
+        .args(args)
+        .env_remove("CDN_EDGE_ADMIN_TOKEN");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fill_command_prints_progress_until_the_job_ends() {
+    let origin = TestOrigin::start().await;
+    origin.add_object(
+        "movie",
+        "1",
+        object_bytes(8, 20 * SLICE as usize),
+        "video/mp4",
+    );
+    let state = tempfile::tempdir().unwrap();
+    // 20 slices at 2 MiB/s: about half a second, so progress shows more than once.
+    let edge = fill_edge(&origin, state.path(), "max_bytes_per_sec = 2097152").await;
+    let files = tempfile::tempdir().unwrap();
+    let manifest = files.path().join("manifest.json");
+    std::fs::write(&manifest, r#"{"objects": [{"o": "movie", "v": "1"}]}"#).unwrap();
+    let missing = files.path().join("missing.json");
+    std::fs::write(&missing, r#"{"objects": [{"o": "nothing", "v": "1"}]}"#).unwrap();
+    let manifest = manifest.to_str().unwrap();
+
+    let (code, out, err) =
+        fill_command(edge.admin, &["--manifest", manifest, "--token", TOKEN]).await;
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let last = out.lines().last().unwrap_or_default();
+    assert_eq!(
+        last, "fill 1: done: 20/20 slices, 1.25 MiB fetched, 0 errors",
+        "stdout:\n{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "no terminal codes when stdout is not one:\n{out}"
+    );
+
+    // A job that fails: status 1, and why.
+    let (code, out, err) = fill_command(
+        edge.admin,
+        &["--manifest", missing.to_str().unwrap(), "--token", TOKEN],
+    )
+    .await;
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("fill 2: failed: 0/0 slices"), "{out}");
+    assert!(err.contains("fill job 2 failed"), "{err}");
+
+    // --no-wait: the id alone.
+    let (code, out, _) = fill_command(
+        edge.admin,
+        &["--manifest", manifest, "--token", TOKEN, "--no-wait"],
+    )
+    .await;
+    assert_eq!((code, out.trim()), (0, "3"));
+
+    // Refused and unreachable: status 2 and a message an operator can act on.
+    let (code, _, err) = fill_command(
+        edge.admin,
+        &["--manifest", manifest, "--token", "wrong-token-0123456789"],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("401"), "{err}");
+    let (code, _, err) = fill_command(
+        support::origin::dead_addr(),
+        &["--manifest", manifest, "--token", TOKEN],
+    )
+    .await;
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot reach"), "{err}");
+    let (code, _, err) = fill_command(edge.admin, &["--manifest", "/nonexistent.json"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.json"), "{err}");
 }

@@ -19,6 +19,7 @@
 //!    (`errors`). After a restart, unfinished jobs go on: each walks its slices again
 //!    from the first, and a slice already held counts as done.
 
+pub mod follow;
 pub mod jobs;
 pub mod manifest;
 pub mod runner;
