@@ -28,12 +28,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageError,
-    TableDefinition,
-};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{JobState, Progress};
+use crate::redb_file::{self, OpenError};
 
 /// The store's file name inside `fill.state_dir`.
 pub const FILE_NAME: &str = "jobs.redb";
@@ -73,8 +71,14 @@ pub struct JobStore {
 impl JobStore {
     /// Opens (or creates) `<dir>/jobs.redb`; returns it with every job it holds, by id.
     pub fn open(dir: &Path) -> Result<(Self, Vec<(u64, Progress)>), JobStoreError> {
-        let path = dir.join(FILE_NAME);
-        let db = create_or_set_aside(dir, &path)?;
+        let (db, aside) =
+            redb_file::create_or_set_aside(dir, FILE_NAME, CACHE_BYTES).map_err(|e| match e {
+                OpenError::InUse(m) => JobStoreError::InUse(m),
+                OpenError::Storage(m) => JobStoreError::Storage(m),
+            })?;
+        if let Some(aside) = aside {
+            tracing::error!(moved_to = %aside.display(), "the fill jobs it held are lost");
+        }
         let txn = db.begin_write().map_err(storage)?;
         txn.open_table(MANIFESTS).map_err(storage)?;
         txn.open_table(PROGRESS).map_err(storage)?;
@@ -92,7 +96,7 @@ impl JobStore {
         Ok((
             Self {
                 db: RwLock::new(Some(Arc::new(db))),
-                path,
+                path: dir.join(FILE_NAME),
             },
             jobs,
         ))
@@ -195,40 +199,6 @@ fn decode(
         slices_done,
         bytes_done,
         errors,
-    }
-}
-
-/// Opens (or creates) the store at `path`; a file that is not a redb store, or one redb
-/// reports corrupted, is moved aside and a new one created (constraint 4).
-fn create_or_set_aside(dir: &Path, path: &Path) -> Result<Database, JobStoreError> {
-    std::fs::create_dir_all(dir).map_err(|e| storage(format!("{}: {e}", dir.display())))?;
-    let mut builder = Database::builder();
-    builder.set_cache_size(CACHE_BYTES);
-    match builder.create(path) {
-        Ok(db) => Ok(db),
-        Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
-            Err(JobStoreError::InUse(format!(
-                "{}: in use by another process: {e}",
-                path.display()
-            )))
-        }
-        Err(e)
-            if !matches!(&e, DatabaseError::Storage(StorageError::Corrupted(_)))
-                && !matches!(&e, DatabaseError::Storage(StorageError::Io(io))
-                if io.kind() == std::io::ErrorKind::InvalidData) =>
-        {
-            Err(storage(format!("{}: {e}", path.display())))
-        }
-        Err(e) => {
-            let aside = dir.join(format!(
-                "{FILE_NAME}.damaged-{}",
-                crate::cache::meta::unix_ms()
-            ));
-            tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
-                "the fill jobs store cannot be opened; moving it aside and starting a new one: its jobs are lost");
-            std::fs::rename(path, &aside).map_err(storage)?;
-            builder.create(path).map_err(storage)
-        }
     }
 }
 
