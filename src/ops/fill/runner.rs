@@ -227,12 +227,9 @@ impl JobRun<'_> {
             if self.jobs.is_handed_over() {
                 return None;
             }
-            self.window().await;
             let held = store.contains(obj.id, first);
-            if !held {
-                // Its length is not known yet: a whole slice.
-                self.pace.take(store.slice_bytes()).await;
-            }
+            // Its length is not known yet: a whole slice.
+            self.ready(if held { 0 } else { store.slice_bytes() }).await;
             match store.meta(obj, first, None).await {
                 Ok(lookup) => {
                     let fetched = match &lookup.slice {
@@ -271,8 +268,7 @@ impl JobRun<'_> {
             if self.jobs.is_handed_over() {
                 return;
             }
-            self.window().await;
-            self.pace.take(len).await;
+            self.ready(len).await;
             match store.slice(&obj, index, &p.meta).await {
                 Ok(slice) => {
                     if slice.source == Source::Origin {
@@ -336,6 +332,16 @@ impl JobRun<'_> {
         };
         if due {
             self.jobs.save(self.id, false).await;
+        }
+    }
+
+    /// Returns when a fetch of `bytes` may start: inside the window, at the pace
+    /// allowed. The window is looked at again after the pace, which may take long.
+    async fn ready(&self, bytes: u64) {
+        self.window().await;
+        if bytes > 0 {
+            self.pace.take(bytes).await;
+            self.window().await;
         }
     }
 
