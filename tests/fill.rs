@@ -325,25 +325,50 @@ async fn outside_its_window_a_job_waits_and_asks_the_origin_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_killed_midway_finishes_after_restart_with_every_slice_exact() {
+/// An edge with a disk tier filling a 32-slice movie at 512 KiB/s (4 s), once the job
+/// has done `slices_done` slices.
+struct SlowJob {
+    origin: TestOrigin,
+    bytes: Vec<u8>,
+    edge: Edge,
+    id: String,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+async fn slow_job(size: usize, slices_done: u64) -> SlowJob {
     let origin = TestOrigin::start().await;
-    let size = 32 * SLICE as usize - 500;
-    let bytes = object_bytes(5, size);
+    let bytes = object_bytes(size as u64, size);
     origin.add_object("movie", "1", bytes.clone(), "video/mp4");
     let state = tempfile::tempdir().unwrap();
     let disk = tempfile::tempdir().unwrap();
     let mut opts = EdgeOptions::new(vec![origin.url()]);
     opts.disk = Some((disk.path().to_path_buf(), 64 << 20));
-    // 32 slices at 512 KiB/s: 4 s.
     opts.extra = fill_section(state.path(), "max_bytes_per_sec = 524288");
-    let mut edge = Edge::start(opts).await;
-
+    let edge = Edge::start(opts).await;
     let id = submit(&edge, r#"{"objects": [{"o": "movie", "v": "1"}]}"#).await;
     wait_job(&edge, &id, Duration::from_secs(10), |p| {
-        p["slices_done"].as_u64() >= Some(12)
+        p["slices_done"].as_u64() >= Some(slices_done)
     })
     .await;
+    SlowJob {
+        origin,
+        bytes,
+        edge,
+        id,
+        _dirs: [state, disk],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_midway_finishes_after_restart_with_every_slice_exact() {
+    let size = 32 * SLICE as usize - 500;
+    let SlowJob {
+        origin,
+        bytes,
+        mut edge,
+        id,
+        _dirs,
+    } = slow_job(size, 12).await;
     edge.kill().await;
     let before_kill = origin.requests();
     assert!(before_kill < 32, "the job ended before the kill");
@@ -379,29 +404,24 @@ async fn a_job_killed_midway_finishes_after_restart_with_every_slice_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_during_an_upgrade_is_finished_by_the_new_process() {
-    let origin = TestOrigin::start().await;
     let size = 32 * SLICE as usize;
-    let bytes = object_bytes(9, size);
-    origin.add_object("movie", "1", bytes.clone(), "video/mp4");
-    let state = tempfile::tempdir().unwrap();
-    let disk = tempfile::tempdir().unwrap();
-    let mut opts = EdgeOptions::new(vec![origin.url()]);
-    opts.disk = Some((disk.path().to_path_buf(), 64 << 20));
-    opts.extra = fill_section(state.path(), "max_bytes_per_sec = 524288");
-    let mut old = Edge::start(opts).await;
-
-    let id = submit(&old, r#"{"objects": [{"o": "movie", "v": "1"}]}"#).await;
-    wait_job(&old, &id, Duration::from_secs(10), |p| {
-        p["slices_done"].as_u64() >= Some(8)
-    })
-    .await;
+    let SlowJob {
+        origin,
+        bytes,
+        edge: mut old,
+        id,
+        _dirs,
+    } = slow_job(size, 8).await;
     // The new process opens the jobs store once the old one hands it over.
     let new = old.upgrade().await;
     let p = wait_job(&new, &id, Duration::from_secs(20), finished).await;
     assert_eq!(p["state"], "done", "{p}");
     assert_eq!(p["slices_done"], 32);
     let fetched = origin.requests();
-    assert!(fetched <= 32 + 4, "{fetched} origin requests: the job started over");
+    assert!(
+        fetched <= 32 + 4,
+        "{fetched} origin requests: the job started over"
+    );
     // Once the old process is gone, every request reaches the new one.
     old.wait_exit(Duration::from_secs(30)).await;
     assert!(old.log_text().contains("fill jobs handed over"));
