@@ -17,6 +17,8 @@ use crate::forward::spool::SpoolError;
 use crate::forward::ForwardSetupError;
 use crate::metrics::Metrics;
 use crate::ops::drain::Drain;
+use crate::ops::fill::jobs::JobStoreError;
+use crate::ops::fill::FillJobs;
 use crate::origin::OriginClient;
 use crate::pinned::PinnedBudget;
 use crate::routes::Router;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub admin_token: Option<Vec<u8>>,
     /// Taken out of rotation: `/healthz` answers 503 (SPEC 7).
     pub drain: Drain,
+    /// Fill jobs, with `[fill]` (SPEC 7).
+    pub fill: Option<Arc<FillJobs>>,
 }
 
 /// Why the shared state could not be built.
@@ -61,6 +65,8 @@ pub enum StateError {
     Forward(#[from] ForwardSetupError),
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error(transparent)]
+    Fill(#[from] JobStoreError),
 }
 
 impl StateError {
@@ -70,20 +76,25 @@ impl StateError {
         match self {
             StateError::Disk(e) => e.is_in_use(),
             StateError::Forward(ForwardSetupError::Spool(SpoolError::InUse(_))) => true,
+            StateError::Fill(e) => e.is_in_use(),
             _ => false,
         }
     }
 }
 
 impl AppState {
-    /// Lets go of the disk tier and the spool for the process taking over in an upgrade;
-    /// this one keeps answering from memory and origin until it exits. Blocking.
+    /// Lets go of the disk tier, the spool and the fill jobs for the process taking over
+    /// in an upgrade; this one keeps answering from memory and origin until it exits.
+    /// Blocking.
     pub fn hand_over_storage(&self) {
         self.store.hand_over_disk();
         if let Some(f) = &self.forwarder {
             f.hand_over_blocking();
         }
         tracing::info!("disk tier and spool handed over to the new process");
+        if let Some(f) = &self.fill {
+            f.hand_over_blocking();
+        }
     }
 
     pub fn new(config: &Config) -> Result<Arc<Self>, StateError> {
@@ -150,6 +161,11 @@ impl AppState {
             .as_ref()
             .map(|f| ForwardSlot::open_in_background(f, &connectors, metrics.clone()))
             .transpose()?;
+        let fill = config
+            .fill
+            .as_ref()
+            .map(|f| FillJobs::open(f, metrics.clone()).map(Arc::new))
+            .transpose()?;
         Ok(Arc::new(Self {
             dictionary,
             forwarder,
@@ -171,6 +187,7 @@ impl AppState {
             started: Instant::now(),
             admin_token: config.admin.token.clone(),
             drain: Drain::load(&config.server.upgrade_sock),
+            fill,
         }))
     }
 
@@ -200,6 +217,9 @@ impl AppState {
         }
         if let Some(site) = &self.site {
             site.refresh_gauges();
+        }
+        if let Some(f) = &self.fill {
+            f.refresh_gauges();
         }
         if let Some(d) = &self.dictionary {
             let d = d.stats();

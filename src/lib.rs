@@ -26,6 +26,7 @@ pub mod ops; // content operations on the admin listener: purge, fill, drain, co
 pub mod origin; // origin client: slice fetch, validation, failover
 pub mod pinned; // bytes of slices held by video responses, and their budget
 pub mod range; // range parsing and slice arithmetic (pure)
+pub mod redb_file; // opening the redb stores of the spool and the fill jobs
 pub mod respond; // small complete responses (errors, 404, 416)
 pub mod routes; // routing by path (pure)
 pub mod server; // Pingora server and services from config

@@ -10,6 +10,7 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use cdn_edge::admin_client::AdminClient;
 use cdn_edge::config::{self, Config, Log, LogFormat};
+use cdn_edge::ops::fill::follow::{self, FollowError};
 use cdn_edge::server::{EdgeServer, StartMode};
 use cdn_edge::{auth, demo, demo_site, systemd};
 
@@ -109,6 +110,19 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Submit a fill job to a running edge and print its progress until it ends (exit
+    /// status 1 when it fails).
+    Fill {
+        /// The manifest, JSON: {"objects": [{"o": "...", "v": "...", "ranges": ["0-1048575"]}]}
+        /// (`ranges` optional: the whole object).
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Print the job's id and return at once; follow it with `GET /fill/{id}`.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// How the admin commands reach a running edge.
@@ -142,7 +156,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cdn-edge: {e:#}");
-            ExitCode::from(2)
+            // A fill job that ran and failed is not a usage or connection error.
+            match e.downcast_ref::<FollowError>() {
+                Some(FollowError::Failed { .. }) => ExitCode::from(1),
+                _ => ExitCode::from(2),
+            }
         }
     }
 }
@@ -238,6 +256,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "not draining: /healthz answers 200"
                 }
             );
+            Ok(())
+        }
+        Command::Fill {
+            manifest,
+            no_wait,
+            admin,
+        } => {
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("--manifest {}", manifest.display()))?;
+            let body: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--manifest {}: not JSON", manifest.display()))?;
+            let client = admin.client();
+            let id = follow::submit(&client, &body)?;
+            if no_wait {
+                println!("{id}");
+                return Ok(());
+            }
+            follow::follow(&client, &id)?;
             Ok(())
         }
         Command::Demo {

@@ -12,6 +12,7 @@ use prometheus::{
 };
 
 use crate::auth::AuthFailure;
+use crate::ops::fill::JobState;
 use crate::routes::Route;
 
 /// Statuses that get a pre-bound counter per route; others take the slow path.
@@ -421,6 +422,7 @@ pub struct Metrics {
     control_reports: [IntCounter; ControlReport::ALL.len()],
     /// 1 while the node is draining (`POST /drain`), refreshed on every scrape.
     pub draining: IntGauge,
+    pub fill: FillMetrics,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -1022,7 +1024,10 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let fill = FillMetrics::new(r);
+
         Self {
+            fill,
             registry,
             requests,
             routes,
@@ -1207,6 +1212,96 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("encoding to a Vec cannot fail");
         out
+    }
+}
+
+/// What became of one slice of a fill job, the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillSlice {
+    /// Fetched from the parent tier or the origin.
+    Fetched,
+    /// Already held by a tier (or fetched meanwhile by a client's request).
+    Held,
+    /// Given up on after `fill.attempts` tries, or a definite answer (no such object).
+    Failed,
+}
+
+impl FillSlice {
+    pub const ALL: [FillSlice; 3] = [FillSlice::Fetched, FillSlice::Held, FillSlice::Failed];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            FillSlice::Fetched => "fetched",
+            FillSlice::Held => "held",
+            FillSlice::Failed => "failed",
+        }
+    }
+}
+
+/// Fill jobs (SPEC 7), registered whether or not `[fill]` is configured.
+pub struct FillMetrics {
+    /// Slice bytes fill jobs fetched.
+    pub bytes: IntCounter,
+    slices: [IntCounter; FillSlice::ALL.len()],
+    jobs: [IntGauge; JobState::ALL.len()],
+    /// Slices that unfinished jobs still have to go through.
+    pub slices_remaining: IntGauge,
+}
+
+impl FillMetrics {
+    fn new(r: &Registry) -> Self {
+        let bytes = registered(
+            r,
+            IntCounter::new(
+                "cdn_edge_fill_bytes_total",
+                "Slice bytes fetched by fill jobs (from the parent tier or the origin).",
+            )
+            .expect("valid metric"),
+        );
+        let slices = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_fill_slices_total",
+                    "Slices fill jobs went through, by result: fetched, held (already cached), failed.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let jobs = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "cdn_edge_fill_jobs",
+                    "Fill jobs kept in fill.state_dir, by state: queued, waiting_window, running, done, failed.",
+                ),
+                &["state"],
+            )
+            .expect("valid metric"),
+        );
+        let slices_remaining = registered(
+            r,
+            IntGauge::new(
+                "cdn_edge_fill_slices_remaining",
+                "Slices that unfinished fill jobs still have to go through (as far as their objects' sizes are known).",
+            )
+            .expect("valid metric"),
+        );
+        Self {
+            bytes,
+            slices: FillSlice::ALL.map(|s| slices.with_label_values(&[s.label()])),
+            jobs: JobState::ALL.map(|s| jobs.with_label_values(&[s.label()])),
+            slices_remaining,
+        }
+    }
+
+    pub fn record(&self, result: FillSlice) {
+        self.slices[result as usize].inc();
+    }
+
+    pub fn jobs(&self, state: JobState) -> &IntGauge {
+        &self.jobs[state as usize]
     }
 }
 

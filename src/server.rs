@@ -21,6 +21,7 @@ use crate::connection::{self, GuardedApp, TlsHandshake};
 use crate::edge::Edge;
 use crate::forward::opening::DeliveryWhenOpen;
 use crate::ops::control::ControlReporter;
+use crate::ops::fill::runner::FillRunner;
 use crate::tls::{self, TlsError};
 use crate::upstream::ConnectorSettings;
 
@@ -162,6 +163,13 @@ impl EdgeServer {
             let reporter =
                 ControlReporter::new(state.clone(), cfg, &ConnectorSettings::from_config(config));
             server.add_service(background_service("cdn-edge control report", reporter));
+        }
+
+        if state.fill.is_some() {
+            server.add_service(background_service(
+                "cdn-edge fill jobs",
+                FillRunner::new(state.clone()),
+            ));
         }
 
         Ok(Self { server, state })

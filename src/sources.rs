@@ -7,6 +7,9 @@
 //!   another node of the site: it is filled from the parent tier or the origin.
 //! - In directed mode nothing is pulled for a miss: a slice the site does not hold is
 //!   [`OriginError::NotHeld`].
+//! - A fill job's miss ([`crate::cache::Via::fill`]) is for a slice this node owns: it
+//!   is pulled from the parent tier or the origin, in directed mode too, and never asked
+//!   of a peer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,13 +57,13 @@ impl Sources {
         range: ByteRange,
     ) -> Result<(SliceBody, Filled), OriginError> {
         if let Some(site) = &self.site {
-            if !obj.via.sibling {
+            if !obj.via.sibling && !obj.via.fill {
                 if let Some(answer) = site.from_owner(obj, index, range).await {
                     return answer.map(|b| (b, Filled::Peer));
                 }
             }
         }
-        if self.mode == OriginMode::Directed {
+        if self.mode == OriginMode::Directed && !obj.via.fill {
             return Err(OriginError::NotHeld);
         }
         self.pull(obj, index, range)
@@ -75,11 +78,12 @@ impl Sources {
         obj: &ObjectRef<'_>,
         slice_bytes: u64,
     ) -> Result<SliceBody, OriginError> {
+        let asks_peer = !obj.via.sibling && !obj.via.fill;
         let asks_site = self
             .site
             .as_ref()
-            .is_some_and(|s| (!obj.via.sibling && !s.owns(obj, 0)) || s.parents.is_some());
-        if asks_site || self.mode == OriginMode::Directed {
+            .is_some_and(|s| (asks_peer && !s.owns(obj, 0)) || s.parents.is_some());
+        if asks_site || (self.mode == OriginMode::Directed && !obj.via.fill) {
             let slice0 = ByteRange {
                 start: 0,
                 end: slice_bytes - 1,

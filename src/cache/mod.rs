@@ -91,6 +91,10 @@ pub struct Via {
     pub sibling: bool,
     /// Parent tiers the request has already come through (0 for a client of this node).
     pub hops: u8,
+    /// A fill job of this node (SPEC 7): the miss is pulled from the parent tier or the
+    /// origin even in directed mode, and never asked of a peer (the job only fetches
+    /// slices this node owns).
+    pub fill: bool,
 }
 
 impl Via {
@@ -98,6 +102,14 @@ impl Via {
     pub const CLIENT: Via = Via {
         sibling: false,
         hops: 0,
+        fill: false,
+    };
+
+    /// A fill job of this node.
+    pub const FILL: Via = Via {
+        sibling: false,
+        hops: 0,
+        fill: true,
     };
 }
 
@@ -392,8 +404,9 @@ impl SliceStore {
         // Not known yet: one origin request between every request that wants it now. A
         // sibling's request is not one of them: this node's first request may itself be
         // waiting for that sibling (each asked for a slice the other owns), so it fetches
-        // its own slice, which only this node fills (one request per slice still).
-        let turn = (!obj.via.sibling).then(|| self.cold.join(obj.id, hint_index));
+        // its own slice, which only this node fills (one request per slice still). Nor is
+        // a fill job's: it must only fetch the slice it asked for, one this node owns.
+        let turn = (!obj.via.sibling && !obj.via.fill).then(|| self.cold.join(obj.id, hint_index));
         let (hint_index, next_index, lead) = match turn {
             None => (hint_index, next_index, None),
             Some(Turn::Lead(guard)) => (hint_index, next_index, Some(guard)),
@@ -684,6 +697,15 @@ impl SliceStore {
     /// [`SliceStore::forget_missing`] for every version of `o`.
     pub fn forget_missing_object(&self, o: &str) {
         self.missing.forget_object(o);
+    }
+
+    /// The object's metadata when it is known and not due for a re-check: what a fill
+    /// job needs to plan an object without asking anyone.
+    pub async fn known_meta(&self, object: ObjectId) -> Option<Arc<ObjectMeta>> {
+        self.meta
+            .get(&object)
+            .await
+            .filter(|m| !m.is_due(unix_ms()))
     }
 
     /// Gives the disk tier's directory up to the process taking over; see

@@ -90,6 +90,7 @@ impl PeerApp {
         let via = Via {
             sibling: req.kind == Kind::Sibling,
             hops: req.hops,
+            fill: false,
         };
         let obj = ObjectRef::asked(&req.o, &req.v, via);
         let store = &self.state.store;

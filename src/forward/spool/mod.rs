@@ -231,7 +231,7 @@ impl Spool {
         metrics: Arc<Metrics>,
     ) -> Result<Self, SpoolError> {
         let path = dir.join(FILE_NAME);
-        let db = open::create_or_set_aside(dir, &path, &metrics)?;
+        let db = open::create_or_set_aside(dir, &metrics)?;
         let counters = Arc::new(Counters {
             entries: Default::default(),
             bytes: Default::default(),

@@ -4,55 +4,29 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::budget::{count_answers, count_dead_letters, Kept};
 use super::{
-    storage, unix_ms, Counters, Queue, Record, SpoolError, DEAD, DELIVERED, DELIVERED_AT, EVENTS,
-    FAILURES, LOGBLOB, META, PENDING, SPOOL_CACHE_BYTES,
+    storage, Counters, Queue, Record, SpoolError, DEAD, DELIVERED, DELIVERED_AT, EVENTS, FAILURES,
+    FILE_NAME, LOGBLOB, META, PENDING, SPOOL_CACHE_BYTES,
 };
 use crate::metrics::Metrics;
+use crate::redb_file::{self, OpenError};
 
-/// Opens (or creates) the store at `path`. A file that is not a redb store, or one
-/// redb reports corrupted, is renamed `spool.redb.damaged-<ms>`, counted, and a new
-/// one created.
-pub(super) fn create_or_set_aside(
-    dir: &Path,
-    path: &Path,
-    metrics: &Metrics,
-) -> Result<Database, SpoolError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| SpoolError::Storage(format!("{}: {e}", dir.display())))?;
-    // redb's own page cache; the default (1 GiB) would compete with the video tier.
-    let mut builder = Database::builder();
-    builder.set_cache_size(SPOOL_CACHE_BYTES);
-    match builder.create(path) {
-        Ok(db) => Ok(db),
-        Err(e @ (DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
-            Err(SpoolError::InUse(format!(
-                "{}: in use by another process: {e}",
-                path.display()
-            )))
-        }
-        // Only a file that is not a redb store, or one redb reports corrupted, is
-        // set aside; anything else (an upgrade needed, I/O errors) stops the start
-        // rather than losing what the file holds.
-        Err(e)
-            if !matches!(&e, DatabaseError::Storage(StorageError::Corrupted(_)))
-                && !matches!(&e, DatabaseError::Storage(StorageError::Io(io))
-                if io.kind() == std::io::ErrorKind::InvalidData) =>
-        {
-            Err(SpoolError::Storage(format!("{}: {e}", path.display())))
-        }
-        Err(e) => {
-            let aside = dir.join(format!("spool.redb.damaged-{}", unix_ms()));
-            tracing::error!(path = %path.display(), moved_to = %aside.display(), error = %e,
-                "spool cannot be opened; moving it aside and starting a new one");
-            metrics.spool_corrupt.inc();
-            std::fs::rename(path, &aside).map_err(|e| SpoolError::Storage(e.to_string()))?;
-            builder.create(path).map_err(storage)
-        }
+/// Opens (or creates) `<dir>/spool.redb`. A file that is not a redb store, or one redb
+/// reports corrupted, is renamed `spool.redb.damaged-<ms>`, counted, and a new one
+/// created.
+pub(super) fn create_or_set_aside(dir: &Path, metrics: &Metrics) -> Result<Database, SpoolError> {
+    let (db, aside) =
+        redb_file::create_or_set_aside(dir, FILE_NAME, SPOOL_CACHE_BYTES).map_err(|e| match e {
+            OpenError::InUse(m) => SpoolError::InUse(m),
+            OpenError::Storage(m) => SpoolError::Storage(m),
+        })?;
+    if aside.is_some() {
+        metrics.spool_corrupt.inc();
     }
+    Ok(db)
 }
 
 /// Creates missing tables, then counts the records of each queue, the arrival of each
