@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::auth::Verifier;
 use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::pages::PagePool;
+use crate::cache::purge::Purges;
 use crate::cache::SliceStore;
 use crate::cluster::ring::RingError;
 use crate::cluster::site::Site;
@@ -61,6 +62,11 @@ pub enum StateError {
     Forward(#[from] ForwardSetupError),
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error("cache.disk.path {path}: cannot read the purge log: {error}")]
+    PurgeLog {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl StateError {
@@ -106,11 +112,19 @@ impl AppState {
             metrics.clone(),
             pages.clone(),
         )?);
+        // With a disk tier in a site, disk slices wait for the peers' purge logs at start.
+        let disk_dir = config.cache.disk.as_ref().map(|d| d.path.as_path());
+        let gated = disk_dir.is_some() && config.cluster.is_some();
+        let purges = Purges::open(disk_dir, gated).map_err(|error| StateError::PurgeLog {
+            path: disk_dir.map(Into::into).unwrap_or_default(),
+            error,
+        })?;
+        let purges = Arc::new(purges);
         let disk = config
             .cache
             .disk
             .as_ref()
-            .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone()))
+            .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone(), purges.clone()))
             .transpose()?;
         let site = config
             .cluster
@@ -134,6 +148,7 @@ impl AppState {
             disk,
             Sources::new(origin.clone(), site.clone(), config.origin.mode),
             metrics.clone(),
+            purges,
         );
         let dictionary_paths = config
             .dictionary
@@ -188,6 +203,10 @@ impl AppState {
         self.metrics.memory.bytes.set(s.memory_bytes as i64);
         self.metrics.memory.entries.set(s.memory_entries as i64);
         self.metrics.metadata_entries.set(s.metadata_entries as i64);
+        self.metrics
+            .purge
+            .log_entries
+            .set(self.store.purges().entries() as i64);
         if let Some(d) = s.disk {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);
