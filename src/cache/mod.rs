@@ -461,6 +461,8 @@ impl SliceStore {
         // sibling's request is not one of them: this node's first request may itself be
         // waiting for that sibling (each asked for a slice the other owns), so it fetches
         // its own slice, which only this node fills (one request per slice still).
+        // Metadata learnt with a slice purged meanwhile is as old as the slice: not kept.
+        let started = self.purges.now();
         let turn = (!obj.via.sibling).then(|| self.cold.join(obj.id, hint_index));
         let (hint_index, next_index, lead) = match turn {
             None => (hint_index, next_index, None),
@@ -483,6 +485,14 @@ impl SliceStore {
                     Source::Origin | Source::Peer | Source::Coalesced
                 );
                 let from_peer = slice.source == Source::Peer;
+                if self.purges.purged_after(obj.o, &obj.id, started) {
+                    return Ok(MetaLookup {
+                        meta: slice.meta,
+                        fetched: true,
+                        from_peer,
+                        slice: Some((hint_index, slice.bytes)),
+                    });
+                }
                 let mut lookup = self.meta_of_slice(obj, hint_index, slice).await;
                 lookup.fetched |= fetched;
                 lookup.from_peer = from_peer;

@@ -78,8 +78,8 @@ impl PeerClient {
         range: ByteRange,
     ) -> Result<SliceBody, PeerFailure> {
         let hops = match kind {
-            Kind::Sibling => obj.via.hops,
             Kind::Child => obj.via.hops.saturating_add(1),
+            _ => obj.via.hops,
         };
         let claim = Claim {
             kind,
@@ -181,6 +181,61 @@ impl PeerClient {
             return Ok(body);
         }
         unreachable!("the second attempt always returns")
+    }
+
+    /// Sends `req` (no body) to `to` and reads the whole answer, at most `max_body`
+    /// bytes, within the peer timeout: status and body, or why there is none. For the
+    /// peer listener's small JSON exchanges (purges); retried once on another connection
+    /// when a pooled one turns out closed.
+    pub async fn call(
+        &self,
+        to: SocketAddr,
+        req: &RequestHeader,
+        max_body: usize,
+    ) -> Result<(u16, bytes::Bytes), String> {
+        let peer = self.peer(to);
+        let exchange = async {
+            for retry in [false, true] {
+                let (mut session, reused) = self
+                    .connector
+                    .get_http_session(&peer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) =
+                    origin::send_and_read_header(&mut session, Box::new(req.clone())).await
+                {
+                    if reused && !retry {
+                        continue;
+                    }
+                    return Err(e.to_string());
+                }
+                let status = session
+                    .response_header()
+                    .map(|r| r.status.as_u16())
+                    .ok_or("no response header")?;
+                let mut body = bytes::BytesMut::new();
+                while let Some(chunk) = session
+                    .read_response_body()
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    if body.len() + chunk.len() > max_body {
+                        return Err(format!("answer larger than {max_body} bytes"));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                self.release(session, &peer).await;
+                return Ok((status, body.freeze()));
+            }
+            unreachable!("the second attempt always returns")
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no complete answer within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
     }
 
     async fn release(
