@@ -217,6 +217,8 @@ const FROM_DISK: u8 = 1;
 const FROM_PEER: u8 = 2;
 
 impl SliceStore {
+    // Called once, from `AppState::new`, with each part built there.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         slice_bytes: u64,
         memory_bytes: u64,

@@ -200,14 +200,14 @@ impl PeerClient {
                     .connector
                     .get_http_session(&peer)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| format!("cannot connect: {}", e.root_cause()))?;
                 if let Err(e) =
                     origin::send_and_read_header(&mut session, Box::new(req.clone())).await
                 {
                     if reused && !retry {
                         continue;
                     }
-                    return Err(e.to_string());
+                    return Err(format!("no answer: {}", e.root_cause()));
                 }
                 let status = session
                     .response_header()
@@ -217,7 +217,7 @@ impl PeerClient {
                 while let Some(chunk) = session
                     .read_response_body()
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("answer cut short: {}", e.root_cause()))?
                 {
                     if body.len() + chunk.len() > max_body {
                         return Err(format!("answer larger than {max_body} bytes"));

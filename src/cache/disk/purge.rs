@@ -234,6 +234,21 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_gives_the_stamp_of_the_fill_that_cut_the_slice() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open(
+            dir.path(),
+            Arc::new(Purges::in_memory()),
+            Rebuild::Background,
+        );
+        let (key, s) = slice("m", "1", 2);
+        t.tier.store(key, &s, &ObjectRef::new("m", "1"), 1234);
+        until("write", || t.metrics.disk_writes.get() == 1).await;
+        let (read, stamp) = t.tier.read(&key).await.unwrap();
+        assert_eq!((read.bytes, stamp), (s.bytes, 1234));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_writer_drops_a_slice_whose_object_was_purged_since_its_fill_started() {
         let dir = tempfile::tempdir().unwrap();
         let t = open(

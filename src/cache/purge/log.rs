@@ -157,7 +157,7 @@ mod tests {
             record: PurgeRecord {
                 id: 1000 + seq,
                 o: "movie".into(),
-                v: (seq % 2 == 0).then(|| seq.to_string()),
+                v: seq.is_multiple_of(2).then(|| seq.to_string()),
             },
             at: 5000 + seq,
         }
