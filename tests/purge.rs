@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use support::client::{self, Response};
 use support::edge::{signed, Edge, EdgeOptions};
-use support::object_bytes;
 use support::origin::{dead_addr, TestOrigin};
+use support::{object_bytes, slice_files};
 
 const SLICE: usize = 64 * 1024;
 /// Three slices, the last one short.
@@ -139,22 +139,6 @@ async fn a_purge_of_one_version_leaves_the_others_and_one_of_every_version_takes
     assert_eq!(status_of(1).await, "cdn-edge; fwd=miss");
     assert_eq!(status_of(2).await, "cdn-edge; hit");
     assert_eq!(origin.requests(), 9 + 3 + 3 + 3);
-}
-
-fn slice_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("slices")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use cdn_edge::cluster::auth::{self as peer_auth, Claim, Kind};
 use support::client::{self, Response};
@@ -20,7 +14,7 @@ use support::object_bytes;
 use support::origin::TestOrigin;
 use support::site::{
     get_exact, in_slice, origin_slices, origins, range_target, site_options, slices,
-    ClusterOptions, Site, SITE_OBJECT_SIZE, SITE_SECRET, SITE_SLICE,
+    ClusterOptions, FakePeer, Site, SITE_OBJECT_SIZE, SITE_SECRET, SITE_SLICE,
 };
 
 const SIZE: usize = SITE_OBJECT_SIZE;
@@ -258,101 +252,12 @@ async fn the_peer_listener_applies_only_purges_signed_by_the_site() {
     assert_eq!(log["more"], false);
 }
 
-/// A peer that answers health checks, answers reads of its purge log with a set page
-/// (held until [`LogPeer::release`] while held), and closes any other request unanswered.
-struct LogPeer {
-    addr: SocketAddr,
-    page: Arc<Mutex<String>>,
-    hold: watch::Sender<bool>,
-    log_reads: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LogPeer {
-    /// Starts with an empty log, not held.
-    async fn start() -> LogPeer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let page = Arc::new(Mutex::new(
-            r#"{"log":"fake","last":0,"purges":[],"more":false}"#.to_string(),
-        ));
-        let hold = watch::channel(false).0;
-        let log_reads = Arc::new(AtomicU64::new(0));
-        let (p, h, reads) = (page.clone(), hold.clone(), log_reads.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve(sock, p.clone(), h.subscribe(), reads.clone()));
-            }
-        });
-        LogPeer {
-            addr,
-            page,
-            hold,
-            log_reads,
-            task,
-        }
-    }
-
-    fn set_page(&self, json: &str) {
-        *self.page.lock().unwrap() = json.to_string();
-    }
-}
-
-impl Drop for LogPeer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn serve(
-    mut sock: TcpStream,
-    page: Arc<Mutex<String>>,
-    mut hold: watch::Receiver<bool>,
-    reads: Arc<AtomicU64>,
-) {
-    let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 4096];
-        match sock.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            if buf.len() > 64 * 1024 {
-                return;
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end + 4);
-        let target = head.split(' ').nth(1).unwrap_or_default().to_string();
-        let body = if target.starts_with("/peer/v1/health") {
-            "ok".to_string()
-        } else if target.starts_with("/peer/v1/purges") {
-            reads.fetch_add(1, Ordering::SeqCst);
-            if hold.wait_for(|held| !*held).await.is_err() {
-                return;
-            }
-            page.lock().unwrap().clone()
-        } else {
-            return; // closes unanswered
-        };
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        if sock.write_all(answer.as_bytes()).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_no_disk_slice_is_served_before_the_peers_purge_logs_are_read() {
     let old = object_bytes(91, SIZE);
     let origin = TestOrigin::start().await;
     origin.add_object("movie", "1", old.clone(), "video/mp4");
-    let peer = LogPeer::start().await;
+    let peer = FakePeer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cluster = ClusterOptions {
         extra_peers: vec![peer.addr],
@@ -372,13 +277,13 @@ async fn after_a_restart_no_disk_slice_is_served_before_the_peers_purge_logs_are
     // origin's object is replaced.
     let new = object_bytes(92, SIZE);
     origin.add_object("movie", "1", new.clone(), "video/mp4");
-    peer.set_page(
+    peer.set_log(
         r#"{"log":"fake","last":1,"more":false,
             "purges":[{"seq":1,"id":99,"o":"movie","v":"1","at":1}]}"#,
     );
-    peer.hold.send_replace(true);
+    peer.hold_log(true);
     site.kill(0).await;
-    let reads = peer.log_reads.load(Ordering::SeqCst);
+    let reads = peer.log_reads();
     site.restart(0).await;
 
     let edge = (site[0].http, range_target("movie", "1", 0, SIZE - 1));
@@ -388,11 +293,8 @@ async fn after_a_restart_no_disk_slice_is_served_before_the_peers_purge_logs_are
         waited.is_err(),
         "answered from the disk tier before the peer's purge log was read"
     );
-    assert!(
-        peer.log_reads.load(Ordering::SeqCst) > reads,
-        "the log is being read"
-    );
-    peer.hold.send_replace(false);
+    assert!(peer.log_reads() > reads, "the log is being read");
+    peer.hold_log(false);
     let r = asked.await.unwrap();
     support::site::check_exact(&r, &new, 0, SIZE - 1, "after the purge log was read");
     assert_eq!(

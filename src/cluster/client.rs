@@ -265,7 +265,19 @@ fn request(
     to: SocketAddr,
 ) -> pingora::Result<Box<RequestHeader>> {
     let path = format!("{SLICE_PATH}?o={}&v={}&i={}", claim.o, claim.v, claim.index);
-    let mut req = RequestHeader::build("GET", path.as_bytes(), Some(8))?;
+    signed_request("GET", &path, claim, secret, to).map(Box::new)
+}
+
+/// `method path` to `to`'s peer listener, with the authentication headers of `claim`
+/// signed with `secret`.
+pub fn signed_request(
+    method: &str,
+    path: &str,
+    claim: &Claim<'_>,
+    secret: &[u8],
+    to: SocketAddr,
+) -> pingora::Result<RequestHeader> {
+    let mut req = RequestHeader::build(method, path.as_bytes(), Some(8))?;
     req.insert_header(http::header::HOST, to.to_string())?;
     req.insert_header(auth::FROM, claim.from.to_string())?;
     req.insert_header(auth::TIME, claim.time)?;
@@ -276,7 +288,7 @@ fn request(
         http::header::USER_AGENT,
         HeaderValue::from_static(concat!("cdn-edge/", env!("CARGO_PKG_VERSION"))),
     )?;
-    Ok(Box::new(req))
+    Ok(req)
 }
 
 fn unix_now() -> u64 {

@@ -36,6 +36,7 @@ use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use super::auth::{self, Claim, Denied, Kind};
+use super::client;
 use super::metrics::Served;
 use super::site::Site;
 use crate::app::AppState;
@@ -147,22 +148,11 @@ fn signed_request(
     secret: &[u8],
     to: SocketAddr,
 ) -> RequestHeader {
-    let build = || -> pingora::Result<RequestHeader> {
-        let mut req = RequestHeader::build(method, path.as_bytes(), Some(8))?;
-        req.insert_header(header::HOST, to.to_string())?;
-        req.insert_header(header::CONTENT_LENGTH, "0")?;
-        req.insert_header(auth::FROM, claim.from.to_string())?;
-        req.insert_header(auth::TIME, claim.time)?;
-        req.insert_header(auth::HOPS, u16::from(claim.hops))?;
-        req.insert_header(auth::KIND, claim.kind.label())?;
-        req.insert_header(auth::AUTH, claim.sign(secret))?;
-        req.insert_header(
-            header::USER_AGENT,
-            HeaderValue::from_static(concat!("cdn-edge/", env!("CARGO_PKG_VERSION"))),
-        )?;
-        Ok(req)
-    };
-    build().expect("valid ids, addresses and digits make a valid request")
+    let mut req = client::signed_request(method, path, claim, secret, to)
+        .expect("valid ids, addresses and digits make a valid request");
+    req.insert_header(header::CONTENT_LENGTH, "0")
+        .expect("a valid header");
+    req
 }
 
 /// Answers `POST /peer/v1/purge` and `GET /peer/v1/purges` on the peer listener.

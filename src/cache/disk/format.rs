@@ -388,11 +388,11 @@ mod tests {
         f
     }
 
-    /// The same file in format version 2, as earlier releases wrote it.
-    fn file_v2(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
+    /// Bytes 0..68 of a file of an earlier `version`, the same in versions 2 and 3.
+    fn old_prefix(version: u16, payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
         let mut h = Vec::new();
         h.extend_from_slice(MAGIC);
-        h.extend_from_slice(&VERSION_2.to_le_bytes());
+        h.extend_from_slice(&version.to_le_bytes());
         h.extend_from_slice(&(ct.len() as u16).to_le_bytes());
         h.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         h.extend_from_slice(&object_size.to_le_bytes());
@@ -400,40 +400,35 @@ mod tests {
         h.extend_from_slice(key().object.as_bytes());
         h.extend_from_slice(&(S as u32).to_le_bytes());
         h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&h);
-        crc.update(ct);
-        h.extend_from_slice(&crc.finalize().to_le_bytes());
-        h.extend_from_slice(ct);
-        h.extend_from_slice(payload);
         h
+    }
+
+    /// The header CRC of `fixed` and `rest`, then `rest` and `payload`: the end of a file
+    /// of an earlier version.
+    fn old_file(mut fixed: Vec<u8>, rest: &[&[u8]], payload: &[u8]) -> Vec<u8> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&fixed);
+        rest.iter().for_each(|r| crc.update(r));
+        fixed.extend_from_slice(&crc.finalize().to_le_bytes());
+        rest.iter().for_each(|r| fixed.extend_from_slice(r));
+        fixed.extend_from_slice(payload);
+        fixed
+    }
+
+    /// The same file in format version 2, as earlier releases wrote it.
+    fn file_v2(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
+        let h = old_prefix(VERSION_2, payload, ct, object_size);
+        old_file(h, &[ct], payload)
     }
 
     /// The same file in format version 3, as the release before names wrote it.
     fn file_v3(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
         let validator = b"E\"v1\"";
-        let mut h = Vec::new();
-        h.extend_from_slice(MAGIC);
-        h.extend_from_slice(&VERSION_3.to_le_bytes());
-        h.extend_from_slice(&(ct.len() as u16).to_le_bytes());
-        h.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        h.extend_from_slice(&object_size.to_le_bytes());
-        h.extend_from_slice(&key().index.to_le_bytes());
-        h.extend_from_slice(key().object.as_bytes());
-        h.extend_from_slice(&(S as u32).to_le_bytes());
-        h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let mut h = old_prefix(VERSION_3, payload, ct, object_size);
         h.extend_from_slice(&1234u64.to_le_bytes());
         h.extend_from_slice(&(validator.len() as u16).to_le_bytes());
         h.extend_from_slice(&[0, 0]);
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&h);
-        crc.update(ct);
-        crc.update(validator);
-        h.extend_from_slice(&crc.finalize().to_le_bytes());
-        h.extend_from_slice(ct);
-        h.extend_from_slice(validator);
-        h.extend_from_slice(payload);
-        h
+        old_file(h, &[ct, validator], payload)
     }
 
     /// Slice 3 of a 60-byte object cut in 16-byte slices: bytes 48..60, 12 long.
@@ -443,6 +438,14 @@ mod tests {
 
     fn decode(f: Vec<u8>) -> Result<(Header, Bytes), FormatError> {
         decode_file(Bytes::from(f), &key(), S)
+    }
+
+    fn every_flip_is_detected(f: &[u8]) {
+        for i in 0..f.len() {
+            let mut bad = f.to_vec();
+            bad[i] ^= 0x40;
+            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
+        }
     }
 
     #[test]
@@ -472,11 +475,7 @@ mod tests {
         assert_eq!(h.object_name(), None);
         assert_eq!(h.written_at, 0);
         assert_eq!(h.file_len(), f.len() as u64);
-        for i in 0..f.len() {
-            let mut bad = f.clone();
-            bad[i] ^= 0x40;
-            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
-        }
+        every_flip_is_detected(&f);
     }
 
     #[test]
@@ -505,11 +504,7 @@ mod tests {
         assert!(h.validator.is_empty());
         assert_eq!(h.recheck_at, 0);
         assert_eq!(h.file_len(), f.len() as u64);
-        for i in 0..f.len() {
-            let mut bad = f.clone();
-            bad[i] ^= 0x40;
-            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
-        }
+        every_flip_is_detected(&f);
     }
 
     #[test]
@@ -553,11 +548,7 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_detected() {
         let f = file(b"video/mp4");
-        for i in 0..f.len() {
-            let mut bad = f.clone();
-            bad[i] ^= 0x40;
-            assert!(decode(bad).is_err(), "flip at {i} went unnoticed");
-        }
+        every_flip_is_detected(&f);
     }
 
     #[test]
