@@ -269,6 +269,7 @@ async fn after_a_restart_no_disk_slice_is_served_before_the_peers_purge_logs_are
     let owned = (0..slices(SIZE))
         .filter(|&i| site.owner_among("movie", "1", i, &[0]) == 0)
         .count();
+    assert!(owned > 0, "the node owns some slices");
     site[0]
         .wait_for_metric("cdn_edge_disk_writes_total", owned as f64)
         .await;

@@ -331,7 +331,7 @@ impl BackgroundService for PurgeSync {
             .collect();
         self.state.store.purges().mark_synced();
         tracing::info!(peers = peers.len(), unreachable = ?missed, ms = started.elapsed().as_millis() as u64,
-            "peers' purge logs read at start; the disk tier is served");
+            "peers' purge logs read at start");
         let mut tick = tokio::time::interval(self.site.health_check());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -438,17 +438,20 @@ async fn read_log(
                 continue;
             }
         }
+        let mut missed = 0;
         for entry in page.purges {
             cursor.seq = cursor.seq.max(entry.seq);
             if state.store.purges().knows(entry.record.id) {
                 continue;
             }
-            tracing::info!(%peer, object = entry.record.o, version = ?entry.record.v,
-                "applying a purge missed meanwhile, read in a peer's purge log");
             let applied = state.store.purge(entry.record).await;
             if applied.new {
+                missed += 1;
                 state.metrics.purge.record_applied(PurgeFrom::Log);
             }
+        }
+        if missed > 0 {
+            tracing::info!(%peer, purges = missed, "applied purges missed meanwhile, read in a peer's purge log");
         }
         if !page.more {
             cursor.read_at = Some(Instant::now());

@@ -4,7 +4,7 @@
 //! # Invariants
 //! 1. A purge is recorded before anything is removed ([`Purges::record`]): from then
 //!    on no slice of its object cut by a fill that started before it is served from
-//!    disk or put in a tier, wherever the sweep ([`sweep`]) has not reached yet.
+//!    disk or put in a tier, wherever the sweep (`sweep.rs`) has not reached yet.
 //! 2. Stamps: the purge clock gives unix milliseconds, strictly increasing within the
 //!    process and never below a stamp the log holds. A purge takes a new stamp; a fill
 //!    reads the clock when it starts. So "the fill started before the purge" is exact

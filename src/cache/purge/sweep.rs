@@ -45,8 +45,13 @@ impl SliceStore {
         let removed = self.sweep(&record).await;
         self.metrics.purge.slices.inc_by(removed.slices);
         self.metrics.purge.bytes.inc_by(removed.bytes);
-        tracing::info!(object = record.o, version = ?record.v, id = record.id,
-            slices = removed.slices, bytes = removed.bytes, "purged");
+        if removed.slices > 0 {
+            tracing::info!(object = record.o, version = ?record.v, id = record.id,
+                slices = removed.slices, bytes = removed.bytes, "purged");
+        } else {
+            tracing::debug!(object = record.o, version = ?record.v, id = record.id,
+                "purged; nothing of it was cached");
+        }
         Applied {
             removed,
             new: true,
