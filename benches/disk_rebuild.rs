@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use cdn_edge::cache::disk::DiskTier;
-use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
+use cdn_edge::cache::purge::Purges;
+use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, ObjectRef, SliceKey};
 use cdn_edge::config::DiskCache;
 use cdn_edge::metrics::Metrics;
 
@@ -43,11 +44,15 @@ fn main() {
     let _guard = rt.enter();
 
     let metrics = Arc::new(Metrics::new());
-    let tier = DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone()).expect("open disk tier");
+    let purges = Arc::new(Purges::in_memory());
+    let tier = DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone(), purges.clone())
+        .expect("open disk tier");
     let payload = Bytes::from(vec![0x5a; PAYLOAD]);
     let written = Instant::now();
     for n in 0..files {
-        let object = ObjectId::new(&format!("object-{}", n / 64), "v1");
+        let o = format!("object-{}", n / 64);
+        let obj = ObjectRef::new(&o, "v1");
+        let object = ObjectId::new(&o, "v1");
         let slice = CachedSlice {
             bytes: payload.clone(),
             meta: Arc::new(ObjectMeta::new(&object, 64 * PAYLOAD as u64, None)),
@@ -59,7 +64,7 @@ fn main() {
         // The write queue is bounded: wait for room rather than count drops.
         loop {
             let before = metrics.disk_writes_dropped.get();
-            tier.store(key, &slice);
+            tier.store(key, &slice, &obj, purges.now());
             if metrics.disk_writes_dropped.get() == before {
                 break;
             }
@@ -80,7 +85,8 @@ fn main() {
 
     let metrics = Arc::new(Metrics::new());
     let opened = Instant::now();
-    let tier = DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone()).expect("reopen disk tier");
+    let tier =
+        DiskTier::open(&cfg, PAYLOAD as u64, metrics.clone(), purges).expect("reopen disk tier");
     let open_time = opened.elapsed();
     let rebuild = wait("rebuild", Duration::from_secs(600), || {
         tier.stats().index_ready

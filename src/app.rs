@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::auth::Verifier;
 use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::pages::PagePool;
+use crate::cache::purge::Purges;
 use crate::cache::SliceStore;
 use crate::cluster::ring::RingError;
 use crate::cluster::site::Site;
@@ -67,6 +68,11 @@ pub enum StateError {
     Ring(#[from] RingError),
     #[error(transparent)]
     Fill(#[from] JobStoreError),
+    #[error("cache.disk.path {path}: cannot read the purge log: {error}")]
+    PurgeLog {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 impl StateError {
@@ -117,11 +123,19 @@ impl AppState {
             metrics.clone(),
             pages.clone(),
         )?);
+        // With a disk tier in a site, disk slices wait for the peers' purge logs at start.
+        let disk_dir = config.cache.disk.as_ref().map(|d| d.path.as_path());
+        let gated = disk_dir.is_some() && config.cluster.is_some();
+        let purges = Purges::open(disk_dir, gated).map_err(|error| StateError::PurgeLog {
+            path: disk_dir.map(Into::into).unwrap_or_default(),
+            error,
+        })?;
+        let purges = Arc::new(purges);
         let disk = config
             .cache
             .disk
             .as_ref()
-            .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone()))
+            .map(|d| DiskTier::open(d, config.cache.slice_bytes, metrics.clone(), purges.clone()))
             .transpose()?;
         let site = config
             .cluster
@@ -145,6 +159,7 @@ impl AppState {
             disk,
             Sources::new(origin.clone(), site.clone(), config.origin.mode),
             metrics.clone(),
+            purges,
         );
         let dictionary_paths = config
             .dictionary
@@ -208,6 +223,10 @@ impl AppState {
         self.metrics
             .draining
             .set(i64::from(self.drain.is_draining()));
+        self.metrics
+            .purge
+            .log_entries
+            .set(self.store.purges().entries() as i64);
         if let Some(d) = s.disk {
             self.metrics.disk.bytes.set(d.bytes as i64);
             self.metrics.disk.entries.set(d.entries as i64);

@@ -102,6 +102,18 @@ enum Command {
         #[arg(long, default_value_t = 1 << 30)]
         disk_bytes: u64,
     },
+    /// Remove an object's slices (one version, or every version) from a running edge and,
+    /// in a site, from every other node; prints what each node removed.
+    Purge {
+        /// Object id (o).
+        #[arg(long)]
+        object: String,
+        /// Object version (v); without it, every version of the object.
+        #[arg(long)]
+        version: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Take a running edge out of rotation (`on`: /healthz answers 503 draining, every
     /// request is still served) or put it back (`off`).
     Drain {
@@ -241,6 +253,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Purge {
+            object,
+            version,
+            admin,
+        } => {
+            let addr = admin.admin;
+            let mut body = serde_json::json!({ "o": object });
+            if let Some(v) = &version {
+                body["v"] = serde_json::json!(v);
+            }
+            let answer = admin.client().call("POST", "/purge", Some(&body))?;
+            let what = match &version {
+                Some(v) => format!("{object} version {v}"),
+                None => format!("{object} (every version)"),
+            };
+            let (text, failed) = purge_report(&what, addr, &answer);
+            print!("{text}");
+            if failed > 0 {
+                bail!("{failed} node(s) did not confirm the purge; each applies it when it next reads a peer's purge log");
+            }
+            Ok(())
+        }
         Command::Drain { state, admin } => {
             let method = match state {
                 OnOff::On => "POST",
@@ -314,6 +348,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The lines `cdn-edge purge` prints for the answer of `POST /purge`, and how many
+/// nodes reported an error.
+fn purge_report(what: &str, addr: SocketAddr, answer: &serde_json::Value) -> (String, usize) {
+    let removed = |v: &serde_json::Value| {
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        format!("{} slices, {} bytes", n("slices"), n("bytes"))
+    };
+    let mut text = format!(
+        "purged {what}
+  {addr} (this edge): {}
+",
+        removed(answer)
+    );
+    let mut failed = 0;
+    if let Some(peers) = answer.get("peers").and_then(serde_json::Value::as_object) {
+        for (peer, result) in peers {
+            match result.get("error").and_then(serde_json::Value::as_str) {
+                Some(e) => {
+                    failed += 1;
+                    text.push_str(&format!(
+                        "  {peer} (peer): error: {e}
+"
+                    ));
+                }
+                None => text.push_str(&format!(
+                    "  {peer} (peer): {}
+",
+                    removed(result)
+                )),
+            }
+        }
+    }
+    (text, failed)
 }
 
 /// `demo --nodes N`, N > 1: the sample upstreams in this process, the nodes as child

@@ -359,6 +359,145 @@ pub struct KeptMetrics {
     pub evicted: IntCounter,
 }
 
+/// How a purge asked on the admin listener ended, the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeResult {
+    /// Applied here and by every peer of the site.
+    Ok,
+    /// Applied here; some peer did not confirm it (it applies it once back).
+    Partial,
+    /// Applied here but not written to the purge log: it would not survive a restart.
+    Error,
+}
+
+impl PurgeResult {
+    pub const ALL: [PurgeResult; 3] = [PurgeResult::Ok, PurgeResult::Partial, PurgeResult::Error];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            PurgeResult::Ok => "ok",
+            PurgeResult::Partial => "partial",
+            PurgeResult::Error => "error",
+        }
+    }
+}
+
+/// How this node learnt a purge it applied, the `from` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeFrom {
+    /// `POST /purge` on its admin listener.
+    Admin,
+    /// Passed on by the peer that received it.
+    Peer,
+    /// Read in a peer's purge log (it had missed the purge).
+    Log,
+}
+
+impl PurgeFrom {
+    pub const ALL: [PurgeFrom; 3] = [PurgeFrom::Admin, PurgeFrom::Peer, PurgeFrom::Log];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            PurgeFrom::Admin => "admin",
+            PurgeFrom::Peer => "peer",
+            PurgeFrom::Log => "log",
+        }
+    }
+}
+
+/// Purge counters, bound at start.
+pub struct PurgeMetrics {
+    requests: [IntCounter; PurgeResult::ALL.len()],
+    applied: [IntCounter; PurgeFrom::ALL.len()],
+    /// Slices removed by purges (once each, whatever tiers held them).
+    pub slices: IntCounter,
+    /// Their payload bytes.
+    pub bytes: IntCounter,
+    /// Fills whose object was purged while they were in flight: served, not cached.
+    pub fills_discarded: IntCounter,
+    log_pulls: [IntCounter; 2],
+    /// Purges in this node's log.
+    pub log_entries: IntGauge,
+}
+
+impl PurgeMetrics {
+    fn new(r: &Registry) -> Self {
+        let requests = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_purges_total",
+                    "Purges asked on the admin listener, by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let applied = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_purges_applied_total",
+                    "Purges applied on this node, by how it learnt them",
+                ),
+                &["from"],
+            )
+            .expect("valid metric"),
+        );
+        let log_pulls = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_purge_log_pulls_total",
+                    "Reads of a peer's purge log, by result",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let counter = |name: &str, help: &str| {
+            registered(r, IntCounter::new(name, help).expect("valid metric"))
+        };
+        Self {
+            requests: PurgeResult::ALL.map(|x| requests.with_label_values(&[x.label()])),
+            applied: PurgeFrom::ALL.map(|x| applied.with_label_values(&[x.label()])),
+            slices: counter(
+                "cdn_edge_purged_slices_total",
+                "Slices removed from this node by purges",
+            ),
+            bytes: counter(
+                "cdn_edge_purged_bytes_total",
+                "Payload bytes of the slices removed from this node by purges",
+            ),
+            fills_discarded: counter(
+                "cdn_edge_purge_discarded_fills_total",
+                "Fills of an object purged while they were in flight: served, not cached",
+            ),
+            log_pulls: ["ok", "error"].map(|x| log_pulls.with_label_values(&[x])),
+            log_entries: registered(
+                r,
+                IntGauge::new(
+                    "cdn_edge_purge_log_entries",
+                    "Purges in this node's purge log",
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
+
+    pub fn record(&self, result: PurgeResult) {
+        self.requests[result as usize].inc();
+    }
+
+    pub fn record_applied(&self, from: PurgeFrom) {
+        self.applied[from as usize].inc();
+    }
+
+    pub fn record_pull(&self, ok: bool) {
+        self.log_pulls[usize::from(!ok)].inc();
+    }
+}
+
 /// The edge's metrics. One instance per process, shared by every service.
 pub struct Metrics {
     registry: Registry,
@@ -423,6 +562,7 @@ pub struct Metrics {
     /// 1 while the node is draining (`POST /drain`), refreshed on every scrape.
     pub draining: IntGauge,
     pub fill: FillMetrics,
+    pub purge: PurgeMetrics,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -1026,6 +1166,7 @@ impl Metrics {
 
         let fill = FillMetrics::new(r);
 
+        let purge = PurgeMetrics::new(r);
         Self {
             fill,
             registry,
@@ -1082,6 +1223,7 @@ impl Metrics {
             tls_handshake_failures,
             control_reports,
             draining,
+            purge,
         }
     }
 

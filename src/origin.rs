@@ -38,7 +38,7 @@ use crate::upstream::{self, ResolveError, POOL_IDLE};
 const UNHEALTHY_AFTER: u32 = 3;
 
 /// Why a slice could not be had from the origins.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum OriginError {
     #[error("{origin}: cannot connect or lost the connection: {detail}")]
     Unreachable { origin: String, detail: String },

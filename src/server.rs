@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use crate::admin::AdminApp;
 use crate::app::AppState;
 use crate::app::StateError;
+use crate::cluster::purge::PurgeSync;
 use crate::cluster::service::PeerApp;
 use crate::cluster::site::SiteHealth;
 use crate::config::Config;
@@ -146,6 +147,10 @@ impl EdgeServer {
             server.add_service(background_service(
                 "cdn-edge peer health",
                 SiteHealth(site.clone()),
+            ));
+            server.add_service(background_service(
+                "cdn-edge purge sync",
+                PurgeSync::new(state.clone(), site.clone()),
             ));
         }
 

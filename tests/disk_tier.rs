@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use support::client::Response;
 use support::edge::{signed, Edge, EdgeOptions};
-use support::object_bytes;
 use support::origin::TestOrigin;
+use support::{object_bytes, slice_files};
 
 const SLICE: u64 = 64 * 1024;
 const SIZE: usize = 1_000_003; // 16 slices
@@ -44,23 +44,6 @@ fn disk_only(origin: &TestOrigin, dir: &Path) -> EdgeOptions {
     let mut o = opts(origin, dir, 1 << 30);
     o.memory_bytes = SLICE;
     o
-}
-
-fn slice_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("slices")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// The file of slice `index` (names end in the index as 16 hex digits).

@@ -22,14 +22,18 @@
 //!    memory only, in place of origin requests and never of cached data; and concurrent
 //!    requests for an object not known yet make one origin request between them. The
 //!    rules are in [`missing`].
+//! 7. A purge is in force from the moment it is recorded: a fill that started before it
+//!    puts nothing in a tier (its waiters still get the bytes), and a disk slice older
+//!    than it is never served. The rules are in [`purge`].
 
 pub mod disk;
 pub mod memory;
 pub mod meta;
 pub mod missing;
 pub mod pages;
+pub mod purge;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +53,7 @@ pub use meta::ObjectMeta;
 use meta::{unix_ms, Answer, Verdict};
 use missing::{ColdObjects, MissingObjects, Turn};
 use pages::PagePool;
+use purge::Purges;
 
 /// Most objects whose metadata is remembered.
 const METADATA_ENTRIES: u64 = 262_144;
@@ -71,7 +76,7 @@ impl ObjectId {
     }
 
     /// Rebuilds an id read back from storage.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 }
@@ -206,6 +211,16 @@ pub struct SliceStore {
     cold: ColdObjects,
     sources: Sources,
     metrics: Arc<Metrics>,
+    /// What was purged, and the purge clock (shared with the disk tier).
+    purges: Arc<Purges>,
+}
+
+/// Why a fill put nothing in the memory tier.
+enum Refused {
+    Origin(OriginError),
+    /// Its object was purged while it was in flight: the slice goes to the requests
+    /// that waited for it, and nowhere else.
+    Purged(CachedSlice),
 }
 
 /// How a memory miss was filled ([`SliceStore::fill`]).
@@ -214,6 +229,8 @@ const FROM_DISK: u8 = 1;
 const FROM_PEER: u8 = 2;
 
 impl SliceStore {
+    // Called once, from `AppState::new`, with each part built there.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         slice_bytes: u64,
         memory_bytes: u64,
@@ -222,6 +239,7 @@ impl SliceStore {
         disk: Option<DiskTier>,
         sources: Sources,
         metrics: Arc<Metrics>,
+        purges: Arc<Purges>,
     ) -> Self {
         Self {
             slice_bytes,
@@ -237,6 +255,7 @@ impl SliceStore {
             cold: ColdObjects::default(),
             sources,
             metrics,
+            purges,
         }
     }
 
@@ -342,24 +361,45 @@ impl SliceStore {
         use_disk: bool,
     ) -> Result<Slice, Arc<OriginError>> {
         let from = AtomicU8::new(FROM_UPSTREAM);
-        let entry = self
+        let led = AtomicBool::new(false);
+        // A purge recorded from now on refuses what this fill brings (invariant 7).
+        let started = self.purges.now();
+        self.purges.names().note(obj.id, obj.o);
+        let filled = self
             .memory
             .cache()
             .entry(key)
-            .or_try_insert_with(self.fill(obj, key, &from, use_disk))
-            .await?;
-        let source = match (entry.is_fresh(), from.load(Ordering::Relaxed)) {
-            (true, FROM_DISK) => Source::Disk,
-            (true, FROM_PEER) => {
-                if self.keeps_nothing_from_peers() {
-                    self.memory.cache().invalidate(&key).await;
+            .or_try_insert_with(async {
+                led.store(true, Ordering::Relaxed);
+                let slice = self
+                    .fill(obj, key, &from, use_disk, started)
+                    .await
+                    .map_err(Refused::Origin)?;
+                if self.purges.purged_after(obj.o, &obj.id, started) {
+                    return Err(Refused::Purged(slice));
                 }
-                Source::Peer
-            }
-            (true, _) => Source::Origin,
+                Ok(slice)
+            })
+            .await;
+        let led = led.load(Ordering::Relaxed);
+        let entry = match filled {
+            Ok(entry) => entry,
+            Err(refused) => return self.refused(obj, &refused, led, &from).await,
+        };
+        let source = match (entry.is_fresh(), from.load(Ordering::Relaxed)) {
             (false, _) => {
                 self.metrics.coalesced_waits.inc();
                 Source::Coalesced
+            }
+            (true, from) => {
+                self.purges.names().note(obj.id, obj.o);
+                if self.purges.purged_after(obj.o, &obj.id, started)
+                    || (from == FROM_PEER && self.keeps_nothing_from_peers())
+                {
+                    // Purged between the check above and the insert; or not kept.
+                    self.memory.cache().invalidate(&key).await;
+                }
+                source_of(from)
             }
         };
         let cached = entry.into_value();
@@ -368,6 +408,36 @@ impl SliceStore {
             meta: cached.meta,
             source,
         })
+    }
+
+    /// The answer to a request whose fill put nothing in memory: its error, or the slice
+    /// of a fill purged in flight.
+    async fn refused(
+        &self,
+        obj: &ObjectRef<'_>,
+        refused: &Refused,
+        led: bool,
+        from: &AtomicU8,
+    ) -> Result<Slice, Arc<OriginError>> {
+        match refused {
+            Refused::Origin(e) => Err(Arc::new(e.clone())),
+            Refused::Purged(slice) => {
+                let source = if led {
+                    self.metrics.purge.fills_discarded.inc();
+                    // What the fill learnt of the object is as old as its bytes.
+                    self.meta.invalidate(&obj.id).await;
+                    source_of(from.load(Ordering::Relaxed))
+                } else {
+                    self.metrics.coalesced_waits.inc();
+                    Source::Coalesced
+                };
+                Ok(Slice {
+                    bytes: slice.bytes.clone(),
+                    meta: slice.meta.clone(),
+                    source,
+                })
+            }
+        }
     }
 
     /// Returns the object's metadata, reading slice `hint_index` (the one the request
@@ -406,6 +476,8 @@ impl SliceStore {
         // waiting for that sibling (each asked for a slice the other owns), so it fetches
         // its own slice, which only this node fills (one request per slice still). Nor is
         // a fill job's: it must only fetch the slice it asked for, one this node owns.
+        // Metadata learnt with a slice purged meanwhile is as old as the slice: not kept.
+        let started = self.purges.now();
         let turn = (!obj.via.sibling && !obj.via.fill).then(|| self.cold.join(obj.id, hint_index));
         let (hint_index, next_index, lead) = match turn {
             None => (hint_index, next_index, None),
@@ -428,6 +500,14 @@ impl SliceStore {
                     Source::Origin | Source::Peer | Source::Coalesced
                 );
                 let from_peer = slice.source == Source::Peer;
+                if self.purges.purged_after(obj.o, &obj.id, started) {
+                    return Ok(MetaLookup {
+                        meta: slice.meta,
+                        fetched: true,
+                        from_peer,
+                        slice: Some((hint_index, slice.bytes)),
+                    });
+                }
                 let mut lookup = self.meta_of_slice(obj, hint_index, slice).await;
                 lookup.fetched |= fetched;
                 lookup.from_peer = from_peer;
@@ -612,9 +692,25 @@ impl SliceStore {
         key: SliceKey,
         from: &AtomicU8,
         use_disk: bool,
+        started: u64,
     ) -> Result<CachedSlice, OriginError> {
         if let Some(disk) = self.disk.as_ref().filter(|_| use_disk) {
-            if let Some(cached) = disk.read(&key).await {
+            // After a start, not before this node knows what its peers purged meanwhile.
+            self.purges.wait_synced().await;
+            let read = disk.read(&key).await;
+            let read = match read {
+                Some((cached, written_at))
+                    if self.purges.purged_after(obj.o, &obj.id, written_at) =>
+                {
+                    // Cut before a purge of its object that the sweep did not reach.
+                    self.metrics.purge.slices.inc();
+                    self.metrics.purge.bytes.inc_by(cached.bytes.len() as u64);
+                    disk.discard(key);
+                    None
+                }
+                other => other.map(|(cached, _)| cached),
+            };
+            if let Some(cached) = read {
                 let meta = match self.meta.get(&obj.id).await {
                     None => Some(cached.meta),
                     Some(known) if known.agrees_with(&cached.meta) => Some(known),
@@ -655,7 +751,7 @@ impl SliceStore {
                     Filled::Peer => from.store(FROM_PEER, Ordering::Relaxed),
                     Filled::Upstream => {
                         if let Some(disk) = &self.disk {
-                            disk.store(key, &cached);
+                            disk.store(key, &cached, obj, started);
                         }
                     }
                 }
@@ -728,6 +824,7 @@ impl SliceStore {
 
     /// Applies pending cache maintenance so [`SliceStore::stats`] is exact.
     pub async fn sync(&self) {
+        self.prune_names().await;
         self.memory.sync().await;
         self.meta.run_pending_tasks().await;
         self.missing.sync().await;
@@ -736,5 +833,14 @@ impl SliceStore {
             // Disk index maintenance may delete evicted files: not on the async runtime.
             let _ = tokio::task::spawn_blocking(move || shared.sync_blocking()).await;
         }
+    }
+}
+
+/// Where the fill that ran for a request got its slice ([`SliceStore::fill`]).
+fn source_of(from: u8) -> Source {
+    match from {
+        FROM_DISK => Source::Disk,
+        FROM_PEER => Source::Peer,
+        _ => Source::Origin,
     }
 }

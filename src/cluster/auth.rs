@@ -1,13 +1,15 @@
 //! Authentication of peer requests: an HMAC-SHA256, with `cluster.secret`, over who
-//! asks whom for which slice and when.
+//! asks whom for what and when.
 //!
 //! The message is the request's fields, each followed by a newline: a version tag, the
-//! kind (`sibling` or `child`), the sender's `cluster.self`, the receiver's address as
-//! the sender lists it, o, v, the slice index, the hop count and the time (Unix
-//! seconds). A request is accepted when its HMAC matches, it is addressed to this node,
-//! and its time is within [`REPLAY_WINDOW_SECS`] of this node's clock. A replay inside
-//! the window asks again for the same slice of the same node, which is harmless: peer
-//! requests read, they never change anything.
+//! kind (`sibling`, `child`, `purge` or `purge-log`), the sender's `cluster.self`, the
+//! receiver's address as the sender lists it, o, v, the index, the hop count and the
+//! time (Unix seconds). For a slice the index is the slice's; for a purge it is the
+//! purge's id (v empty: every version); for a read of the purge log, the position read
+//! from (o and v empty). A request is accepted when its HMAC matches, it is addressed to
+//! this node, and its time is within [`REPLAY_WINDOW_SECS`] of this node's clock. A
+//! replay inside the window is harmless: a slice or log request reads again, and a
+//! purge's id is applied once.
 
 use std::net::SocketAddr;
 
@@ -34,6 +36,10 @@ pub enum Kind {
     /// A node of a child site (the receiver is its parent tier): the receiver treats it
     /// like a client's miss in its own site.
     Child,
+    /// A node of the same site passes on a purge (`cluster::purge`).
+    Purge,
+    /// A node of the same site reads this node's purge log.
+    PurgeLog,
 }
 
 impl Kind {
@@ -41,6 +47,8 @@ impl Kind {
         match self {
             Kind::Sibling => "sibling",
             Kind::Child => "child",
+            Kind::Purge => "purge",
+            Kind::PurgeLog => "purge-log",
         }
     }
 
@@ -48,6 +56,8 @@ impl Kind {
         match s {
             "sibling" => Some(Kind::Sibling),
             "child" => Some(Kind::Child),
+            "purge" => Some(Kind::Purge),
+            "purge-log" => Some(Kind::PurgeLog),
             _ => None,
         }
     }
@@ -167,6 +177,10 @@ mod tests {
         let changed = [
             Claim {
                 kind: Kind::Child,
+                ..c
+            },
+            Claim {
+                kind: Kind::Purge,
                 ..c
             },
             Claim { from: other, ..c },

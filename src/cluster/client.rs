@@ -78,8 +78,8 @@ impl PeerClient {
         range: ByteRange,
     ) -> Result<SliceBody, PeerFailure> {
         let hops = match kind {
-            Kind::Sibling => obj.via.hops,
             Kind::Child => obj.via.hops.saturating_add(1),
+            _ => obj.via.hops,
         };
         let claim = Claim {
             kind,
@@ -183,6 +183,61 @@ impl PeerClient {
         unreachable!("the second attempt always returns")
     }
 
+    /// Sends `req` (no body) to `to` and reads the whole answer, at most `max_body`
+    /// bytes, within the peer timeout: status and body, or why there is none. For the
+    /// peer listener's small JSON exchanges (purges); retried once on another connection
+    /// when a pooled one turns out closed.
+    pub async fn call(
+        &self,
+        to: SocketAddr,
+        req: &RequestHeader,
+        max_body: usize,
+    ) -> Result<(u16, bytes::Bytes), String> {
+        let peer = self.peer(to);
+        let exchange = async {
+            for retry in [false, true] {
+                let (mut session, reused) = self
+                    .connector
+                    .get_http_session(&peer)
+                    .await
+                    .map_err(|e| format!("cannot connect: {}", e.root_cause()))?;
+                if let Err(e) =
+                    origin::send_and_read_header(&mut session, Box::new(req.clone())).await
+                {
+                    if reused && !retry {
+                        continue;
+                    }
+                    return Err(format!("no answer: {}", e.root_cause()));
+                }
+                let status = session
+                    .response_header()
+                    .map(|r| r.status.as_u16())
+                    .ok_or("no response header")?;
+                let mut body = bytes::BytesMut::new();
+                while let Some(chunk) = session
+                    .read_response_body()
+                    .await
+                    .map_err(|e| format!("answer cut short: {}", e.root_cause()))?
+                {
+                    if body.len() + chunk.len() > max_body {
+                        return Err(format!("answer larger than {max_body} bytes"));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                self.release(session, &peer).await;
+                return Ok((status, body.freeze()));
+            }
+            unreachable!("the second attempt always returns")
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no complete answer within {} ms",
+                self.timeout.as_millis()
+            )),
+        }
+    }
+
     async fn release(
         &self,
         session: pingora::protocols::http::client::HttpSession,
@@ -210,7 +265,19 @@ fn request(
     to: SocketAddr,
 ) -> pingora::Result<Box<RequestHeader>> {
     let path = format!("{SLICE_PATH}?o={}&v={}&i={}", claim.o, claim.v, claim.index);
-    let mut req = RequestHeader::build("GET", path.as_bytes(), Some(8))?;
+    signed_request("GET", &path, claim, secret, to).map(Box::new)
+}
+
+/// `method path` to `to`'s peer listener, with the authentication headers of `claim`
+/// signed with `secret`.
+pub fn signed_request(
+    method: &str,
+    path: &str,
+    claim: &Claim<'_>,
+    secret: &[u8],
+    to: SocketAddr,
+) -> pingora::Result<RequestHeader> {
+    let mut req = RequestHeader::build(method, path.as_bytes(), Some(8))?;
     req.insert_header(http::header::HOST, to.to_string())?;
     req.insert_header(auth::FROM, claim.from.to_string())?;
     req.insert_header(auth::TIME, claim.time)?;
@@ -221,7 +288,7 @@ fn request(
         http::header::USER_AGENT,
         HeaderValue::from_static(concat!("cdn-edge/", env!("CARGO_PKG_VERSION"))),
     )?;
-    Ok(Box::new(req))
+    Ok(req)
 }
 
 fn unix_now() -> u64 {

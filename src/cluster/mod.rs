@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod metrics;
+pub mod purge;
 pub mod ring;
 pub mod service;
 pub mod site;

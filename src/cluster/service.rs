@@ -1,6 +1,7 @@
 //! The peer listener (`listen.peer`): answers slice requests from the site's other nodes
-//! and from child sites, and health checks. Paths and authentication are in docs/site.md
-//! ("Running a site"); they are the project's own, not part of the public contract.
+//! and from child sites, health checks, and purges ([`super::purge`]). Paths and
+//! authentication are in docs/site.md; they are the project's own, not part of the
+//! public contract.
 //!
 //! A sibling's request is answered as the slice's owner: from cache, else from the
 //! parent tier or the origin, never from another node of the site. A child site's
@@ -19,6 +20,7 @@ use super::auth::{self, Claim, Denied, Kind};
 use super::client::{RESULT, SLICE_PATH, VALIDATOR};
 use super::health::HEALTH_PATH;
 use super::metrics::Served;
+use super::purge;
 use super::site::{Site, MAX_HOPS};
 use crate::app::AppState;
 use crate::cache::{ObjectRef, Source, Via};
@@ -48,6 +50,9 @@ impl PeerApp {
         if path == HEALTH_PATH {
             respond::plain(session, 200, "ok").await?;
             return Ok(());
+        }
+        if path == purge::PURGE_PATH || path == purge::LOG_PATH {
+            return purge::answer(&self.state, &self.site, session).await;
         }
         if path != SLICE_PATH {
             respond::plain(session, 404, "not found").await?;
@@ -206,7 +211,8 @@ impl SliceRequest {
             o: o?,
             v: v?,
             index: index?,
-            kind: Kind::parse(text(auth::KIND)?)?,
+            kind: Kind::parse(text(auth::KIND)?)
+                .filter(|k| matches!(k, Kind::Sibling | Kind::Child))?,
             from: text(auth::FROM)?.parse().ok()?,
             time: text(auth::TIME)?.parse().ok()?,
             hops: text(auth::HOPS)?.parse().ok()?,

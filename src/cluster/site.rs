@@ -79,6 +79,26 @@ impl Site {
         &self.secret
     }
 
+    /// The client of peer requests (and of the parent tier's).
+    pub fn client(&self) -> &PeerClient {
+        &self.client
+    }
+
+    /// Time between two health checks of each member.
+    pub fn health_check(&self) -> Duration {
+        self.health_check
+    }
+
+    /// The other nodes of the site.
+    pub fn others(&self) -> Vec<SocketAddr> {
+        self.ring
+            .states()
+            .into_iter()
+            .map(|m| m.addr)
+            .filter(|&a| a != self.me)
+            .collect()
+    }
+
     /// Whether this node owns slice `index` of `obj` in the site's ring as it is now.
     pub fn owns(&self, obj: &ObjectRef<'_>, index: u64) -> bool {
         self.ring.owner(&obj.id, index).is_none_or(|o| o == self.me)

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cdn_edge::cache::ObjectId;
 use cdn_edge::cluster::ring::Ring;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use super::client::{self, Response};
 use super::edge::{free_addrs, signed, Edge, EdgeOptions, Ports};
@@ -381,11 +382,16 @@ fn with_cluster(
     opts
 }
 
-/// A peer that answers health checks (`200 ok` to any `/peer/v1/health`) and closes
-/// every other request unanswered: the owner of its slices is up but cannot serve them.
+/// A peer that answers health checks (`200 ok` to any `/peer/v1/health`) and reads of
+/// its purge log (a set page, empty at first; held while [`FakePeer::hold_log`] says so),
+/// and closes every other request unanswered: the owner of its slices is up but cannot
+/// serve them.
 pub struct FakePeer {
     pub addr: SocketAddr,
     slice_requests: Arc<AtomicU64>,
+    log: Arc<Mutex<String>>,
+    log_held: watch::Sender<bool>,
+    log_reads: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -393,50 +399,100 @@ impl FakePeer {
     pub async fn start() -> FakePeer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let slice_requests = Arc::new(AtomicU64::new(0));
-        let counted = slice_requests.clone();
+        let log = Arc::new(Mutex::new(
+            r#"{"log":"fake","last":0,"purges":[],"more":false}"#.to_string(),
+        ));
+        let log_held = watch::channel(false).0;
+        let (slice_requests, log_reads) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let fake = FakeState {
+            slice_requests: slice_requests.clone(),
+            log: log.clone(),
+            log_held: log_held.subscribe(),
+            log_reads: log_reads.clone(),
+        };
         let task = tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let mut chunk = [0u8; 4096];
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            if buf.len() > 64 * 1024 {
-                                return;
-                            }
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end + 4);
-                        let target = head.split(' ').nth(1).unwrap_or_default();
-                        if !target.starts_with("/peer/v1/health") {
-                            counted.fetch_add(1, Ordering::SeqCst);
-                            return; // closes unanswered
-                        }
-                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if sock.write_all(ok).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(fake.clone().serve(sock));
             }
         });
         FakePeer {
             addr,
             slice_requests,
+            log,
+            log_held,
+            log_reads,
             task,
         }
     }
 
-    /// Requests other than health checks received so far.
+    /// Requests other than health checks and log reads received so far.
     pub fn slice_requests(&self) -> u64 {
         self.slice_requests.load(Ordering::SeqCst)
+    }
+
+    /// Answers reads of its purge log with this page (JSON) from now on.
+    pub fn set_log(&self, page: &str) {
+        *self.log.lock().unwrap() = page.to_string();
+    }
+
+    /// While `held`, reads of its purge log wait for an answer.
+    pub fn hold_log(&self, held: bool) {
+        self.log_held.send_replace(held);
+    }
+
+    /// Reads of its purge log received so far.
+    pub fn log_reads(&self) -> u64 {
+        self.log_reads.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct FakeState {
+    slice_requests: Arc<AtomicU64>,
+    log: Arc<Mutex<String>>,
+    log_held: watch::Receiver<bool>,
+    log_reads: Arc<AtomicU64>,
+}
+
+impl FakeState {
+    async fn serve(mut self, mut sock: tokio::net::TcpStream) {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if buf.len() > 64 * 1024 {
+                    return;
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            let target = head.split(' ').nth(1).unwrap_or_default();
+            let body = if target.starts_with("/peer/v1/health") {
+                "ok".to_string()
+            } else if target.starts_with("/peer/v1/purges") {
+                self.log_reads.fetch_add(1, Ordering::SeqCst);
+                if self.log_held.wait_for(|held| !*held).await.is_err() {
+                    return;
+                }
+                self.log.lock().unwrap().clone()
+            } else {
+                self.slice_requests.fetch_add(1, Ordering::SeqCst);
+                return; // closes unanswered
+            };
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if sock.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
     }
 }
 

@@ -26,16 +26,24 @@
 //!     whose metadata disagrees with the object's current metadata is dropped
 //!     ([`DiskTier::discard`]), not served. Files of format version 2 (no validator)
 //!     are read, with their metadata due for a re-check at once.
+//! 11. Files record the object's o and v and the purge stamp of the fill that cut them
+//!     (format version 4), so a purge of every version finds them after a restart, and
+//!     a file older than a purge of its object is never served (`cache::purge`): it is
+//!     deleted when read or met by the rebuild. The writer drops a slice whose object
+//!     was purged since its fill started. Files of version 3 have neither: only a purge
+//!     of their version matches them at the rebuild, any purge of their object when read.
 //!
 //! # On-disk layout
 //! ```text
 //! <path>/slices/<h0h1>/<h2h3>/<object id hex>-<index hex>   one file per slice
 //! <path>/tmp/<pid>-<seq>.part                                 being written
 //! <path>/lock                                                 held by the running edge
+//! <path>/purges.log                                           the purge log (`cache::purge`)
 //! ```
 //! `h0..h3` are the first hex digits of the object id; the file format is in [`format`].
 
 pub mod format;
+pub mod purge;
 pub mod rebuild;
 pub mod writer;
 
@@ -52,7 +60,8 @@ use super::meta::Validator;
 use moka::policy::EvictionPolicy;
 use tokio::sync::Semaphore;
 
-use super::{CachedSlice, ObjectMeta, SliceKey};
+use super::purge::Purges;
+use super::{CachedSlice, ObjectMeta, ObjectRef, SliceKey};
 use crate::config::DiskCache;
 use crate::metrics::Metrics;
 use format::{decode_file, slice_path, SLICES_DIR, TMP_DIR};
@@ -96,6 +105,8 @@ pub struct Shared {
     /// Set once the directory belongs to another process: no more writes or deletions.
     handed_over: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// What was purged: checked by the writer and the rebuild, noted names.
+    purges: Arc<Purges>,
 }
 
 /// The disk tier. One per process.
@@ -126,11 +137,13 @@ impl DiskTier {
         cfg: &DiskCache,
         slice_bytes: u64,
         metrics: Arc<Metrics>,
+        purges: Arc<Purges>,
     ) -> Result<Self, DiskOpenError> {
         Self::open_with(
             cfg,
             slice_bytes,
             metrics,
+            purges,
             Box::new(FsStorage),
             Rebuild::Background,
         )
@@ -142,6 +155,7 @@ impl DiskTier {
         cfg: &DiskCache,
         slice_bytes: u64,
         metrics: Arc<Metrics>,
+        purges: Arc<Purges>,
         storage: Box<dyn SliceStorage>,
         rebuild: Rebuild,
     ) -> Result<Self, DiskOpenError> {
@@ -188,6 +202,7 @@ impl DiskTier {
             rebuilt: AtomicBool::new(false),
             handed_over,
             metrics,
+            purges,
         });
         shared.metrics.disk_index_ready.set(0);
 
@@ -219,8 +234,10 @@ impl DiskTier {
         self.shared.index.contains_key(key)
     }
 
-    /// Reads and checks a slice; `None` is a miss (absent, unreadable or corrupt).
-    pub async fn read(&self, key: &SliceKey) -> Option<CachedSlice> {
+    /// Reads and checks a slice, with the purge stamp of the fill that cut it (0 for
+    /// files older than format version 4); `None` is a miss (absent, unreadable or
+    /// corrupt).
+    pub async fn read(&self, key: &SliceKey) -> Option<(CachedSlice, u64)> {
         let listed = self.shared.index.contains_key(key);
         if !listed && self.shared.rebuilt.load(Ordering::Acquire) {
             self.shared.metrics.disk.misses.inc();
@@ -250,13 +267,17 @@ impl DiskTier {
         self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
-    /// Queues a slice fetched from the origin for writing; never waits.
-    pub fn store(&self, key: SliceKey, slice: &CachedSlice) {
+    /// Queues a slice of `obj` fetched from the origin for writing; never waits.
+    /// `started`: the purge stamp of the fill that cut it.
+    pub fn store(&self, key: SliceKey, slice: &CachedSlice, obj: &ObjectRef<'_>, started: u64) {
         if self.shared.handed_over.load(Ordering::Acquire) {
             return;
         }
         let job = WriteJob {
             key,
+            o: obj.o.into(),
+            v: obj.v.into(),
+            written_at: started,
             payload: slice.bytes.clone(),
             object_size: slice.meta.size,
             content_type: if slice.meta.content_type_known() {
@@ -319,7 +340,7 @@ impl DiskTier {
 }
 
 impl Shared {
-    fn read_blocking(&self, key: &SliceKey) -> Option<CachedSlice> {
+    fn read_blocking(&self, key: &SliceKey) -> Option<(CachedSlice, u64)> {
         let path = slice_path(&self.root, key);
         let data = match std::fs::read(&path) {
             Ok(d) => d,
@@ -342,7 +363,7 @@ impl Shared {
                 let content_type = HeaderValue::from_bytes(&header.content_type)
                     .ok()
                     .filter(|v| !v.is_empty());
-                Some(CachedSlice {
+                let slice = CachedSlice {
                     bytes: payload,
                     meta: Arc::new(ObjectMeta::restored(
                         &key.object,
@@ -351,7 +372,8 @@ impl Shared {
                         Validator::from_stored(&header.validator),
                         header.recheck_at,
                     )),
-                })
+                };
+                Some((slice, header.written_at))
             }
             Err(e) => {
                 self.metrics.cache_corrupt.inc();
@@ -387,6 +409,18 @@ mod tests {
 
     use super::*;
     use crate::cache::ObjectId;
+
+    fn purges() -> Arc<Purges> {
+        Arc::new(Purges::in_memory())
+    }
+
+    /// The object every test slice belongs to.
+    const OBJ: ObjectRef<'static> = ObjectRef {
+        o: "o",
+        v: "v",
+        id: ObjectId::from_bytes([0; 32]), // unused by the writer
+        via: crate::cache::Via::CLIENT,
+    };
 
     /// Real writes until `left` runs out, then ENOSPC.
     struct FillsUp {
@@ -446,6 +480,7 @@ mod tests {
             &cfg,
             4096,
             metrics.clone(),
+            purges(),
             Box::new(storage),
             Rebuild::Background,
         )
@@ -453,13 +488,13 @@ mod tests {
         until("index rebuild", || tier.stats().index_ready).await;
 
         let (a, sa) = slice(1);
-        tier.store(a, &sa);
+        tier.store(a, &sa, &OBJ, 1);
         until("first write", || metrics.disk_writes.get() == 1).await;
         let (b, sb) = slice(2);
-        tier.store(b, &sb);
+        tier.store(b, &sb, &OBJ, 1);
         until("ENOSPC", || metrics.disk_write_errors_no_space.get() == 1).await;
         let (c, sc) = slice(3);
-        tier.store(c, &sc);
+        tier.store(c, &sc, &OBJ, 1);
         until("dropped while paused", || {
             metrics.disk_writes_dropped.get() == 1
         })
@@ -473,7 +508,8 @@ mod tests {
         let got = tier
             .read(&a)
             .await
-            .expect("reads go on while writes are paused");
+            .expect("reads go on while writes are paused")
+            .0;
         assert_eq!(got.bytes, sa.bytes);
         assert_eq!(got.meta.size, 1 << 20);
         assert!(tier.read(&b).await.is_none());
@@ -489,7 +525,7 @@ mod tests {
             path: file.path().join("cache"),
             max_bytes: 1 << 20,
         };
-        let err = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()))
+        let err = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges())
             .err()
             .unwrap();
         assert!(err.to_string().starts_with("cache.disk.path "), "{err}");
@@ -508,8 +544,8 @@ mod tests {
         let (a, sa) = slice(1);
         {
             let metrics = Arc::new(Metrics::new());
-            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
-            tier.store(a, &sa);
+            let tier = DiskTier::open(&cfg, 4096, metrics.clone(), purges()).unwrap();
+            tier.store(a, &sa, &OBJ, 1);
             until("write", || metrics.disk_writes.get() == 1).await;
         }
         let metrics = Arc::new(Metrics::new());
@@ -517,6 +553,7 @@ mod tests {
             &cfg,
             reopen_slice_bytes,
             metrics.clone(),
+            purges(),
             Box::new(FsStorage),
             Rebuild::Manual,
         )
@@ -543,19 +580,19 @@ mod tests {
         sa.meta = Arc::new(ObjectMeta::learnt(&a.object, &answer, 12_000, 345));
         {
             let metrics = Arc::new(Metrics::new());
-            let tier = DiskTier::open(&cfg, 4096, metrics.clone()).unwrap();
-            tier.store(a, &sa);
-            tier.store(b, &sb);
+            let tier = DiskTier::open(&cfg, 4096, metrics.clone(), purges()).unwrap();
+            tier.store(a, &sa, &OBJ, 1);
+            tier.store(b, &sb, &OBJ, 1);
             until("writes", || metrics.disk_writes.get() == 2).await;
         }
-        let tier = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new())).unwrap();
-        let got = tier.read(&a).await.unwrap().meta;
+        let tier = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges()).unwrap();
+        let got = tier.read(&a).await.unwrap().0.meta;
         assert_eq!(got.recheck_at(), 12_345);
         assert!(!got.is_confirmed());
         assert_eq!(got.validator(), answer.validator.as_ref());
         assert_eq!(got.content_type, "video/mp4");
         assert!(got.agrees_with(&sa.meta));
-        let got = tier.read(&b).await.unwrap().meta;
+        let got = tier.read(&b).await.unwrap().0.meta;
         assert!(got.is_confirmed() && got.validator().is_none());
     }
 
@@ -567,7 +604,8 @@ mod tests {
         let got = tier
             .read(&a)
             .await
-            .expect("found at its path before the rebuild");
+            .expect("found at its path before the rebuild")
+            .0;
         assert_eq!(got.bytes, sa.bytes);
         assert!(tier.contains(&a), "and indexed on the way");
         tier.rebuild_now();
@@ -586,8 +624,8 @@ mod tests {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
         };
-        let first = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new())).unwrap();
-        let second = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()));
+        let first = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges()).unwrap();
+        let second = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges());
         let err = second.err().unwrap().to_string();
         assert!(err.contains("in use"), "{err}");
         drop(first);

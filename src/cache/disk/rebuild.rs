@@ -1,7 +1,9 @@
 //! Rebuilds the disk index from the slice files at start, in the background.
 //!
 //! Only headers are read (the payload checksum is checked when a slice is served), so a
-//! large cache is indexed at the speed of opening files, not of reading them.
+//! large cache is indexed at the speed of opening files, not of reading them. A file
+//! whose object was purged after it was cut is deleted rather than indexed, and the
+//! names of the objects found are noted for purges of every version (`cache::purge`).
 
 use std::fs;
 use std::io::Read;
@@ -80,9 +82,29 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
         }
     });
     match checked {
+        Ok(header)
+            if shared.purges.purged_after_name(
+                header.object_name(),
+                &key.object,
+                header.written_at,
+            ) =>
+        {
+            shared.index.invalidate(&key);
+            let _ = fs::remove_file(path);
+            shared.metrics.purge.slices.inc();
+            shared
+                .metrics
+                .purge
+                .bytes
+                .inc_by(u64::from(header.payload_len));
+            false
+        }
         Ok(header) => {
             // A slice written since start is newer; keep its entry.
             shared.index.entry(key).or_insert(header.file_len() as u32);
+            if let Some(o) = header.object_name() {
+                shared.purges.names().note(key.object, o);
+            }
             true
         }
         Err(e) => {

@@ -1,7 +1,9 @@
 //! The disk writer: one thread that turns queued slices into files, off the request path.
 //!
 //! Each slice is written to `tmp/`, then renamed to its place, then indexed: a reader
-//! never sees a partial file under a slice's name. When the file system is full the
+//! never sees a partial file under a slice's name. A slice whose object was purged
+//! since its fill started is not written, and one purged while it was being written is
+//! deleted once indexed (`cache::purge`). When the file system is full the
 //! writer stops writing for [`NO_SPACE_PAUSE`] (reads go on) and drops what is queued
 //! meanwhile, counting it.
 
@@ -25,6 +27,11 @@ pub const NO_SPACE_PAUSE: Duration = Duration::from_secs(10);
 /// One slice to persist.
 pub struct WriteJob {
     pub key: SliceKey,
+    /// The object's names, recorded in the file.
+    pub o: Box<str>,
+    pub v: Box<str>,
+    /// The purge stamp of the fill that cut the slice.
+    pub written_at: u64,
     pub payload: Bytes,
     pub object_size: u64,
     pub content_type: Bytes,
@@ -70,6 +77,12 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
             continue;
         }
         paused_until = None;
+        if shared
+            .purges
+            .purged_after(&job.o, &job.key.object, job.written_at)
+        {
+            continue;
+        }
         let tmp = tmp_dir.join(format!("{pid}-{seq}.part"));
         let dst = slice_path(&shared.root, &job.key);
         let record = ObjectRecord {
@@ -77,6 +90,9 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
             content_type: &job.content_type,
             validator: &job.validator,
             recheck_at: job.recheck_at,
+            o: &job.o,
+            v: &job.v,
+            written_at: job.written_at,
         };
         let header = encode_header(&job.key, record, shared.slice_bytes as u32, &job.payload);
         let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
@@ -90,6 +106,16 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
             Ok(()) => {
                 let len = (header.len() + job.payload.len()) as u32;
                 shared.index.insert(job.key, len);
+                shared.purges.names().note(job.key.object, &job.o);
+                if shared
+                    .purges
+                    .purged_after(&job.o, &job.key.object, job.written_at)
+                {
+                    // Purged while it was written: the purge's sweep may have missed it.
+                    shared.index.invalidate(&job.key);
+                    let _ = std::fs::remove_file(&dst);
+                    continue;
+                }
                 // Evict now, so the directory is back under its budget before the next write.
                 shared.index.run_pending_tasks();
                 shared.metrics.disk_writes.inc();
