@@ -569,6 +569,10 @@ async fn dashboard_and_rules_use_only_exported_metrics() {
         "cdn_edge_peer_requests_total",
         "cdn_edge_draining",
         "cdn_edge_control_reports_total",
+        "cdn_edge_fill_bytes_total",
+        "cdn_edge_fill_slices_total",
+        "cdn_edge_fill_jobs",
+        "cdn_edge_purges_total",
     ] {
         assert!(dashboard_names.contains(name), "no panel uses {name}");
     }
