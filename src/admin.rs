@@ -16,7 +16,7 @@ use crate::cluster::ring::MemberState;
 use crate::dictionary::store::DictionaryStats;
 use crate::forward::opening::SpoolState;
 use crate::forward::spool::{Depth, Queue};
-use crate::ops::{self, Reply};
+use crate::ops::{self, reply, Reply};
 use crate::origin::OriginHealth;
 
 /// Answers admin requests from the shared state.
@@ -185,14 +185,4 @@ pub async fn status(state: &AppState) -> Status {
         peers,
         parents,
     }
-}
-
-fn reply(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, body.len())
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(body)
-        .expect("static parts are valid")
 }
