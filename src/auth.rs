@@ -142,7 +142,8 @@ impl Verifier {
     pub fn new(keys: &[SigningKey], clock_skew_secs: u64) -> Self {
         let keys = keys
             .iter()
-            .map(|k| HmacSha256::new_from_slice(&k.secret).expect("HMAC accepts any key length"))
+            .filter_map(SigningKey::hmac_secret)
+            .map(|secret| HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"))
             .collect();
         Self {
             keys,
@@ -293,10 +294,7 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn key(id: &str, secret: &str) -> SigningKey {
-        SigningKey {
-            id: id.into(),
-            secret: secret.as_bytes().to_vec(),
-        }
+        SigningKey::hmac(id, secret.as_bytes())
     }
 
     fn verifier() -> Verifier {

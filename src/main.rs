@@ -228,6 +228,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let Some(k) = config.signing.keys.iter().find(|k| k.id == key) else {
                 bail!("{}: no signing key with id {key:?}", conf.display());
             };
+            let Some(secret) = k.hmac_secret() else {
+                bail!(
+                    "{}: key {key:?} is an ed25519 public key: the edge cannot sign with it",
+                    conf.display()
+                );
+            };
             if !auth::is_valid_id(&object) {
                 bail!("--object {object:?}: must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,255}} without '..'");
             }
@@ -249,7 +255,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let expires = demo::unix_now().saturating_add(ttl);
             println!(
                 "{}",
-                auth::sign_query(&k.secret, &object, &version, expires, &t)
+                auth::sign_query(secret, &object, &version, expires, &t)
             );
             Ok(())
         }
