@@ -1292,8 +1292,8 @@ urls = ["http://127.0.0.1:9000"]
 
     #[test]
     fn ed25519_key_in_the_file_and_unknown_alg() {
-        // 32 zero bytes, standard base64.
-        let pk = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        // 32 bytes of 7, standard base64.
+        let pk = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
         let text = format!(
             "{MINIMAL}\n[[signing.keys]]\nid = \"k2\"\nalg = \"ed25519\"\npublic_key = \"{pk}\"\n"
         );
@@ -1303,7 +1303,7 @@ urls = ["http://127.0.0.1:9000"]
         assert!(
             c.signing.keys[1].material
                 == KeyMaterial::Ed25519 {
-                    public_key: [0; 32]
+                    public_key: [7; 32]
                 }
         );
         let text = format!("{MINIMAL}\n[[signing.keys]]\nid = \"k2\"\nalg = \"rsa\"\n");

@@ -12,6 +12,45 @@ use super::{invalid, ConfigError};
 const ED25519_SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
+/// The encodings of the points of small order (libsodium's list; byte 31 without its
+/// sign bit; the last two are the non-canonical y = p and y = p + 1). Such a public key
+/// would accept forged signatures: `ring` does not refuse them, so the config does.
+const SMALL_ORDER_KEYS: [[u8; 32]; 7] = [
+    [0; 32],
+    {
+        let mut k = [0; 32];
+        k[0] = 1;
+        k
+    },
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ],
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ],
+    high_y(0xec),
+    high_y(0xed),
+    high_y(0xee),
+];
+
+/// `[first, 0xff × 30, 0x7f]`: y = p - 1, p, p + 1 for `first` = 0xec, 0xed, 0xee.
+const fn high_y(first: u8) -> [u8; 32] {
+    let mut k = [0xff; 32];
+    k[0] = first;
+    k[31] = 0x7f;
+    k
+}
+
+fn is_small_order(key: &[u8; 32]) -> bool {
+    let mut k = *key;
+    k[31] &= 0x7f;
+    SMALL_ORDER_KEYS.contains(&k)
+}
+
 /// Length of an Ed25519 public key, in bytes.
 pub const ED25519_PUBLIC_KEY_LEN: usize = 32;
 
@@ -182,6 +221,12 @@ fn ed25519_key(k: &RawKey, at: &dyn Fn(&str) -> String) -> Result<KeyMaterial, C
             ))
         }
     };
+    if is_small_order(&public_key) {
+        return Err(invalid(
+            at("public_key"),
+            format!("key {id:?}: a point of small order is not a usable public key"),
+        ));
+    }
     Ok(KeyMaterial::Ed25519 { public_key })
 }
 
@@ -233,6 +278,7 @@ pub fn pem_body(text: &str, label: &str) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
 
+    // 7 × 32: a point of large order.
     const KEY: [u8; 32] = [7; 32];
 
     fn raw(alg: Alg) -> RawKey {
@@ -367,6 +413,19 @@ mod tests {
         k.public_key = Some(STANDARD.encode(KEY));
         k.public_key_file = Some("/x".into());
         assert!(err(k).contains("not both"));
+    }
+
+    #[test]
+    fn small_order_keys_are_refused() {
+        for bad in SMALL_ORDER_KEYS {
+            for sign in [0, 0x80] {
+                let mut key = bad;
+                key[31] |= sign;
+                let mut k = raw(Alg::Ed25519);
+                k.public_key = Some(STANDARD.encode(key));
+                assert!(err(k).contains("small order"), "{key:02x?}");
+            }
+        }
     }
 
     #[test]
