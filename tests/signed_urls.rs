@@ -125,7 +125,7 @@ async fn missing_and_malformed_parameters_are_403() {
         &edge,
         &upper,
         403,
-        "malformed sc: expected 64 lowercase hex characters",
+        "malformed sc: expected 64 lowercase hex (HMAC) or 86 base64url (Ed25519) characters",
     )
     .await;
     assert_eq!(origin.requests(), 0, "auth is checked before anything else");
