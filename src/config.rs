@@ -16,7 +16,7 @@ mod signing;
 
 pub use cluster::{Cluster, KeepNonOwned, OriginMode};
 pub use ops::{Admin, Control, Fill, Window};
-pub use signing::{KeyMaterial, SigningKey};
+pub use signing::{read_private_key, KeyMaterial, SigningKey};
 
 /// Default slice size: 1 MiB.
 pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;

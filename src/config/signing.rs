@@ -259,6 +259,35 @@ pub fn parse_public_key(text: &str) -> Result<[u8; ED25519_PUBLIC_KEY_LEN], Stri
     })
 }
 
+/// Reads an Ed25519 private key for `cdn-edge sign`: the standard base64 of the 32-byte
+/// seed, or a PKCS#8 PEM `PRIVATE KEY`. Blocking: for the command line only.
+pub fn read_private_key(path: &Path) -> Result<ring::signature::Ed25519KeyPair, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
+    parse_private_key(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Parses the base64 of a 32-byte seed, or a PKCS#8 PEM `PRIVATE KEY`.
+pub fn parse_private_key(text: &str) -> Result<ring::signature::Ed25519KeyPair, String> {
+    let text = text.trim();
+    if text.starts_with("-----BEGIN") {
+        let der = pem_body(text, "PRIVATE KEY")?;
+        return ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+            .map_err(|e| format!("not an Ed25519 PKCS#8 private key: {e}"));
+    }
+    let seed = STANDARD
+        .decode(text)
+        .map_err(|e| format!("not standard base64: {e}"))?;
+    if seed.len() != 32 {
+        return Err(format!(
+            "an Ed25519 private key (seed) is 32 bytes, this one is {}",
+            seed.len()
+        ));
+    }
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
+        .map_err(|e| format!("not an Ed25519 seed: {e}"))
+}
+
 /// The DER bytes of a single PEM block labelled `label`.
 pub fn pem_body(text: &str, label: &str) -> Result<Vec<u8>, String> {
     let begin = format!("-----BEGIN {label}-----");
@@ -426,6 +455,24 @@ mod tests {
                 assert!(err(k).contains("small order"), "{key:02x?}");
             }
         }
+    }
+
+    #[test]
+    fn private_key_from_seed_or_pkcs8() {
+        use ring::signature::KeyPair as _;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            STANDARD.encode(pkcs8.as_ref())
+        );
+        assert!(parse_private_key(&pem).is_ok());
+        let from_seed = parse_private_key(&STANDARD.encode([9u8; 32])).unwrap();
+        let again = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[9; 32]).unwrap();
+        assert_eq!(from_seed.public_key().as_ref(), again.public_key().as_ref());
+        assert!(parse_private_key(&STANDARD.encode([9u8; 31]))
+            .unwrap_err()
+            .contains("31"));
     }
 
     #[test]
