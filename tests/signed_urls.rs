@@ -209,3 +209,84 @@ async fn the_same_checks_guard_the_whole_object_route() {
     assert_eq!(edge.request("HEAD", "/?o=movie", &[]).await.status, 403);
     assert_eq!(origin.requests(), 0);
 }
+
+/// `cdn-edge keygen` then `cdn-edge sign --private-key-file`: a running edge with the
+/// public key accepts the URL and refuses it tampered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_and_sign_through_the_cli_against_a_running_edge() {
+    let cli = || std::process::Command::new(env!("CARGO_BIN_EXE_cdn-edge"));
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("k9.key");
+    let out = cli()
+        .args(["keygen", "--out"])
+        .arg(&private)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let public = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key = \"")?.strip_suffix('"'))
+        .unwrap()
+        .to_string();
+    let key =
+        format!("[[signing.keys]]\nid = \"k9\"\nalg = \"ed25519\"\npublic_key = \"{public}\"\n");
+
+    // The signer's config: the shipped one with the public key of k9.
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml")).unwrap();
+    let conf = dir.path().join("edge.toml");
+    std::fs::write(
+        &conf,
+        shipped.replacen("[cache]", &format!("{key}\n[cache]"), 1),
+    )
+    .unwrap();
+    let out = cli()
+        .args([
+            "sign",
+            "--key",
+            "k9",
+            "--object",
+            "movie",
+            "--version",
+            "v1",
+            "--conf",
+        ])
+        .arg(&conf)
+        .arg("--private-key-file")
+        .arg(&private)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.signing_extra = key;
+    let edge = Edge::start(opts).await;
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 200, "{q}: {}", r.text());
+    // HMAC keys stay active beside it.
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{}", signed("movie", "v1")), &[])
+            .await
+            .status,
+        200
+    );
+    expect(
+        &edge,
+        &q.replace("v=v1", "v=v2"),
+        403,
+        "signature does not match",
+    )
+    .await;
+}
