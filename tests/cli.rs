@@ -1,6 +1,10 @@
 //! The command line (SPEC §5): check-config on every shipped file, clear errors, sign.
 
+mod support;
+
 use std::process::Command;
+
+use support::keys;
 
 fn cdn_edge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
@@ -198,87 +202,26 @@ fn serve_refuses_a_taken_port_with_a_clear_error() {
     );
 }
 
-/// The `name = "value"` line of `keygen`'s output.
-fn keygen_value<'a>(out: &'a str, name: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(" = \"")?
-                .strip_suffix('"')
-        })
-        .unwrap_or_else(|| panic!("no {name} in {out}"))
-}
-
 #[test]
 fn keygen_then_sign_with_the_private_key_verifies() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().unwrap();
     let private = dir.path().join("k9.key");
-    let out = cdn_edge()
-        .args(["keygen", "--out"])
-        .arg(&private)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(!stdout.contains("private_key ="), "{stdout}");
-    let public = keygen_value(&stdout, "public_key");
+    let public = keys::keygen(&private);
     let mode = std::fs::metadata(&private).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     // A second keygen never overwrites a key.
-    let again = cdn_edge()
-        .args(["keygen", "--out"])
-        .arg(&private)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
+    assert!(!keys::keygen_output(&private).status.success());
 
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml")).unwrap();
-    let conf = dir.path().join("edge.toml");
-    let text = shipped.replacen(
-        "[cache]",
-        &format!("[[signing.keys]]\nid = \"k9\"\nalg = \"ed25519\"\npublic_key = \"{public}\"\n\n[cache]"),
-        1,
-    );
-    std::fs::write(&conf, text).unwrap();
-    let sign = |key_file: &std::path::Path| {
-        cdn_edge()
-            .args([
-                "sign",
-                "--key",
-                "k9",
-                "--object",
-                "movie_7",
-                "--version",
-                "1",
-                "--conf",
-            ])
-            .arg(&conf)
-            .arg("--private-key-file")
-            .arg(key_file)
-            .output()
-            .unwrap()
-    };
-    let out = sign(&private);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let q = String::from_utf8(out.stdout).unwrap();
-    let q = q.trim();
+    let conf = keys::conf_with_key(dir.path(), &keys::ed25519_entry("k9", &public));
+    let q = keys::sign(&conf, "k9", &private, "movie_7", "1");
     let config = cdn_edge::config::Config::load(&conf).unwrap();
     let v = cdn_edge::auth::Verifier::new(&config.signing.keys, 0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let s = v.verify(q, now).unwrap();
+    let s = v.verify(&q, now).unwrap();
     assert_eq!((s.object, s.version), ("movie_7", "1"));
     let tampered = q.replace("o=movie_7", "o=movie_8");
     assert_eq!(
@@ -288,17 +231,12 @@ fn keygen_then_sign_with_the_private_key_verifies() {
 
     // Another private key is refused before anything is printed.
     let other = dir.path().join("other.key");
-    let out = cdn_edge()
-        .args(["keygen", "--out"])
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let out = sign(&other);
+    keys::keygen(&other);
+    let out = keys::sign_output(&conf, "k9", &other, "movie_7", "1");
     assert!(!out.status.success() && out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not the private key of key \"k9\""),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("not the private key of key \"k9\""),
+        "{stderr}"
     );
 }

@@ -5,6 +5,7 @@ mod support;
 
 use cdn_edge::auth::sign_query;
 use support::edge::{signed, unix_now, Edge, EdgeOptions, KEY1, KEY2};
+use support::keys;
 use support::origin::TestOrigin;
 
 async fn setup() -> (TestOrigin, Edge) {
@@ -214,59 +215,12 @@ async fn the_same_checks_guard_the_whole_object_route() {
 /// public key accepts the URL and refuses it tampered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygen_and_sign_through_the_cli_against_a_running_edge() {
-    let cli = || std::process::Command::new(env!("CARGO_BIN_EXE_cdn-edge"));
     let dir = tempfile::tempdir().unwrap();
     let private = dir.path().join("k9.key");
-    let out = cli()
-        .args(["keygen", "--out"])
-        .arg(&private)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let public = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("public_key = \"")?.strip_suffix('"'))
-        .unwrap()
-        .to_string();
-    let key =
-        format!("[[signing.keys]]\nid = \"k9\"\nalg = \"ed25519\"\npublic_key = \"{public}\"\n");
-
+    let key = keys::ed25519_entry("k9", &keys::keygen(&private));
     // The signer's config: the shipped one with the public key of k9.
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edge.toml")).unwrap();
-    let conf = dir.path().join("edge.toml");
-    std::fs::write(
-        &conf,
-        shipped.replacen("[cache]", &format!("{key}\n[cache]"), 1),
-    )
-    .unwrap();
-    let out = cli()
-        .args([
-            "sign",
-            "--key",
-            "k9",
-            "--object",
-            "movie",
-            "--version",
-            "v1",
-            "--conf",
-        ])
-        .arg(&conf)
-        .arg("--private-key-file")
-        .arg(&private)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let q = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let conf = keys::conf_with_key(dir.path(), &key);
+    let q = keys::sign(&conf, "k9", &private, "movie", "v1");
 
     let origin = TestOrigin::start().await;
     origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
