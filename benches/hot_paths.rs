@@ -27,21 +27,18 @@ fn signature(c: &mut Criterion) {
     let keys: Vec<SigningKey> = ["k1-secret-0123456789", "k2-secret-0123456789"]
         .iter()
         .enumerate()
-        .map(|(i, s)| SigningKey {
-            id: format!("k{i}"),
-            secret: s.as_bytes().to_vec(),
-        })
+        .map(|(i, s)| SigningKey::hmac(format!("k{i}"), s.as_bytes()))
         .collect();
     let verifier = Verifier::new(&keys, 30);
     let first = sign_query(
-        keys[0].secret.as_slice(),
+        keys[0].hmac_secret().unwrap(),
         "81234567",
         "1080p-h264",
         NOW + 3600,
         "c9f1d2a7b3",
     );
     let second = sign_query(
-        keys[1].secret.as_slice(),
+        keys[1].hmac_secret().unwrap(),
         "81234567",
         "1080p-h264",
         NOW + 3600,

@@ -2,20 +2,31 @@
 //!
 //! ```text
 //! message = "o=" + o + "&v=" + v + "&e=" + e + "&t=" + t    (values as sent, still percent-encoded)
-//! sc      = lowercase hex of HMAC-SHA256(secret, message)
+//! sc      = lowercase hex of HMAC-SHA256(secret, message)            (hmac-sha256 keys)
+//!         | base64url, no padding, of Ed25519(private key, message)   (ed25519 keys)
 //! ```
+//! Ed25519 uses `ring` (already linked for TLS): it refuses a non-canonical `S` and
+//! compares `R` byte for byte; public keys of small order are refused by the config.
 //! Parameters are validated before the signature is checked, and the signature before
 //! the expiry, so an unsigned or tampered URL is a 403 whatever its `e` says.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use ring::signature::{UnparsedPublicKey, ED25519};
 use sha2::Sha256;
 
-use crate::config::SigningKey;
+use crate::config::{KeyMaterial, SigningKey};
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Longest accepted `o` or `v`.
 pub const MAX_ID_LEN: usize = 256;
+/// Length of an HMAC `sc`: the hex of 32 bytes.
+const HMAC_SC_LEN: usize = 64;
+/// Length of an Ed25519 `sc`: the unpadded base64url of 64 bytes.
+const ED25519_SC_LEN: usize = 86;
+
 /// Longest accepted `t`.
 pub const MAX_TOKEN_LEN: usize = 512;
 
@@ -108,7 +119,7 @@ impl AuthFailure {
                 "malformed t: at most 512 printable characters".into()
             }
             AuthFailure::Malformed(Param::Sc) => {
-                "malformed sc: expected 64 lowercase hex characters".into()
+                "malformed sc: expected 64 lowercase hex (HMAC) or 86 base64url (Ed25519) characters".into()
             }
             AuthFailure::BadSignature => "signature does not match".into(),
             AuthFailure::Expired => "signed URL has expired".into(),
@@ -133,19 +144,31 @@ pub struct Verifier {
     // Performance: each key's HMAC state is keyed once here and cloned per request,
     // which skips re-hashing the key.
     keys: Box<[HmacSha256]>,
+    ed25519: Box<[UnparsedPublicKey<[u8; 32]>]>,
     clock_skew_secs: u64,
     /// Latest expiry accepted, as seconds after now (`None`: any).
     max_ttl_secs: Option<u64>,
 }
 
 impl Verifier {
-    pub fn new(keys: &[SigningKey], clock_skew_secs: u64) -> Self {
-        let keys = keys
+    pub fn new(config_keys: &[SigningKey], clock_skew_secs: u64) -> Self {
+        let keys = config_keys
             .iter()
-            .map(|k| HmacSha256::new_from_slice(&k.secret).expect("HMAC accepts any key length"))
+            .filter_map(SigningKey::hmac_secret)
+            .map(|secret| HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length"))
+            .collect();
+        let ed25519 = config_keys
+            .iter()
+            .filter_map(|k| match k.material {
+                KeyMaterial::Ed25519 { public_key } => {
+                    Some(UnparsedPublicKey::new(&ED25519, public_key))
+                }
+                KeyMaterial::HmacSha256 { .. } => None,
+            })
             .collect();
         Self {
             keys,
+            ed25519,
             clock_skew_secs,
             max_ttl_secs: None,
         }
@@ -162,14 +185,11 @@ impl Verifier {
     /// Verifies the raw (still percent-encoded) query string at unix time `now`.
     pub fn verify<'q>(&self, query: &'q str, now: u64) -> Result<Signed<'q>, AuthFailure> {
         let p = SignedParams::parse(query)?;
-        let mut sig = [0u8; 32];
-        hex::decode_to_slice(p.sc, &mut sig).map_err(|_| AuthFailure::Malformed(Param::Sc))?;
-        let matched = self.keys.iter().any(|key| {
-            let mut mac = key.clone();
-            feed_message(&mut mac, p.o, p.v, p.e, p.t);
-            // verify_slice compares in constant time.
-            mac.verify_slice(&sig).is_ok()
-        });
+        let matched = match p.sc.len() {
+            HMAC_SC_LEN => self.matches_hmac(&p)?,
+            ED25519_SC_LEN => self.matches_ed25519(&p)?,
+            _ => return Err(AuthFailure::Malformed(Param::Sc)),
+        };
         if !matched {
             return Err(AuthFailure::BadSignature);
         }
@@ -187,6 +207,44 @@ impl Verifier {
             expires: p.expires,
         })
     }
+}
+
+impl Verifier {
+    fn matches_hmac(&self, p: &SignedParams<'_>) -> Result<bool, AuthFailure> {
+        if !p.sc.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(AuthFailure::Malformed(Param::Sc));
+        }
+        let mut sig = [0u8; 32];
+        hex::decode_to_slice(p.sc, &mut sig).map_err(|_| AuthFailure::Malformed(Param::Sc))?;
+        Ok(self.keys.iter().any(|key| {
+            let mut mac = key.clone();
+            feed_message(&mut mac, p.o, p.v, p.e, p.t);
+            // verify_slice compares in constant time.
+            mac.verify_slice(&sig).is_ok()
+        }))
+    }
+
+    fn matches_ed25519(&self, p: &SignedParams<'_>) -> Result<bool, AuthFailure> {
+        let mut sig = [0u8; 64];
+        // The engine refuses padding and non-zero trailing bits: one spelling per signature.
+        match URL_SAFE_NO_PAD.decode_slice(p.sc, &mut sig) {
+            Ok(64) => {}
+            _ => return Err(AuthFailure::Malformed(Param::Sc)),
+        }
+        if self.ed25519.is_empty() {
+            return Ok(false);
+        }
+        let message = message(p.o, p.v, p.e, p.t);
+        Ok(self
+            .ed25519
+            .iter()
+            .any(|key| key.verify(message.as_bytes(), &sig).is_ok()))
+    }
+}
+
+/// The signed message: `o=…&v=…&e=…&t=…`.
+fn message(o: &str, v: &str, e: &str, t: &str) -> String {
+    format!("o={o}&v={v}&e={e}&t={t}")
 }
 
 fn feed_message(mac: &mut HmacSha256, o: &str, v: &str, e: &str, t: &str) {
@@ -208,6 +266,21 @@ pub fn sign_query(secret: &[u8], o: &str, v: &str, expires: u64, t: &str) -> Str
     feed_message(&mut mac, o, v, &e, t);
     let sc = hex::encode(mac.finalize().into_bytes());
     format!("o={o}&v={v}&e={e}&t={t}&sc={sc}")
+}
+
+/// Signs `(o, v, e, t)` with an Ed25519 key pair and returns the full query string,
+/// `sc` being the unpadded base64url of the signature.
+pub fn sign_query_ed25519(
+    key: &ring::signature::Ed25519KeyPair,
+    o: &str,
+    v: &str,
+    expires: u64,
+    t: &str,
+) -> String {
+    let e = expires.to_string();
+    let message = message(o, v, &e, t);
+    let sc = URL_SAFE_NO_PAD.encode(key.sign(message.as_bytes()));
+    format!("{message}&sc={sc}")
 }
 
 /// Whether `s` is a valid `o` or `v`: `[A-Za-z0-9_-][A-Za-z0-9._-]{0,255}` without `..`.
@@ -263,7 +336,7 @@ impl<'q> SignedParams<'q> {
         if !is_valid_token(t) {
             return Err(AuthFailure::Malformed(Param::T));
         }
-        if sc.len() != 64 || !sc.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        if sc.len() != HMAC_SC_LEN && sc.len() != ED25519_SC_LEN {
             return Err(AuthFailure::Malformed(Param::Sc));
         }
         Ok(Self {
@@ -293,14 +366,124 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn key(id: &str, secret: &str) -> SigningKey {
-        SigningKey {
-            id: id.into(),
-            secret: secret.as_bytes().to_vec(),
-        }
+        SigningKey::hmac(id, secret.as_bytes())
     }
 
     fn verifier() -> Verifier {
         Verifier::new(&[key("k1", "secret-one"), key("k2", "secret-two")], 30)
+    }
+
+    fn ed25519_pair(seed: u8) -> (ring::signature::Ed25519KeyPair, SigningKey) {
+        use ring::signature::KeyPair as _;
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
+        let public_key = pair.public_key().as_ref().try_into().unwrap();
+        let key = SigningKey {
+            id: format!("ed{seed}"),
+            material: KeyMaterial::Ed25519 { public_key },
+        };
+        (pair, key)
+    }
+
+    /// HMAC keys k1, k2 and Ed25519 keys ed1, ed2, all active; the pairs of ed1, ed2.
+    fn mixed() -> (Verifier, [ring::signature::Ed25519KeyPair; 2]) {
+        let (p1, k1) = ed25519_pair(1);
+        let (p2, k2) = ed25519_pair(2);
+        let v = Verifier::new(
+            &[key("k1", "secret-one"), k1, key("k2", "secret-two"), k2],
+            30,
+        );
+        (v, [p1, p2])
+    }
+
+    fn sc(q: &str) -> &str {
+        q.rsplit_once("&sc=").unwrap().1
+    }
+
+    #[test]
+    fn ed25519_and_hmac_keys_together() {
+        let (v, pairs) = mixed();
+        for pair in &pairs {
+            let q = sign_query_ed25519(pair, "movie_1", "v2.mp4", NOW + 60, "abc%20def");
+            assert_eq!(sc(&q).len(), 86, "{q}");
+            let s = v.verify(&q, NOW).unwrap();
+            assert_eq!((s.object, s.expires), ("movie_1", NOW + 60));
+        }
+        for secret in [&b"secret-one"[..], b"secret-two"] {
+            let q = sign_query(secret, "movie_1", "v2.mp4", NOW + 60, "");
+            assert!(v.verify(&q, NOW).is_ok());
+        }
+    }
+
+    #[test]
+    fn ed25519_flipped_bit_or_tampered_field_is_403() {
+        let (v, pairs) = mixed();
+        let q = sign_query_ed25519(&pairs[0], "a", "1", NOW + 60, "tok");
+        let mut sig = URL_SAFE_NO_PAD.decode(sc(&q)).unwrap();
+        for bit in [0, 7, 8 * 31, 8 * 32 + 3, 8 * 63 + 6] {
+            sig[bit / 8] ^= 1 << (bit % 8);
+            let bad = format!(
+                "o=a&v=1&e={}&t=tok&sc={}",
+                NOW + 60,
+                URL_SAFE_NO_PAD.encode(&sig)
+            );
+            sig[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(
+                v.verify(&bad, NOW),
+                Err(AuthFailure::BadSignature),
+                "bit {bit}"
+            );
+        }
+        let moved = q.replace("o=a&", "o=b&");
+        assert_eq!(v.verify(&moved, NOW), Err(AuthFailure::BadSignature));
+    }
+
+    #[test]
+    fn ed25519_wrong_key_is_403() {
+        let (v, _) = mixed();
+        let (other, _) = ed25519_pair(3);
+        let q = sign_query_ed25519(&other, "a", "1", NOW + 60, "");
+        assert_eq!(v.verify(&q, NOW), Err(AuthFailure::BadSignature));
+        // Without any Ed25519 key, a well-formed Ed25519 sc is a bad signature too.
+        assert_eq!(verifier().verify(&q, NOW), Err(AuthFailure::BadSignature));
+    }
+
+    #[test]
+    fn ed25519_expired_is_410_and_skew_honoured() {
+        let (v, pairs) = mixed();
+        let q = sign_query_ed25519(&pairs[1], "a", "1", NOW, "");
+        assert!(v.verify(&q, NOW + 30).is_ok());
+        assert_eq!(v.verify(&q, NOW + 31), Err(AuthFailure::Expired));
+        assert_eq!(AuthFailure::Expired.status(), 410);
+    }
+
+    #[test]
+    fn ed25519_signature_in_other_spellings_is_403() {
+        let (v, pairs) = mixed();
+        let q = sign_query_ed25519(&pairs[0], "a", "1", NOW + 60, "");
+        let raw = URL_SAFE_NO_PAD.decode(sc(&q)).unwrap();
+        let base = q.rsplit_once("&sc=").unwrap().0;
+        let padded = base64::engine::general_purpose::URL_SAFE.encode(&raw);
+        let standard = base64::engine::general_purpose::STANDARD_NO_PAD.encode(&raw);
+        let mut trailing = sc(&q).to_string();
+        // The last character carries 2 unused bits: setting one is another spelling.
+        let last = trailing.pop().unwrap();
+        let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let i = alphabet.find(last).unwrap();
+        trailing.push(alphabet.as_bytes()[i ^ 1] as char);
+        for spelling in [
+            hex::encode(&raw),
+            padded.clone(),
+            padded.replace('=', "%3D"),
+            trailing,
+        ] {
+            let bad = format!("{base}&sc={spelling}");
+            let err = v.verify(&bad, NOW).unwrap_err();
+            assert_eq!(err.status(), 403, "{spelling}");
+        }
+        if standard != sc(&q) {
+            let bad = format!("{base}&sc={standard}");
+            assert_eq!(v.verify(&bad, NOW).unwrap_err().status(), 403);
+        }
     }
 
     #[test]

@@ -12,8 +12,11 @@ use serde::Deserialize;
 
 mod cluster;
 mod ops;
+mod signing;
+
 pub use cluster::{Cluster, KeepNonOwned, OriginMode};
 pub use ops::{Admin, Control, Fill, Window};
+pub use signing::{read_private_key, KeyMaterial, SigningKey};
 
 /// Default slice size: 1 MiB.
 pub const DEFAULT_SLICE_BYTES: u64 = 1 << 20;
@@ -162,22 +165,6 @@ pub struct Signing {
     /// URLs expiring more than this many seconds (plus the skew) ahead are refused; 0: no limit.
     pub max_ttl_secs: u64,
     pub keys: Vec<SigningKey>,
-}
-
-/// One active signing key. `secret` holds the UTF-8 bytes of the configured string.
-#[derive(Clone)]
-pub struct SigningKey {
-    pub id: String,
-    pub secret: Vec<u8>,
-}
-
-impl std::fmt::Debug for SigningKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("id", &self.id)
-            .field("secret", &"<redacted>")
-            .finish()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -567,7 +554,7 @@ mod file {
         pub clock_skew_secs: u64,
         #[serde(default = "default_max_ttl")]
         pub max_ttl_secs: u64,
-        pub keys: Vec<Key>,
+        pub keys: Vec<super::signing::RawKey>,
     }
 
     fn default_clock_skew() -> u64 {
@@ -576,14 +563,6 @@ mod file {
 
     fn default_max_ttl() -> u64 {
         DEFAULT_MAX_TTL_SECS
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Key {
-        pub id: String,
-        pub secret: Option<String>,
-        pub secret_env: Option<String>,
     }
 
     #[derive(Deserialize)]
@@ -944,42 +923,7 @@ fn validate_signing(
     raw: file::Signing,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Signing, ConfigError> {
-    if raw.keys.is_empty() {
-        return Err(invalid("signing.keys", "at least one key is required"));
-    }
-    let mut keys = Vec::with_capacity(raw.keys.len());
-    for (i, k) in raw.keys.into_iter().enumerate() {
-        let at = |field: &str| format!("signing.keys[{i}].{field}");
-        if k.id.is_empty() {
-            return Err(invalid(at("id"), "must not be empty"));
-        }
-        if keys.iter().any(|known: &SigningKey| known.id == k.id) {
-            return Err(invalid(at("id"), format!("duplicate key id {:?}", k.id)));
-        }
-        let secret = match (k.secret, k.secret_env) {
-            (Some(s), None) => s,
-            (None, Some(var)) => env(&var).ok_or_else(|| {
-                invalid(
-                    at("secret_env"),
-                    format!("environment variable {var} is not set"),
-                )
-            })?,
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    at("secret"),
-                    "set either secret or secret_env, not both",
-                ))
-            }
-            (None, None) => return Err(invalid(at("secret"), "secret or secret_env is required")),
-        };
-        if secret.is_empty() {
-            return Err(invalid(at("secret"), "must not be empty"));
-        }
-        keys.push(SigningKey {
-            id: k.id,
-            secret: secret.into_bytes(),
-        });
-    }
+    let keys = signing::validate_keys(raw.keys, env)?;
     Ok(Signing {
         clock_skew_secs: raw.clock_skew_secs,
         max_ttl_secs: raw.max_ttl_secs,
@@ -1273,7 +1217,7 @@ urls = ["http://127.0.0.1:9000"]
         let text = MINIMAL.replace("secret = \"s1\"", "secret_env = \"EDGE_K1\"");
         let c =
             Config::from_toml_with_env(&text, |n| (n == "EDGE_K1").then(|| "xyz".into())).unwrap();
-        assert_eq!(c.signing.keys[0].secret, b"xyz");
+        assert_eq!(c.signing.keys[0].hmac_secret(), Some(&b"xyz"[..]));
         let err = Config::from_toml_with_env(&text, no_env)
             .unwrap_err()
             .to_string();
@@ -1344,6 +1288,29 @@ urls = ["http://127.0.0.1:9000"]
                 .to_string();
             assert!(err.contains("cache.slice_bytes"), "{err}");
         }
+    }
+
+    #[test]
+    fn ed25519_key_in_the_file_and_unknown_alg() {
+        // 32 bytes of 7, standard base64.
+        let pk = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+        let text = format!(
+            "{MINIMAL}\n[[signing.keys]]\nid = \"k2\"\nalg = \"ed25519\"\npublic_key = \"{pk}\"\n"
+        );
+        let c = Config::from_toml_with_env(&text, no_env).unwrap();
+        assert_eq!(c.signing.keys.len(), 2);
+        assert!(c.signing.keys[0].hmac_secret().is_some());
+        assert!(
+            c.signing.keys[1].material
+                == KeyMaterial::Ed25519 {
+                    public_key: [7; 32]
+                }
+        );
+        let text = format!("{MINIMAL}\n[[signing.keys]]\nid = \"k2\"\nalg = \"rsa\"\n");
+        let err = Config::from_toml_with_env(&text, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("alg"), "{err}");
     }
 
     #[test]

@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use cdn_edge::admin_client::AdminClient;
-use cdn_edge::config::{self, Config, Log, LogFormat};
+use cdn_edge::config::{self, Config, KeyMaterial, Log, LogFormat};
 use cdn_edge::ops::fill::follow::{self, FollowError};
 use cdn_edge::server::{EdgeServer, StartMode};
 use cdn_edge::{auth, demo, demo_site, systemd};
+use ring::signature::KeyPair as _;
 
 /// Characters a token keeps unencoded: RFC 3986 unreserved.
 const TOKEN_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -56,6 +57,10 @@ enum Command {
         /// Id of the signing key in [[signing.keys]].
         #[arg(long)]
         key: String,
+        /// For an ed25519 key: the private key (base64 of the 32-byte seed, or a
+        /// PKCS#8 PEM); it must match the key's public key.
+        #[arg(long)]
+        private_key_file: Option<PathBuf>,
         /// Object id (o).
         #[arg(long)]
         object: String,
@@ -68,6 +73,13 @@ enum Command {
         /// Client/session token (t); percent-encoded as needed.
         #[arg(long, default_value = "")]
         token: String,
+    },
+    /// Print a new Ed25519 key pair: the private key (base64 of the 32-byte seed) and
+    /// the public key (base64) for the edges' [[signing.keys]].
+    Keygen {
+        /// Write the private key to this new file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run the edge on loopback in front of a built-in sample origin.
     Demo {
@@ -215,9 +227,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Keygen { out } => keygen(out.as_deref()),
         Command::Sign {
             conf,
             key,
+            private_key_file,
             object,
             version,
             ttl,
@@ -227,6 +241,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&conf)?;
             let Some(k) = config.signing.keys.iter().find(|k| k.id == key) else {
                 bail!("{}: no signing key with id {key:?}", conf.display());
+            };
+            let signer = match (&k.material, &private_key_file) {
+                (KeyMaterial::HmacSha256 { secret }, None) => Signer::Hmac(secret),
+                (KeyMaterial::HmacSha256 { .. }, Some(_)) => {
+                    bail!("--private-key-file: key {key:?} is an HMAC key, signed with its secret")
+                }
+                (KeyMaterial::Ed25519 { .. }, None) => bail!(
+                    "{}: key {key:?} is an ed25519 public key: give its --private-key-file",
+                    conf.display()
+                ),
+                (KeyMaterial::Ed25519 { public_key }, Some(file)) => {
+                    let pair =
+                        cdn_edge::config::read_private_key(file).map_err(anyhow::Error::msg)?;
+                    if pair.public_key().as_ref() != public_key.as_slice() {
+                        bail!("{}: not the private key of key {key:?}", file.display());
+                    }
+                    Signer::Ed25519(Box::new(pair))
+                }
             };
             if !auth::is_valid_id(&object) {
                 bail!("--object {object:?}: must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,255}} without '..'");
@@ -249,7 +281,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let expires = demo::unix_now().saturating_add(ttl);
             println!(
                 "{}",
-                auth::sign_query(&k.secret, &object, &version, expires, &t)
+                match &signer {
+                    Signer::Hmac(secret) =>
+                        auth::sign_query(secret, &object, &version, expires, &t),
+                    Signer::Ed25519(pair) =>
+                        auth::sign_query_ed25519(pair, &object, &version, expires, &t),
+                }
             );
             Ok(())
         }
@@ -439,4 +476,46 @@ fn init_logging(log: Option<&Log>) -> tracing_appender::non_blocking::WorkerGuar
             .init(),
     }
     guard
+}
+
+/// What `cdn-edge sign` signs with.
+enum Signer<'k> {
+    Hmac(&'k [u8]),
+    Ed25519(Box<ring::signature::Ed25519KeyPair>),
+}
+
+/// `cdn-edge keygen`: a new Ed25519 seed from the system's random source.
+#[allow(clippy::print_stdout)]
+fn keygen(out: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let private = STANDARD.encode(seed);
+    let public = STANDARD.encode(pair.public_key().as_ref());
+    match out {
+        Some(path) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| {
+                    format!("{}: cannot create the private key file", path.display())
+                })?;
+            writeln!(f, "{private}")
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+            println!("private key written to {}", path.display());
+        }
+        None => println!("private_key = \"{private}\""),
+    }
+    println!("public_key = \"{public}\"");
+    Ok(())
 }

@@ -1,6 +1,10 @@
 //! The command line (SPEC §5): check-config on every shipped file, clear errors, sign.
 
+mod support;
+
 use std::process::Command;
+
+use support::keys;
 
 fn cdn_edge() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cdn-edge"))
@@ -195,5 +199,44 @@ fn serve_refuses_a_taken_port_with_a_clear_error() {
         String::from_utf8_lossy(&out.stderr).contains("listen.http"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn keygen_then_sign_with_the_private_key_verifies() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("k9.key");
+    let public = keys::keygen(&private);
+    let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second keygen never overwrites a key.
+    assert!(!keys::keygen_output(&private).status.success());
+
+    let conf = keys::conf_with_key(dir.path(), &keys::ed25519_entry("k9", &public));
+    let q = keys::sign(&conf, "k9", &private, "movie_7", "1");
+    let config = cdn_edge::config::Config::load(&conf).unwrap();
+    let v = cdn_edge::auth::Verifier::new(&config.signing.keys, 0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let s = v.verify(&q, now).unwrap();
+    assert_eq!((s.object, s.version), ("movie_7", "1"));
+    let tampered = q.replace("o=movie_7", "o=movie_8");
+    assert_eq!(
+        v.verify(&tampered, now),
+        Err(cdn_edge::auth::AuthFailure::BadSignature)
+    );
+
+    // Another private key is refused before anything is printed.
+    let other = dir.path().join("other.key");
+    keys::keygen(&other);
+    let out = keys::sign_output(&conf, "k9", &other, "movie_7", "1");
+    assert!(!out.status.success() && out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not the private key of key \"k9\""),
+        "{stderr}"
     );
 }

@@ -5,6 +5,7 @@ mod support;
 
 use cdn_edge::auth::sign_query;
 use support::edge::{signed, unix_now, Edge, EdgeOptions, KEY1, KEY2};
+use support::keys;
 use support::origin::TestOrigin;
 
 async fn setup() -> (TestOrigin, Edge) {
@@ -125,7 +126,7 @@ async fn missing_and_malformed_parameters_are_403() {
         &edge,
         &upper,
         403,
-        "malformed sc: expected 64 lowercase hex characters",
+        "malformed sc: expected 64 lowercase hex (HMAC) or 86 base64url (Ed25519) characters",
     )
     .await;
     assert_eq!(origin.requests(), 0, "auth is checked before anything else");
@@ -208,4 +209,38 @@ async fn the_same_checks_guard_the_whole_object_route() {
     assert_eq!(edge.get("/?o=movie&v=v1", &[]).await.status, 403);
     assert_eq!(edge.request("HEAD", "/?o=movie", &[]).await.status, 403);
     assert_eq!(origin.requests(), 0);
+}
+
+/// `cdn-edge keygen` then `cdn-edge sign --private-key-file`: a running edge with the
+/// public key accepts the URL and refuses it tampered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_and_sign_through_the_cli_against_a_running_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("k9.key");
+    let key = keys::ed25519_entry("k9", &keys::keygen(&private));
+    // The signer's config: the shipped one with the public key of k9.
+    let conf = keys::conf_with_key(dir.path(), &key);
+    let q = keys::sign(&conf, "k9", &private, "movie", "v1");
+
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.signing_extra = key;
+    let edge = Edge::start(opts).await;
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 200, "{q}: {}", r.text());
+    // HMAC keys stay active beside it.
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{}", signed("movie", "v1")), &[])
+            .await
+            .status,
+        200
+    );
+    expect(
+        &edge,
+        &q.replace("v=v1", "v=v2"),
+        403,
+        "signature does not match",
+    )
+    .await;
 }

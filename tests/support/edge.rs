@@ -39,6 +39,8 @@ pub struct EdgeOptions {
     pub extra: String,
     /// More lines in `[origin]` (e.g. `mode` and `redirect_url`).
     pub origin_extra: String,
+    /// More `[[signing.keys]]` entries after k1 and k2 (e.g. an ed25519 key).
+    pub signing_extra: String,
     /// `CDN_EDGE_LOG` for the process; `None` leaves the level to `[log]`.
     pub log_env: Option<String>,
 }
@@ -69,6 +71,7 @@ impl EdgeOptions {
             ca_file: None,
             extra: String::new(),
             origin_extra: String::new(),
+            signing_extra: String::new(),
             log_env: Some("info".to_string()),
         }
     }
@@ -489,7 +492,7 @@ secret = "{KEY1}"
 [[signing.keys]]
 id = "k2"
 secret_env = "CDN_EDGE_TEST_KEY2"
-
+{signing_extra}
 [cache]
 slice_bytes = {slice}
 memory_bytes = {memory}
@@ -530,6 +533,7 @@ upgrade_sock = {upgrade_sock:?}
             .negative_ttl_secs
             .map_or(String::new(), |s| format!("negative_ttl_secs = {s}")),
         origin_extra = opts.origin_extra,
+        signing_extra = opts.signing_extra,
         grace = opts.grace_period_secs,
         extra = opts.extra,
     )
