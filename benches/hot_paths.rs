@@ -4,7 +4,8 @@
 //! lookup, the dictionary key, the response head and the access-log line are small next
 //! to writing a 310 KB response (≈ tens of µs) or answering a small JSON hit (≈ 10 µs of
 //! CPU in all). Each is expected to stay well under a microsecond except the HMAC (two
-//! SHA-256 blocks). Last results are in README.md ("Performance").
+//! SHA-256 blocks) and the Ed25519 verification (tens of µs), which the cache of
+//! verified URLs turns into a lookup. Last results are in docs/performance.md.
 
 use std::hint::black_box;
 
@@ -12,11 +13,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use cdn_edge::access_log::{self, Entry};
-use cdn_edge::auth::{sign_query, Verifier};
+use cdn_edge::auth::{sign_query, sign_query_ed25519, SignedUrls, Verifier};
 use cdn_edge::cache::memory::MemoryTier;
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
 use cdn_edge::config::LogFormat;
-use cdn_edge::config::SigningKey;
+use cdn_edge::config::{KeyMaterial, SigningKey};
 use cdn_edge::dictionary::key::canonical_target;
 use cdn_edge::range::{parse_range_header, parse_range_path, slice_pieces, ByteRange};
 use cdn_edge::respond;
@@ -24,26 +25,37 @@ use cdn_edge::respond;
 const NOW: u64 = 1_800_000_000;
 
 fn signature(c: &mut Criterion) {
-    let keys: Vec<SigningKey> = ["k1-secret-0123456789", "k2-secret-0123456789"]
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    let pair = Ed25519KeyPair::from_seed_unchecked(&[7; 32]).unwrap();
+    let mut keys: Vec<SigningKey> = ["k1-secret-0123456789", "k2-secret-0123456789"]
         .iter()
         .enumerate()
         .map(|(i, s)| SigningKey::hmac(format!("k{i}"), s.as_bytes()))
         .collect();
+    keys.push(SigningKey {
+        id: "ed".into(),
+        material: KeyMaterial::Ed25519 {
+            public_key: pair.public_key().as_ref().try_into().unwrap(),
+        },
+    });
     let verifier = Verifier::new(&keys, 30);
-    let first = sign_query(
-        keys[0].hmac_secret().unwrap(),
-        "81234567",
-        "1080p-h264",
+    let hmac = |key: usize| {
+        sign_query(
+            keys[key].hmac_secret().unwrap(),
+            "81234567",
+            "1080p-h264",
+            NOW + 3600,
+            "c9f1d2a7b3",
+        )
+    };
+    let (first, second) = (hmac(0), hmac(1));
+    let ed25519 = sign_query_ed25519(&pair, "81234567", "1080p-h264", NOW + 3600, "c9f1d2a7b3");
+    let forged = format!(
+        "o=81234567&v=1080p-h264&e={}&t=c9f1d2a7b3&sc={}",
         NOW + 3600,
-        "c9f1d2a7b3",
+        "A".repeat(86)
     );
-    let second = sign_query(
-        keys[1].hmac_secret().unwrap(),
-        "81234567",
-        "1080p-h264",
-        NOW + 3600,
-        "c9f1d2a7b3",
-    );
+    let client = std::net::IpAddr::from([192, 0, 2, 1]);
     let mut g = c.benchmark_group("auth");
     g.bench_function("verify_first_key", |b| {
         b.iter(|| verifier.verify(black_box(&first), NOW).unwrap())
@@ -51,12 +63,40 @@ fn signature(c: &mut Criterion) {
     g.bench_function("verify_second_key", |b| {
         b.iter(|| verifier.verify(black_box(&second), NOW).unwrap())
     });
+    g.bench_function("verify_ed25519", |b| {
+        b.iter(|| verifier.verify(black_box(&ed25519), NOW).unwrap())
+    });
     g.bench_function("reject_malformed", |b| {
         b.iter(|| {
             verifier
                 .verify(black_box("o=..&v=1&e=1&t=&sc=00"), NOW)
                 .unwrap_err()
         })
+    });
+    // The cache of verified URLs, as the edge runs it (16 MiB, 20 bad signatures a second).
+    let urls = SignedUrls::new(verifier.clone(), 16 << 20, 20);
+    for q in [&first, &ed25519] {
+        urls.check(q, NOW, client).unwrap();
+    }
+    g.bench_function("cached_hmac", |b| {
+        b.iter(|| urls.check(black_box(&first), NOW, client).unwrap())
+    });
+    g.bench_function("cached_ed25519", |b| {
+        b.iter(|| urls.check(black_box(&ed25519), NOW, client).unwrap())
+    });
+    let unlimited = SignedUrls::new(verifier.clone(), 16 << 20, 0);
+    g.bench_function("reject_forged_ed25519", |b| {
+        b.iter(|| {
+            unlimited
+                .check(black_box(&forged), NOW, client)
+                .unwrap_err()
+        })
+    });
+    for _ in 0..20 {
+        let _ = urls.check(&forged, NOW, client);
+    }
+    g.bench_function("reject_forged_ed25519_throttled", |b| {
+        b.iter(|| urls.check(black_box(&forged), NOW, client).unwrap_err())
     });
     g.finish();
 }

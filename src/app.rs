@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::auth::Verifier;
+use crate::auth::{SignedUrls, Verifier};
 use crate::cache::disk::{DiskOpenError, DiskTier};
 use crate::cache::pages::PagePool;
 use crate::cache::purge::Purges;
@@ -30,7 +30,7 @@ use crate::upstream::ResolveError;
 /// Everything a request handler needs. Immutable after start; interior state (caches,
 /// counters, pools) synchronises itself.
 pub struct AppState {
-    pub verifier: Verifier,
+    pub signed_urls: SignedUrls,
     pub dictionary: Option<DictionaryStore>,
     /// The forwarded routes, once their spool is open (see `forward::opening`).
     pub forwarder: Option<Arc<ForwardSlot>>,
@@ -185,8 +185,12 @@ impl AppState {
             dictionary,
             forwarder,
             cors: Cors::new(&config.cors.allow_origins),
-            verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs)
-                .with_max_ttl(config.signing.max_ttl_secs),
+            signed_urls: SignedUrls::new(
+                Verifier::new(&config.signing.keys, config.signing.clock_skew_secs)
+                    .with_max_ttl(config.signing.max_ttl_secs),
+                config.signing.verified_cache_bytes,
+                config.signing.max_bad_signatures_per_sec,
+            ),
             router: Router::new(dictionary_paths),
             store,
             origin,

@@ -18,6 +18,11 @@ use sha2::Sha256;
 
 use crate::config::{KeyMaterial, SigningKey};
 
+mod throttle;
+mod verified;
+
+pub use verified::{Check, SignedUrls};
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Longest accepted `o` or `v`.
@@ -62,13 +67,17 @@ pub enum AuthFailure {
     Expired,
     /// Signed, but expiring further ahead than `signing.max_ttl_secs` allows.
     TooLong,
+    /// Not checked: the client sent more bad signatures this second than
+    /// `signing.max_bad_signatures_per_sec` allows.
+    Throttled,
 }
 
 impl AuthFailure {
-    /// 410 for an expired URL, 403 for everything else.
+    /// 410 for an expired URL, 429 for a throttled client, 403 for everything else.
     pub const fn status(self) -> u16 {
         match self {
             AuthFailure::Expired => 410,
+            AuthFailure::Throttled => 429,
             _ => 403,
         }
     }
@@ -86,11 +95,12 @@ impl AuthFailure {
             AuthFailure::BadSignature => "bad_signature",
             AuthFailure::Expired => "expired",
             AuthFailure::TooLong => "lifetime_too_long",
+            AuthFailure::Throttled => "too_many_bad_signatures",
         }
     }
 
     /// Every label [`AuthFailure::reason`] can return, for registering metrics up front.
-    pub const REASONS: [&'static str; 10] = [
+    pub const REASONS: [&'static str; 11] = [
         "missing_param",
         "duplicate_param",
         "bad_object",
@@ -101,6 +111,7 @@ impl AuthFailure {
         "bad_signature",
         "expired",
         "lifetime_too_long",
+        "too_many_bad_signatures",
     ];
 
     /// The one-line plain-text body sent to the client.
@@ -125,6 +136,9 @@ impl AuthFailure {
             AuthFailure::Expired => "signed URL has expired".into(),
             AuthFailure::TooLong => {
                 "signed URL expires further ahead than this edge accepts".into()
+            }
+            AuthFailure::Throttled => {
+                "too many bad signatures from this address: try again in a second".into()
             }
         }
     }
@@ -185,14 +199,24 @@ impl Verifier {
     /// Verifies the raw (still percent-encoded) query string at unix time `now`.
     pub fn verify<'q>(&self, query: &'q str, now: u64) -> Result<Signed<'q>, AuthFailure> {
         let p = SignedParams::parse(query)?;
-        let matched = match p.sc.len() {
-            HMAC_SC_LEN => self.matches_hmac(&p)?,
-            ED25519_SC_LEN => self.matches_ed25519(&p)?,
-            _ => return Err(AuthFailure::Malformed(Param::Sc)),
-        };
-        if !matched {
+        if !self.signature_matches(&p)? {
             return Err(AuthFailure::BadSignature);
         }
+        self.check_lifetime(&p, now)?;
+        Ok(p.signed())
+    }
+
+    /// Whether `sc` is a signature of the message under an active key of its kind.
+    pub(crate) fn signature_matches(&self, p: &SignedParams<'_>) -> Result<bool, AuthFailure> {
+        match p.sc.len() {
+            HMAC_SC_LEN => self.matches_hmac(p),
+            ED25519_SC_LEN => self.matches_ed25519(p),
+            _ => Err(AuthFailure::Malformed(Param::Sc)),
+        }
+    }
+
+    /// The time rules, for a URL whose signature is known to be good.
+    pub(crate) fn check_lifetime(&self, p: &SignedParams<'_>, now: u64) -> Result<(), AuthFailure> {
         if now > p.expires.saturating_add(self.clock_skew_secs) {
             return Err(AuthFailure::Expired);
         }
@@ -201,11 +225,12 @@ impl Verifier {
                 return Err(AuthFailure::TooLong);
             }
         }
-        Ok(Signed {
-            object: p.o,
-            version: p.v,
-            expires: p.expires,
-        })
+        Ok(())
+    }
+
+    /// The last unix second at which a URL expiring at `expires` is accepted.
+    pub(crate) fn last_valid_second(&self, expires: u64) -> u64 {
+        expires.saturating_add(self.clock_skew_secs)
     }
 }
 
@@ -298,17 +323,26 @@ fn is_valid_token(s: &str) -> bool {
     s.len() <= MAX_TOKEN_LEN && s.bytes().all(|c| c.is_ascii_graphic())
 }
 
-struct SignedParams<'q> {
-    o: &'q str,
-    v: &'q str,
-    e: &'q str,
-    t: &'q str,
-    sc: &'q str,
-    expires: u64,
+/// The signed parameters of a query, validated but not yet verified.
+pub(crate) struct SignedParams<'q> {
+    pub(crate) o: &'q str,
+    pub(crate) v: &'q str,
+    pub(crate) e: &'q str,
+    pub(crate) t: &'q str,
+    pub(crate) sc: &'q str,
+    pub(crate) expires: u64,
 }
 
 impl<'q> SignedParams<'q> {
-    fn parse(query: &'q str) -> Result<Self, AuthFailure> {
+    pub(crate) fn signed(&self) -> Signed<'q> {
+        Signed {
+            object: self.o,
+            version: self.v,
+            expires: self.expires,
+        }
+    }
+
+    pub(crate) fn parse(query: &'q str) -> Result<Self, AuthFailure> {
         let mut found: [Option<&'q str>; 5] = [None; 5];
         for pair in query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

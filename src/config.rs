@@ -35,6 +35,11 @@ pub const MAX_SLICE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 30;
 /// Default longest lifetime of a signed URL, in seconds (7 days); 0 accepts any expiry.
 pub const DEFAULT_MAX_TTL_SECS: u64 = 7 * 86_400;
+/// Bytes of verified signed URLs kept (≈ 250 bytes each): 16 MiB.
+pub const DEFAULT_VERIFIED_CACHE_BYTES: u64 = 16 << 20;
+/// Bad signatures a client address may send a second before its unverified URLs are
+/// refused unchecked.
+pub const DEFAULT_MAX_BAD_SIGNATURES_PER_SEC: u32 = 20;
 /// Default origin connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// Default time budget for one origin slice fetch (headers and body).
@@ -164,6 +169,10 @@ pub struct Signing {
     pub clock_skew_secs: u64,
     /// URLs expiring more than this many seconds (plus the skew) ahead are refused; 0: no limit.
     pub max_ttl_secs: u64,
+    /// Bytes of verified signed URLs kept until they expire; 0: every request is verified.
+    pub verified_cache_bytes: u64,
+    /// Per client address (IPv6: its /64); 0: no limit.
+    pub max_bad_signatures_per_sec: u32,
     pub keys: Vec<SigningKey>,
 }
 
@@ -554,6 +563,10 @@ mod file {
         pub clock_skew_secs: u64,
         #[serde(default = "default_max_ttl")]
         pub max_ttl_secs: u64,
+        #[serde(default = "default_verified_cache_bytes")]
+        pub verified_cache_bytes: u64,
+        #[serde(default = "default_max_bad_signatures")]
+        pub max_bad_signatures_per_sec: u32,
         pub keys: Vec<super::signing::RawKey>,
     }
 
@@ -563,6 +576,14 @@ mod file {
 
     fn default_max_ttl() -> u64 {
         DEFAULT_MAX_TTL_SECS
+    }
+
+    fn default_verified_cache_bytes() -> u64 {
+        DEFAULT_VERIFIED_CACHE_BYTES
+    }
+
+    fn default_max_bad_signatures() -> u32 {
+        DEFAULT_MAX_BAD_SIGNATURES_PER_SEC
     }
 
     #[derive(Deserialize)]
@@ -927,6 +948,8 @@ fn validate_signing(
     Ok(Signing {
         clock_skew_secs: raw.clock_skew_secs,
         max_ttl_secs: raw.max_ttl_secs,
+        verified_cache_bytes: raw.verified_cache_bytes,
+        max_bad_signatures_per_sec: raw.max_bad_signatures_per_sec,
         keys,
     })
 }

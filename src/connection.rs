@@ -44,6 +44,7 @@ use tokio::time::Sleep;
 use crate::cache::pages::{self, SENDFILE_MIN};
 use crate::config::Limits;
 use crate::metrics::Metrics;
+pub use admission::client_address;
 use admission::Admission;
 use send_rate::{SendRate, Verdict};
 

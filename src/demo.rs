@@ -14,13 +14,27 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use crate::auth::sign_query;
+use crate::auth::{sign_query, sign_query_ed25519};
 use crate::config::Config;
 use crate::range::parse_range_header;
 use crate::server::{check_bindable, EdgeServer, StartError};
 
 /// Signing secret of the demo; printed URLs are signed with it.
 pub const DEMO_SECRET: &str = "demo-secret-not-for-production";
+/// Seed of the demo's Ed25519 key pair (key id `demo-ed`); public, like the secret.
+const DEMO_ED25519_SEED: [u8; 32] = *b"demo-ed25519-not-for-production!";
+
+/// The demo's Ed25519 key pair.
+pub fn demo_ed25519_pair() -> ring::signature::Ed25519KeyPair {
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(&DEMO_ED25519_SEED)
+        .expect("any 32 bytes are a seed")
+}
+
+fn demo_ed25519_public_key() -> String {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    base64::engine::general_purpose::STANDARD.encode(demo_ed25519_pair().public_key())
+}
 
 /// Where the demo listens and how big its caches are.
 #[derive(Debug, Clone)]
@@ -228,6 +242,10 @@ clock_skew_secs = 30
 [[signing.keys]]
 id = "demo"
 secret = "{DEMO_SECRET}"
+[[signing.keys]]
+id = "demo-ed"
+alg = "ed25519"
+public_key = "{ed25519}"
 
 [cache]
 slice_bytes = 1048576
@@ -263,6 +281,7 @@ shutdown_timeout_secs = 1
         sink = addrs.sink,
         spool = addrs.spool.display().to_string(),
         memory = addrs.memory_bytes,
+        ed25519 = demo_ed25519_public_key(),
         disk = match &addrs.disk {
             Some(path) => format!(
                 "[cache.disk]\npath = {:?}\nmax_bytes = {}\n",
@@ -277,6 +296,11 @@ shutdown_timeout_secs = 1
 /// The signed query of the sample object printed by the demo, valid for an hour.
 pub fn sample_query(now: u64) -> String {
     sign_query(DEMO_SECRET.as_bytes(), "sample", "1", now + 3600, "demo")
+}
+
+/// The signed query of the sample object under the demo's Ed25519 key.
+pub fn sample_query_ed25519(now: u64) -> String {
+    sign_query_ed25519(&demo_ed25519_pair(), "sample", "1", now + 3600, "demo")
 }
 
 /// The seed request: 310,491 bytes of the sample object, across a slice boundary.
@@ -296,6 +320,9 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
          \n\
          # the seed request: 310,491 bytes of a 128 MiB object (run it twice: miss, then hit)\n\
          curl -s -o /dev/null -D - '{base}{SEED_RANGE}?{q}'\n\
+         \n\
+         # the same range under an Ed25519 signature (key \"demo-ed\": the edge holds only its public key)\n\
+         curl -s -o /dev/null -D - '{base}{SEED_RANGE}?{ed}'\n\
          \n\
          # the same object with a Range header (206)\n\
          curl -s -D - -H 'Range: bytes=0-15' '{base}/?{q}' -o /dev/null\n\
@@ -323,6 +350,7 @@ pub fn instructions(addrs: &DemoOptions, now: u64) -> String {
         dictionary = addrs.dictionary,
         sink = addrs.sink,
         tampered = q.replacen("o=sample", "o=sampl3", 1),
+        ed = sample_query_ed25519(now),
     )
 }
 
@@ -418,5 +446,13 @@ mod tests {
             .map(|q| q.trim_end_matches('\''))
             .unwrap();
         assert_eq!(v.verify(q, 1_800_000_000).unwrap().object, "sample");
+        let ed = text
+            .lines()
+            .filter(|l| l.contains("/range/122638100-122948590?"))
+            .find_map(|l| l.split('?').nth(1).filter(|q| q.len() > 110))
+            .map(|q| q.trim_end_matches('\''))
+            .unwrap();
+        assert_eq!(ed, sample_query_ed25519(1_800_000_000));
+        assert_eq!(v.verify(ed, 1_800_000_000).unwrap().object, "sample");
     }
 }

@@ -11,7 +11,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::auth::AuthFailure;
+use crate::auth::{AuthFailure, Check};
 use crate::ops::fill::JobState;
 use crate::routes::Route;
 
@@ -527,6 +527,8 @@ pub struct Metrics {
     pub origin_duration: Histogram,
     pub origin_failovers: IntCounter,
     auth_failures: Vec<IntCounter>,
+    /// `[cached, verified]`.
+    signed_url_checks: [IntCounter; 2],
     pub stream_aborts: IntCounter,
     pub client_sendfile_bytes: IntCounter,
     dictionary_lookups: Vec<IntCounter>,
@@ -812,6 +814,19 @@ impl Metrics {
             .iter()
             .map(|reason| auth_vec.with_label_values(&[reason]))
             .collect();
+        let checks_vec = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_signed_url_checks_total",
+                    "Signed URLs accepted, by whether the signature was verified or found in the cache of verified URLs.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let signed_url_checks =
+            ["cached", "verified"].map(|result| checks_vec.with_label_values(&[result]));
         let stream_aborts = registered(
             r,
             IntCounter::new(
@@ -1193,6 +1208,7 @@ impl Metrics {
             origin_duration,
             origin_failovers,
             auth_failures,
+            signed_url_checks,
             stream_aborts,
             client_sendfile_bytes,
             dictionary_lookups,
@@ -1282,6 +1298,14 @@ impl Metrics {
             .position(|r| *r == f.reason())
             .expect("every reason is registered");
         self.auth_failures[i].inc();
+    }
+
+    pub fn record_signed_url(&self, how: Check) {
+        self.signed_url_checks[match how {
+            Check::Cached => 0,
+            Check::Verified => 1,
+        }]
+        .inc();
     }
 
     pub fn record_origin(&self, result: OriginResult) {

@@ -5,6 +5,7 @@
 //! The first slice is fetched before the header so an origin failure is still a clean
 //! 502/504; a failure after that cuts the response short.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -13,6 +14,7 @@ use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
+use crate::auth::AuthFailure;
 use crate::cache::{ObjectMeta, ObjectRef, Source};
 use crate::conditional::{self, Decision};
 use crate::metrics::Refusal;
@@ -65,12 +67,28 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     // while the session is written to.
     let uri = session.req_header().uri.clone();
     let now = unix_now();
-    let signed = match state.verifier.verify(uri.query().unwrap_or(""), now) {
-        Ok(s) => s,
+    let client = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let signed = match state
+        .signed_urls
+        .check(uri.query().unwrap_or(""), now, client)
+    {
+        Ok((signed, how)) => {
+            state.metrics.record_signed_url(how);
+            signed
+        }
         Err(failure) => {
             state.metrics.record_auth_failure(failure);
             tracing::debug!(reason = failure.reason(), "signed URL rejected");
-            return respond::plain(session, failure.status(), &failure.message()).await;
+            return respond::plain_with(session, failure.status(), &failure.message(), |r| {
+                if failure == AuthFailure::Throttled {
+                    r.insert_header(header::RETRY_AFTER, "1")?;
+                }
+                Ok(())
+            })
+            .await;
         }
     };
     let method = &session.req_header().method;

@@ -3,7 +3,7 @@
 
 mod support;
 
-use cdn_edge::auth::sign_query;
+use cdn_edge::auth::{sign_query, sign_query_ed25519};
 use support::edge::{signed, unix_now, Edge, EdgeOptions, KEY1, KEY2};
 use support::keys;
 use support::origin::TestOrigin;
@@ -243,4 +243,71 @@ async fn keygen_and_sign_through_the_cli_against_a_running_edge() {
         "signature does not match",
     )
     .await;
+}
+
+/// A player's many requests under one URL cost one signature check; an address sending
+/// forged signatures is refused unchecked past its budget, and keeps its good URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_urls_are_cached_and_forgers_are_throttled() {
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    let pair = Ed25519KeyPair::from_seed_unchecked(&[9; 32]).unwrap();
+    let public = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        pair.public_key().as_ref(),
+    );
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.signing_extra = keys::ed25519_entry("ed", &public);
+    opts.signing_settings = "max_bad_signatures_per_sec = 3".into();
+    let edge = Edge::start(opts).await;
+
+    let good = sign_query_ed25519(&pair, "movie", "v1", unix_now() + 600, "tok");
+    for range in ["0-99", "100-199", "9000-9999"] {
+        assert_eq!(
+            edge.get(&format!("/range/{range}?{good}"), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let checks = |result: &str| format!("cdn_edge_signed_url_checks_total{{result=\"{result}\"}}");
+    assert_eq!(edge.metric(&checks("verified")).await, 1.0);
+    assert_eq!(edge.metric(&checks("cached")).await, 2.0);
+
+    // Forged signatures: 403 until the budget of the second is spent, then 429.
+    let forged = |i: usize| {
+        format!(
+            "o=movie&v=v1&e={}&t=f{i}&sc={}",
+            unix_now() + 600,
+            "A".repeat(86)
+        )
+    };
+    let mut throttled = None;
+    for i in 0..50 {
+        let r = edge.get(&format!("/range/0-99?{}", forged(i)), &[]).await;
+        if r.status == 429 {
+            throttled = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 403, "{}", r.text());
+    }
+    let r = throttled.expect("a forger is throttled within 50 requests");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text().starts_with("too many bad signatures"),
+        "{}",
+        r.text()
+    );
+    // Its verified URL still plays; nothing reached the origin but the one slice.
+    assert_eq!(
+        edge.get(&format!("/range/0-99?{good}"), &[]).await.status,
+        200
+    );
+    assert!(
+        edge.metric("cdn_edge_auth_failures_total{reason=\"too_many_bad_signatures\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(origin.requests(), 1);
 }

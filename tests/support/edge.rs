@@ -41,6 +41,8 @@ pub struct EdgeOptions {
     pub origin_extra: String,
     /// More `[[signing.keys]]` entries after k1 and k2 (e.g. an ed25519 key).
     pub signing_extra: String,
+    /// More `[signing]` settings (TOML lines).
+    pub signing_settings: String,
     /// `CDN_EDGE_LOG` for the process; `None` leaves the level to `[log]`.
     pub log_env: Option<String>,
 }
@@ -72,6 +74,7 @@ impl EdgeOptions {
             extra: String::new(),
             origin_extra: String::new(),
             signing_extra: String::new(),
+            signing_settings: String::new(),
             log_env: Some("info".to_string()),
         }
     }
@@ -486,6 +489,7 @@ admin = "{admin}"
 {tls}
 [signing]
 clock_skew_secs = {skew}
+{signing_settings}
 [[signing.keys]]
 id = "k1"
 secret = "{KEY1}"
@@ -534,6 +538,7 @@ upgrade_sock = {upgrade_sock:?}
             .map_or(String::new(), |s| format!("negative_ttl_secs = {s}")),
         origin_extra = opts.origin_extra,
         signing_extra = opts.signing_extra,
+        signing_settings = opts.signing_settings,
         grace = opts.grace_period_secs,
         extra = opts.extra,
     )
