@@ -19,7 +19,7 @@ use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
 use cdn_edge::config::LogFormat;
 use cdn_edge::config::SigningKey;
 use cdn_edge::dictionary::key::canonical_target;
-use cdn_edge::proxies::{forwarded_for_header, TrustedProxies};
+use cdn_edge::proxies::TrustedProxies;
 use cdn_edge::range::{parse_range_header, parse_range_path, slice_pieces, ByteRange};
 use cdn_edge::respond;
 
@@ -215,10 +215,7 @@ fn client_address(c: &mut Criterion) {
         ("client_ip_behind_two_proxies", &trusted),
     ] {
         g.bench_function(name, |b| {
-            b.iter(|| {
-                let xff = forwarded_for_header(black_box(&headers));
-                proxies.client_ip(black_box(peer), xff.as_deref())
-            })
+            b.iter(|| proxies.client_ip_for(black_box(peer), black_box(&headers)))
         });
     }
     g.finish();

@@ -19,7 +19,7 @@ use crate::access_log;
 use crate::app::AppState;
 use crate::config::{Limits, Log, LogFormat};
 use crate::dictionary;
-use crate::proxies::{self, TrustedProxies};
+use crate::proxies::TrustedProxies;
 use crate::respond;
 use crate::routes::Route;
 use crate::session::{RequestCtx, Session};
@@ -244,8 +244,7 @@ fn log_access(
         .client_addr()
         .and_then(|a| a.as_inet())
         .and_then(|a| {
-            let xff = proxies::forwarded_for_header(&req.headers);
-            let ip = proxies.client_ip(a.ip(), xff.as_deref());
+            let ip = proxies.client_ip_for(a.ip(), &req.headers);
             let mut w = &mut client[..];
             std::io::Write::write_fmt(&mut w, format_args!("{ip}")).ok()?;
             let left = w.len();
