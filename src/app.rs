@@ -188,7 +188,6 @@ impl AppState {
             dictionary,
             forwarder,
             cors: Cors::new(&config.cors.allow_origins),
-            proxies: TrustedProxies::new(&config.proxies.trusted),
             verifier: Verifier::new(&config.signing.keys, config.signing.clock_skew_secs)
                 .with_max_ttl(config.signing.max_ttl_secs),
             router: Router::new(dictionary_paths),
@@ -207,6 +206,7 @@ impl AppState {
             admin_token: config.admin.token.clone(),
             drain: Drain::load(&config.server.upgrade_sock),
             fill,
+            proxies: TrustedProxies::new(&config.proxies.trusted),
         }))
     }
 
