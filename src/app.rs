@@ -22,6 +22,7 @@ use crate::ops::fill::jobs::JobStoreError;
 use crate::ops::fill::FillJobs;
 use crate::origin::OriginClient;
 use crate::pinned::PinnedBudget;
+use crate::proxies::TrustedProxies;
 use crate::routes::Router;
 use crate::sources::Sources;
 use crate::upstream::ConnectorSettings;
@@ -35,6 +36,8 @@ pub struct AppState {
     /// The forwarded routes, once their spool is open (see `forward::opening`).
     pub forwarder: Option<Arc<ForwardSlot>>,
     pub cors: Cors,
+    /// `[proxies]`: whose `X-Forwarded-For` is believed.
+    pub proxies: TrustedProxies,
     pub router: Router,
     pub store: SliceStore,
     pub origin: Arc<OriginClient>,
@@ -207,6 +210,7 @@ impl AppState {
             admin_token: config.admin.token.clone(),
             drain: Drain::load(&config.server.upgrade_sock),
             fill,
+            proxies: TrustedProxies::new(&config.proxies.trusted),
         }))
     }
 

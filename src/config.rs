@@ -12,10 +12,12 @@ use serde::Deserialize;
 
 mod cluster;
 mod ops;
+mod proxies;
 mod signing;
 
 pub use cluster::{Cluster, KeepNonOwned, OriginMode};
 pub use ops::{Admin, Control, Fill, Window};
+pub use proxies::Proxies;
 pub use signing::{read_private_key, KeyMaterial, SigningKey};
 
 /// Default slice size: 1 MiB.
@@ -138,6 +140,8 @@ pub struct Config {
     pub fill: Option<Fill>,
     /// `[control]`: the control-plane report; `None` without the section.
     pub control: Option<Control>,
+    /// `[proxies]`: the peers whose `X-Forwarded-For` is believed; none by default.
+    pub proxies: Proxies,
 }
 
 #[derive(Debug, Clone)]
@@ -485,6 +489,8 @@ mod file {
         pub admin: super::ops::RawAdmin,
         pub fill: Option<super::ops::RawFill>,
         pub control: Option<super::ops::RawControl>,
+        #[serde(default)]
+        pub proxies: super::proxies::RawProxies,
     }
 
     #[derive(Deserialize)]
@@ -818,6 +824,7 @@ impl file::Root {
         let control = self.control.map(ops::validate_control).transpose()?;
         let dictionary = self.dictionary.map(validate_dictionary).transpose()?;
         let forward = self.forward.map(validate_forward).transpose()?;
+        let proxies = proxies::validate(self.proxies)?;
 
         for (i, o) in self.cors.allow_origins.iter().enumerate() {
             if o == "*" || !(o.starts_with("http://") || o.starts_with("https://")) {
@@ -856,6 +863,7 @@ impl file::Root {
             admin,
             fill,
             control,
+            proxies,
         })
     }
 }
@@ -1334,6 +1342,29 @@ urls = ["http://127.0.0.1:9000"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("alg"), "{err}");
+    }
+
+    #[test]
+    fn proxies_trust_nobody_by_default_and_name_a_bad_entry() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert!(c.proxies.trusted.is_empty());
+        let with = |lines: &str| {
+            Config::from_toml_with_env(&format!("{MINIMAL}\n[proxies]\n{lines}\n"), no_env)
+        };
+        let c = with("trusted = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]").unwrap();
+        assert_eq!(c.proxies.trusted.len(), 3);
+        assert!(with("").unwrap().proxies.trusted.is_empty());
+        let err = with("trusted = [\"10.0.0.0/8\", \"192.0.2.7\", \"10.0.0.0/33\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxies.trusted[2]: \"10.0.0.0/33\" is not an IP network"),
+            "{err}"
+        );
+        let err = with("trusted = \"10.0.0.0/8\"").unwrap_err().to_string();
+        assert!(err.contains("proxies.trusted"), "{err}");
+        let err = with("trust = []").unwrap_err().to_string();
+        assert!(err.contains("proxies") && err.contains("trust"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::access_log;
 use crate::app::AppState;
 use crate::config::{Limits, Log, LogFormat};
 use crate::dictionary;
+use crate::proxies::TrustedProxies;
 use crate::respond;
 use crate::routes::Route;
 use crate::session::{RequestCtx, Session};
@@ -81,7 +82,7 @@ impl Edge {
             // Boxed: the video and dictionary routes do not carry its size.
             Route::Event | Route::LogBlob | Route::Stats => match &self.state.forwarder {
                 Some(slot) => match slot.get() {
-                    Some(f) => Box::pin(f.serve(session, route)).await,
+                    Some(f) => Box::pin(f.serve(session, route, &self.state.proxies)).await,
                     None => {
                         Box::pin(crate::forward::not_open(
                             session,
@@ -108,7 +109,7 @@ impl Edge {
             tracing::debug!(route = ctx.route.label(), status, error = %e, "request ended with an error");
         }
         if let Some(format) = self.access_log {
-            log_access(session, ctx, status, error, format);
+            log_access(session, &self.state.proxies, ctx, status, error, format);
         }
     }
 }
@@ -209,6 +210,7 @@ fn error_status(e: &Error) -> Option<u16> {
 /// (`sc`) and the client token (`t`).
 fn log_access(
     session: &Session,
+    proxies: &TrustedProxies,
     ctx: &RequestCtx,
     status: u16,
     error: Option<&Error>,
@@ -236,13 +238,15 @@ fn log_access(
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 128)
         .unwrap_or("");
+    // The real client, behind trusted proxies; an address is at most 45 characters.
     let mut client = [0u8; 48];
     let client = session
         .client_addr()
         .and_then(|a| a.as_inet())
         .and_then(|a| {
+            let ip = proxies.client_ip_for(a.ip(), &req.headers);
             let mut w = &mut client[..];
-            std::io::Write::write_fmt(&mut w, format_args!("{}", a.ip())).ok()?;
+            std::io::Write::write_fmt(&mut w, format_args!("{ip}")).ok()?;
             let left = w.len();
             std::str::from_utf8(&client[..client.len() - left]).ok()
         })

@@ -25,6 +25,7 @@ pub mod metrics; // every metric, registered once
 pub mod ops; // content operations on the admin listener: purge, fill, drain, control report
 pub mod origin; // origin client: slice fetch, validation, failover
 pub mod pinned; // bytes of slices held by video responses, and their budget
+pub mod proxies; // trusted proxies: the X-Forwarded-For sent upstream, the real client's address (pure)
 pub mod range; // range parsing and slice arithmetic (pure)
 pub mod redb_file; // opening the redb stores of the spool and the fill jobs
 pub mod respond; // small complete responses (errors, 404, 416)

@@ -95,10 +95,8 @@ async fn events_are_relayed_with_the_upstream_answer() {
     );
     assert_eq!(got[0].body, body, "body forwarded byte for byte");
     assert_eq!(got[0].header("content-type"), Some("application/json"));
-    assert_eq!(
-        got[0].header("x-forwarded-for"),
-        Some("198.51.100.9, 127.0.0.1")
-    );
+    // No proxy is trusted: the client's own X-Forwarded-For is replaced by its address.
+    assert_eq!(got[0].header("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(got[0].header("via"), Some("1.1 cdn-edge"));
     // A 4xx answer is the upstream's word, relayed as it is, not spooled.
     up.set_response(&event("bad"), 400, &[], b"nope");
@@ -108,6 +106,98 @@ async fn events_are_relayed_with_the_upstream_answer() {
             .await,
         2.0
     );
+}
+
+/// What an upstream receives as `X-Forwarded-For` for an event (relayed at once) and a
+/// log blob (spooled, delivered in the background) from a client on 127.0.0.1 that sent
+/// `lines` of `X-Forwarded-For`, with `[proxies]` lines `proxies`; and the `client` of
+/// their access-log lines.
+async fn forwarded_for_of(proxies: &str, lines: &[&str]) -> ([Option<String>; 2], Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestOrigin::start().await;
+    up.set_response(&event("xff"), 200, &[], b"ok");
+    up.set_response(&blob("xff"), 200, &[], b"");
+    // A relay that takes longer than the default 500 ms (a loaded machine) would be
+    // spooled and answered 202.
+    let mut o = opts(
+        dir.path(),
+        &up.url(),
+        &up.url(),
+        &up.url(),
+        "timeout_ms = 5000",
+    );
+    o.extra.push_str(&format!("[proxies]\n{proxies}\n"));
+    let edge = Edge::start(o).await;
+    let headers: Vec<(&str, &str)> = lines.iter().map(|l| ("X-Forwarded-For", *l)).collect();
+    assert_eq!(
+        post(edge.http, &event("xff"), &headers, b"e").await.status,
+        200
+    );
+    assert_eq!(
+        post(edge.http, &blob("xff"), &headers, b"b").await.status,
+        202
+    );
+    wait_until("both requests at the upstream", || {
+        let got = up.received();
+        [event("xff"), blob("xff")]
+            .iter()
+            .all(|t| got.iter().any(|r| &r.target == t))
+    })
+    .await;
+    let got = up.received();
+    let xff = |target: &str| {
+        got.iter()
+            .find(|r| r.target == target)
+            .and_then(|r| r.header("x-forwarded-for"))
+            .map(str::to_string)
+    };
+    let log = edge.terminate().await;
+    let clients = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .map(|v| v["client"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ([xff(&event("xff")), xff(&blob("xff"))], clients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_x_forwarded_for_is_replaced_by_the_client_address() {
+    let peer_only = Some("127.0.0.1".to_string());
+    // Without [proxies], and with proxies that do not include the client.
+    for proxies in ["", "trusted = [\"10.0.0.0/8\", \"::1\"]"] {
+        let (upstream, clients) = forwarded_for_of(proxies, &["6.6.6.6"]).await;
+        assert_eq!(
+            upstream,
+            [peer_only.clone(), peer_only.clone()],
+            "{proxies}"
+        );
+        assert_eq!(clients, ["127.0.0.1", "127.0.0.1"], "{proxies}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_proxys_x_forwarded_for_is_passed_on_with_the_proxy_appended() {
+    let trusted = "trusted = [\"127.0.0.0/8\"]";
+    let (upstream, clients) = forwarded_for_of(trusted, &["6.6.6.6"]).await;
+    let chain = Some("6.6.6.6, 127.0.0.1".to_string());
+    assert_eq!(upstream, [chain.clone(), chain]);
+    assert_eq!(
+        clients,
+        ["6.6.6.6", "6.6.6.6"],
+        "the access log names the client"
+    );
+    // Several lines are one list, in order; the client is the rightmost untrusted hop.
+    let (upstream, clients) =
+        forwarded_for_of(trusted, &["6.6.6.6", "198.51.100.9, 127.0.0.2"]).await;
+    let chain = Some("6.6.6.6, 198.51.100.9, 127.0.0.2, 127.0.0.1".to_string());
+    assert_eq!(upstream, [chain.clone(), chain]);
+    assert_eq!(clients, ["198.51.100.9", "198.51.100.9"]);
+    // A malformed header from a trusted proxy is not relayed.
+    let (upstream, clients) = forwarded_for_of(trusted, &["6.6.6.6, evil.example"]).await;
+    let peer_only = Some("127.0.0.1".to_string());
+    assert_eq!(upstream, [peer_only.clone(), peer_only]);
+    assert_eq!(clients, ["127.0.0.1", "127.0.0.1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Forward as ForwardConfig;
 use crate::metrics::{ForwardResult, Metrics};
+use crate::proxies::{self, TrustedProxies};
 use crate::respond;
 use crate::routes::Route;
 use crate::session::Session;
@@ -155,8 +156,14 @@ impl Forwarder {
         self.stats_rx.lock().ok().and_then(|mut r| r.take())
     }
 
-    /// Serves a forwarded route; returns the body bytes written.
-    pub async fn serve(&self, session: &mut Session, route: Route) -> pingora::Result<u64> {
+    /// Serves a forwarded route; returns the body bytes written. `proxies` decides
+    /// what `X-Forwarded-For` the upstream gets.
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        route: Route,
+        proxies: &TrustedProxies,
+    ) -> pingora::Result<u64> {
         let upstream = match route {
             Route::Event => self.relay.events.as_ref(),
             Route::LogBlob => self.relay.logblob.as_ref(),
@@ -184,7 +191,7 @@ impl Forwarder {
                 return respond::plain(session, 413, "request body too large").await;
             }
         };
-        let record = self.record_of(session, body);
+        let record = self.record_of(session, body, proxies);
         match route {
             Route::Event => self.event(session, record).await,
             Route::LogBlob => self.logblob(session, record).await,
@@ -192,22 +199,14 @@ impl Forwarder {
         }
     }
 
-    fn record_of(&self, session: &Session, body: Bytes) -> Record {
+    fn record_of(&self, session: &Session, body: Bytes, proxies: &TrustedProxies) -> Record {
         let req = session.req_header();
-        let client_ip = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let prior = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty());
-        let forwarded_for = match prior {
-            Some(p) => format!("{p}, {client_ip}"),
-            None => client_ip,
-        };
+            .map(|a| a.ip());
+        let xff = proxies::forwarded_for_header(&req.headers);
+        let forwarded_for = proxies.forwarded_for(peer, xff.as_deref());
         Record {
             arrival_ms: unix_ms(),
             client_ip: forwarded_for,

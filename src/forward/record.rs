@@ -11,6 +11,7 @@ const ANSWER_VERSION: u8 = 1;
 pub struct Record {
     /// Arrival at the edge, unix milliseconds.
     pub arrival_ms: u64,
+    /// The `X-Forwarded-For` sent upstream (`crate::proxies`); empty: none.
     pub client_ip: String,
     pub method: String,
     /// Path and query as received.
