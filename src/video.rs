@@ -67,10 +67,14 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     // while the session is written to.
     let uri = session.req_header().uri.clone();
     let now = unix_now();
-    let client = session
+    // Behind a trusted load balancer, the budget of bad signatures is the client's.
+    let peer = session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let client = state
+        .proxies
+        .client_ip_for(peer, &session.req_header().headers);
     let signed = match state
         .signed_urls
         .check(uri.query().unwrap_or(""), now, client)

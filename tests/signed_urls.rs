@@ -293,6 +293,7 @@ async fn verified_urls_are_cached_and_forgers_are_throttled() {
         assert_eq!(r.status, 403, "{}", r.text());
     }
     let r = throttled.expect("a forger is throttled within 50 requests");
+    check_throttled(&r);
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(
         r.text().starts_with("too many bad signatures"),
@@ -310,4 +311,71 @@ async fn verified_urls_are_cached_and_forgers_are_throttled() {
             >= 1.0
     );
     assert_eq!(origin.requests(), 1);
+}
+
+fn check_throttled(r: &support::client::Response) {
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.text().starts_with("too many bad signatures"),
+        "{}",
+        r.text()
+    );
+}
+
+/// Behind a trusted load balancer each client has its own budget: a forger behind it
+/// does not hold up the new URLs of the players beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_budget_is_each_clients() {
+    let origin = TestOrigin::start().await;
+    origin.add_object("movie", "v1", support::object_bytes(3, 10_000), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    opts.signing_settings = "max_bad_signatures_per_sec = 2".into();
+    opts.extra
+        .push_str("[proxies]\ntrusted = [\"127.0.0.0/8\"]\n");
+    let edge = Edge::start(opts).await;
+    let forger = [("x-forwarded-for", "198.51.100.6")];
+    let player = [("x-forwarded-for", "198.51.100.7")];
+    let forge = |i: usize| {
+        format!(
+            "/range/0-99?o=movie&v=v1&e={}&t=f{i}&sc={}",
+            unix_now() + 600,
+            "0".repeat(64)
+        )
+    };
+    let mut sent = 0;
+    // Proven once the forger is refused both before and after the player's request,
+    // so that all three fell in one second of its budget.
+    let mut proven = false;
+    for attempt in 0..5 {
+        let mut throttled = None;
+        for _ in 0..50 {
+            sent += 1;
+            let r = edge.get(&forge(sent), &forger).await;
+            if r.status == 429 {
+                throttled = Some(r);
+                break;
+            }
+            assert_eq!(r.status, 403, "{}", r.text());
+        }
+        check_throttled(&throttled.expect("the forger is throttled within 50 requests"));
+        let fresh = sign_query(
+            KEY1.as_bytes(),
+            "movie",
+            "v1",
+            unix_now() + 60,
+            &format!("p{attempt}"),
+        );
+        let r = edge.get(&format!("/range/0-99?{fresh}"), &player).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        sent += 1;
+        if edge.get(&forge(sent), &forger).await.status == 429 {
+            proven = true;
+            break;
+        }
+    }
+    assert!(
+        proven,
+        "the second turned between requests five times running"
+    );
 }
