@@ -1,5 +1,6 @@
 //! A test origin: a small HTTP/1.1 server on 127.0.0.1:0 that serves registered objects
-//! with single-range support, counts every request, and can misbehave on demand.
+//! with single-range support, counts every request, and can misbehave on demand: for
+//! every request ([`Mode`]), or per object and slice ([`FaultRule`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,6 +11,8 @@ use pingora::tls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use super::faults::{self, After, FaultRule, Faults, Resettable};
 
 /// How the origin answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,7 @@ struct State {
     objects: Mutex<HashMap<String, Object>>,
     canned: Mutex<HashMap<String, Canned>>,
     mode: Mutex<Mode>,
+    faults: Mutex<Faults>,
     requests: AtomicU64,
     connections: AtomicU64,
     log: Mutex<Vec<String>>,
@@ -101,6 +105,7 @@ impl TestOrigin {
             objects: Mutex::new(HashMap::new()),
             canned: Mutex::new(HashMap::new()),
             mode: Mutex::new(Mode::Normal),
+            faults: Mutex::new(Faults::default()),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
@@ -198,6 +203,23 @@ impl TestOrigin {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Answers the requests `rule` picks with its fault (rules are tried in the order
+    /// added; a registered object's requests only). Takes precedence over [`Mode`].
+    pub fn inject(&self, rule: FaultRule) {
+        self.state.faults.lock().unwrap().add(rule);
+    }
+
+    /// Drops every fault rule: correct answers from now on.
+    pub fn heal(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
+    /// Requests received so far for `/objects/{o}/{v}`, by the first byte of their range.
+    pub fn requests_for(&self, o: &str, v: &str, start: u64) -> usize {
+        let want = format!("/objects/{o}/{v} bytes={start}-");
+        self.log().iter().filter(|l| l.starts_with(&want)).count()
     }
 
     /// Requests received so far.
@@ -334,7 +356,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
+pub(super) fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
     let spec = v.strip_prefix("bytes=").ok_or(())?;
     let (a, b) = spec.split_once('-').ok_or(())?;
     let a: u64 = a.parse().map_err(|_| ())?;
@@ -349,7 +371,10 @@ fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
     Ok((a, b))
 }
 
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Arc<State>) {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
+    mut sock: S,
+    st: Arc<State>,
+) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
         st.requests.fetch_add(1, Ordering::SeqCst);
@@ -368,6 +393,22 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
         while *hold.borrow_and_update() {
             if hold.changed().await.is_err() {
                 return;
+            }
+        }
+        let fault = st
+            .faults
+            .lock()
+            .unwrap()
+            .take(&req.path, req.range.as_deref());
+        if let Some(fault) = fault {
+            match answer_fault(&mut sock, &st, fault, &req).await {
+                Some(After::KeepOpen) if !req.close => continue,
+                Some(After::Reset) => {
+                    sock.reset_on_close();
+                    return;
+                }
+                Some(_) => return,
+                None => {}
             }
         }
         let mode = *st.mode.lock().unwrap();
@@ -462,4 +503,25 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
             return;
         }
     }
+}
+
+/// Writes `fault`'s answer to `req`; `None` when the object is not registered (it gets
+/// the usual 404).
+async fn answer_fault<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    st: &State,
+    fault: faults::Fault,
+    req: &Request,
+) -> Option<After> {
+    let (bytes, content_type, headers) = {
+        let objects = st.objects.lock().unwrap();
+        let o = objects.get(&req.path)?;
+        (o.bytes.clone(), o.content_type.clone(), o.headers.clone())
+    };
+    let obj = faults::Object {
+        bytes: &bytes,
+        content_type: &content_type,
+        headers: &headers,
+    };
+    Some(faults::answer(sock, fault, &obj, req.range.as_deref()).await)
 }
