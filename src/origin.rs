@@ -323,7 +323,9 @@ impl OriginClient {
     ) -> Result<SliceBody, OriginError> {
         let unreachable = |e: Box<pingora::Error>| transport_error(origin, &e, self.timeout);
         // A pooled connection may have been closed by the origin while idle: one retry
-        // on another connection, only when nothing of the response was read.
+        // on another connection, only when no answer came on it. An answer that was
+        // read, even a malformed one, and a timeout are not retried: the origin did
+        // answer, and asking it again would double the load of a failing origin.
         for retry in [false, true] {
             let (mut session, reused) = self
                 .connector
@@ -332,7 +334,7 @@ impl OriginClient {
                 .map_err(unreachable)?;
             let req = slice_request(path, &origin.host_header, range).map_err(unreachable)?;
             if let Err(e) = send_and_read_header(&mut session, req).await {
-                if reused && !retry {
+                if reused && !retry && upstream::lost_before_answer(&e) {
                     continue;
                 }
                 return Err(unreachable(e));
@@ -356,6 +358,13 @@ fn transport_error(origin: &Origin, e: &pingora::Error, timeout: Duration) -> Or
                 ms: timeout.as_millis() as u64,
             }
         }
+        // The origin answered, but not with HTTP/1.1 the edge can read: a bad status
+        // line, a Content-Length that is not one number, a header block over 1 MiB or
+        // over 256 lines.
+        ErrorType::InvalidHTTPHeader => OriginError::Invalid {
+            origin: origin.url.clone(),
+            why: "malformed response header",
+        },
         _ => OriginError::Unreachable {
             origin: origin.url.clone(),
             detail: e.to_string(),

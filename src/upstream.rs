@@ -89,6 +89,17 @@ pub fn peer(u: &UpstreamUrl, addr: SocketAddr, connect: Duration, io: Duration) 
     peer
 }
 
+/// Whether an exchange on a pooled connection failed before any answer came on it
+/// (the connection was closed or reset, or the request could not be written): the one
+/// case where asking again on a new connection is safe. Not for a malformed answer,
+/// which was read, nor for a timeout.
+pub fn lost_before_answer(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
+}
+
 /// Why an exchange with an upstream failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExchangeError {

@@ -1,0 +1,266 @@
+//! The origin fault matrix (docs/reliability.md, "Origin faults"): for each way an
+//! origin can answer a slice request wrongly, what the client gets, what is cached, and
+//! the metric that counts it. Every body is compared byte for byte with the origin's
+//! object; a wrong byte is never presented as complete.
+//!
+//! Each case runs the same script against one object of 5 slices with the fault on
+//! slice 1 (`tests/support/faults.rs` writes the faulty answers):
+//! 1. slice 0 is cached, leaving one idle pooled connection to the origin;
+//! 2. a range over slices 0 and 1: the header goes out from the cached slice 0, so a
+//!    fault on slice 1 (asked on the pooled connection) cuts the body short;
+//! 3. a range inside slice 1: the fault now hits before any header (on a new
+//!    connection), so it is a clean 502 or 504;
+//! 4. the origin is healed: the whole object is served byte-exact, costing exactly the
+//!    slices not cached, then served again from cache alone.
+//!
+//! Origin 404 and 410 are in `missing_objects.rs`; 5xx, 4xx, `Content-Encoding` and a
+//! hanging origin in `origin_failures.rs`.
+
+mod support;
+
+use support::edge::{signed, Edge, EdgeOptions};
+use support::faults::{Fault, FaultRule, EXTRA_SIZE, FAULTY_ETAG};
+use support::object_bytes;
+use support::origin::TestOrigin;
+
+const SLICE: u64 = 64 * 1024;
+/// Five slices, the last one short.
+const SIZE: usize = 300_000;
+/// First byte of slice 1, where the faults are injected.
+const S1: u64 = SLICE;
+/// `origin.timeout_ms` of every case: short, for the drip.
+const TIMEOUT_MS: u64 = 500;
+
+/// What a fault on the first slice of a response gives the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    /// A clean error status before any header; a cut body after the header.
+    Error(u16),
+    /// The right bytes, complete.
+    Bytes,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    fault: Fault,
+    client: Client,
+    /// `cdn_edge_origin_requests_total{result=...}` that counts the faulty fetch.
+    result: &'static str,
+    /// Origin requests one faulty fetch costs on a pooled connection.
+    pooled_requests: usize,
+}
+
+impl Case {
+    const fn error(fault: Fault, status: u16, result: &'static str) -> Self {
+        Self {
+            fault,
+            client: Client::Error(status),
+            result,
+            pooled_requests: 1,
+        }
+    }
+}
+
+fn edge_options(origins: Vec<String>) -> EdgeOptions {
+    let mut opts = EdgeOptions::new(origins);
+    opts.origin_timeout_ms = TIMEOUT_MS;
+    opts
+}
+
+/// Serves `bytes` as object (o, 1) with ETag `"a"` on each origin.
+fn serve(o: &str, bytes: &[u8], origins: &[&TestOrigin]) {
+    for origin in origins {
+        origin.add_object_with_headers(o, "1", bytes.to_vec(), "video/mp4", &[("ETag", "\"a\"")]);
+    }
+}
+
+/// The script in the module docs.
+async fn run(case: Case) {
+    let Case {
+        fault,
+        client,
+        result,
+        pooled_requests,
+    } = case;
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(fault as u64 + 100, SIZE);
+    serve("m", &bytes, &[&origin]);
+    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    let result_series = format!("cdn_edge_origin_requests_total{{result=\"{result}\"}}");
+    let slice1 = || origin.requests_for("m", "1", S1);
+
+    // 1. Slice 0 and the object's metadata cached; one idle pooled connection.
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[..100], "{fault:?}");
+    origin.inject(FaultRule::on("m", "1", fault).from(S1));
+
+    // 2. The header is out before slice 1 is fetched: a failure cuts the body short.
+    let r = edge.get(&format!("/range/0-100000?{q}"), &[]).await;
+    assert_eq!(r.status, 200, "{fault:?}");
+    assert_eq!(r.header("content-length"), Some("100001"), "{fault:?}");
+    match client {
+        Client::Bytes => assert!(r.complete && r.body == bytes[..=100_000], "{fault:?}"),
+        Client::Error(_) => assert!(
+            !r.complete && r.body.len() < 100_001 && bytes.starts_with(&r.body),
+            "{fault:?}: {} bytes, complete: {}",
+            r.body.len(),
+            r.complete
+        ),
+    }
+    let aborts = if client == Client::Bytes { 0.0 } else { 1.0 };
+    assert_eq!(
+        edge.metric("cdn_edge_stream_aborts_total").await,
+        aborts,
+        "{fault:?}"
+    );
+    assert_eq!(slice1(), pooled_requests, "{fault:?}: {:?}", origin.log());
+
+    // 3. A range inside slice 1: the fault hits before the header.
+    let r = edge.get(&format!("/range/70000-80000?{q}"), &[]).await;
+    match client {
+        Client::Bytes => {
+            assert!(r.status == 200 && r.complete && r.body == bytes[70_000..=80_000]);
+            assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"), "{fault:?}");
+            assert_eq!(slice1(), pooled_requests, "{fault:?}: cached");
+        }
+        Client::Error(status) => {
+            assert_eq!(r.status, status, "{fault:?}: {}", r.text());
+            assert_eq!(r.text().lines().count(), 1, "{fault:?}: a one-line reason");
+            assert_eq!(
+                slice1(),
+                pooled_requests + 1,
+                "{fault:?}: {:?}",
+                origin.log()
+            );
+            assert_eq!(edge.metric(&result_series).await, 2.0, "{fault:?}");
+        }
+    }
+
+    // 4. Healed: nothing of the fault was cached.
+    origin.heal();
+    let before = origin.requests();
+    let r = edge.get(&format!("/range/0-{}?{q}", SIZE - 1), &[]).await;
+    assert!(
+        r.status == 200 && r.complete && r.body == bytes,
+        "{fault:?}: the whole object, byte-exact"
+    );
+    // Error: slices 1 to 4; served: slices 2 to 4 (step 2 cached slice 1).
+    let fetched = if client == Client::Bytes { 3 } else { 4 };
+    assert_eq!(
+        origin.requests() - before,
+        fetched,
+        "{fault:?}: {:?}",
+        origin.log()
+    );
+    let r = edge.get(&format!("/range/0-{}?{q}", SIZE - 1), &[]).await;
+    assert!(r.complete && r.body == bytes, "{fault:?}");
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"), "{fault:?}");
+    assert_eq!(origin.requests() - before, fetched, "{fault:?}");
+    let ok = edge
+        .metric("cdn_edge_origin_requests_total{result=\"ok\"}")
+        .await;
+    let ok_before_heal = if client == Client::Bytes { 2.0 } else { 1.0 };
+    assert_eq!(ok, ok_before_heal + fetched as f64, "{fault:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_body_is_502_or_a_cut_body() {
+    run(Case::error(Fault::ResetMidBody, 502, "connect_error")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_short_of_its_content_length_is_502_or_a_cut_body() {
+    run(Case::error(Fault::ShortBody, 502, "connect_error")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_range_with_another_start_is_502() {
+    run(Case::error(Fault::RangeOtherStart, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_range_with_another_end_is_502() {
+    run(Case::error(Fault::RangeOtherEnd, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_range_with_a_total_inside_the_range_is_502() {
+    run(Case::error(Fault::RangeOtherTotal, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_with_the_whole_object_is_502() {
+    run(Case::error(Fault::WholeObject, 502, "bad_status")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_dripping_past_the_timeout_is_504() {
+    run(Case::error(Fault::Drip, 504, "timeout")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_over_1_mib_is_502() {
+    run(Case::error(Fault::OversizedHeader, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_header_lines_are_502() {
+    run(Case::error(Fault::TooManyHeaders, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_status_line_is_502() {
+    run(Case::error(Fault::BadStatusLine, 502, "invalid_response")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_that_is_not_a_number_is_502() {
+    run(Case::error(
+        Fault::BadContentLength,
+        502,
+        "invalid_response",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_content_lengths_are_502() {
+    run(Case::error(
+        Fault::ConflictingContentLength,
+        502,
+        "invalid_response",
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_chunked_answer_is_served_and_cached() {
+    run(Case {
+        fault: Fault::Chunked,
+        client: Client::Bytes,
+        result: "ok",
+        pooled_requests: 1,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_chunked_answer_is_502_or_a_cut_body() {
+    run(Case::error(Fault::TruncatedChunked, 502, "connect_error")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_before_any_byte_is_502_after_one_retry_of_a_pooled_connection() {
+    // A pooled connection closed with nothing read is retried once on a new one.
+    run(Case {
+        pooled_requests: 2,
+        ..Case::error(Fault::CloseBeforeAnswer, 502, "connect_error")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_206_with_an_empty_body_is_502() {
+    run(Case::error(Fault::EmptyBody, 502, "invalid_response")).await;
+}
