@@ -19,7 +19,7 @@
 mod support;
 
 use support::edge::{signed, Edge, EdgeOptions};
-use support::faults::{Fault, FaultRule, EXTRA_SIZE, FAULTY_ETAG};
+use support::faults::{Fault, FaultRule};
 use support::object_bytes;
 use support::origin::TestOrigin;
 
@@ -263,4 +263,105 @@ async fn a_close_before_any_byte_is_502_after_one_retry_of_a_pooled_connection()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_with_an_empty_body_is_502() {
     run(Case::error(Fault::EmptyBody, 502, "invalid_response")).await;
+}
+
+/// Another ETag or total size in one answer for slice 1 (a glitch): the edge takes it
+/// for a new version of the object, as it would an object replaced in place, until the
+/// next answer says otherwise.
+async fn metadata_glitch(fault: Fault, seed: u64) -> (TestOrigin, Edge, Vec<u8>, String) {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(seed, SIZE);
+    serve("m", &bytes, &[&origin]);
+    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[..100], "{fault:?}");
+    origin.inject(FaultRule::on("m", "1", fault).from(S1).times(1));
+    (origin, edge, bytes, q)
+}
+
+async fn replaced(edge: &Edge) -> f64 {
+    edge.metric("cdn_edge_cache_metadata_checks_total{result=\"replaced\"}")
+        .await
+}
+
+/// Mid-response, the glitch cuts the body; the first request after it is served whole.
+async fn metadata_glitch_mid_response(fault: Fault) {
+    let (origin, edge, bytes, q) = metadata_glitch(fault, fault as u64 + 200).await;
+    let r = edge.get(&format!("/range/0-100000?{q}"), &[]).await;
+    assert!(
+        r.status == 200 && !r.complete && bytes.starts_with(&r.body),
+        "{fault:?}: one response never mixes two versions"
+    );
+    assert_eq!(edge.metric("cdn_edge_stream_aborts_total").await, 1.0);
+    assert_eq!(replaced(&edge).await, 1.0, "{fault:?}");
+
+    // The glitch's metadata is contradicted by slice 0, before any header: the
+    // response starts over under the origin's answer, and slice 0 is asked twice.
+    let before = origin.requests();
+    let whole = format!("/range/0-{}?{q}", SIZE - 1);
+    let r = edge.get(&whole, &[]).await;
+    assert!(
+        r.status == 200 && r.complete && r.body == bytes,
+        "{fault:?}: {} {}",
+        r.status,
+        r.text().chars().take(80).collect::<String>()
+    );
+    assert_eq!(replaced(&edge).await, 2.0, "{fault:?}");
+    assert_eq!(edge.metric("cdn_edge_cache_stale_slices_total").await, 1.0);
+    assert_eq!(
+        origin.requests() - before,
+        6,
+        "{fault:?}: {:?}",
+        origin.log()
+    );
+    assert_eq!(origin.requests_for("m", "1", 0), 3, "{fault:?}");
+    let r = edge.get(&whole, &[]).await;
+    assert!(r.complete && r.body == bytes);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"), "{fault:?}");
+    assert_eq!(origin.requests() - before, 6, "{fault:?}");
+}
+
+/// Before the header, the glitch is a clean 502 (the response starts over once, and the
+/// origin then contradicts the glitch); the next request is served.
+async fn metadata_glitch_before_the_header(fault: Fault) {
+    let (origin, edge, bytes, q) = metadata_glitch(fault, fault as u64 + 300).await;
+    let target = format!("/range/70000-80000?{q}");
+    let r = edge.get(&target, &[]).await;
+    assert_eq!(r.status, 502, "{fault:?}: {}", r.text());
+    assert_eq!(replaced(&edge).await, 2.0, "{fault:?}");
+    assert_eq!(origin.requests_for("m", "1", S1), 2, "{fault:?}");
+    let r = edge.get(&target, &[]).await;
+    assert!(
+        r.status == 200 && r.body == bytes[70_000..=80_000],
+        "{fault:?}"
+    );
+    assert_eq!(origin.requests_for("m", "1", S1), 3, "{fault:?}");
+    assert_eq!(replaced(&edge).await, 2.0, "{fault:?}");
+    assert_eq!(
+        edge.metric("cdn_edge_origin_requests_total{result=\"ok\"}")
+            .await,
+        4.0,
+        "{fault:?}: valid answers, refused by the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_etag_once_mid_response_cuts_it_and_the_next_is_served() {
+    metadata_glitch_mid_response(Fault::OtherEtag).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_etag_once_before_the_header_is_one_502() {
+    metadata_glitch_before_the_header(Fault::OtherEtag).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_size_once_mid_response_cuts_it_and_the_next_is_served() {
+    metadata_glitch_mid_response(Fault::OtherSize).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_size_once_before_the_header_is_one_502() {
+    metadata_glitch_before_the_header(Fault::OtherSize).await;
 }
