@@ -365,3 +365,118 @@ async fn another_size_once_mid_response_cuts_it_and_the_next_is_served() {
 async fn another_size_once_before_the_header_is_one_502() {
     metadata_glitch_before_the_header(Fault::OtherSize).await;
 }
+
+/// Every fault an origin's failure (not an answer about the object): with a second
+/// origin, the client never sees it, mid-response or before the header.
+const FAILURES: [Case; 15] = [
+    Case::error(Fault::ResetMidBody, 502, "connect_error"),
+    Case::error(Fault::ShortBody, 502, "connect_error"),
+    Case::error(Fault::RangeOtherStart, 502, "invalid_response"),
+    Case::error(Fault::RangeOtherEnd, 502, "invalid_response"),
+    Case::error(Fault::RangeOtherTotal, 502, "invalid_response"),
+    Case::error(Fault::WholeObject, 502, "bad_status"),
+    Case::error(Fault::Drip, 504, "timeout"),
+    Case::error(Fault::OversizedHeader, 502, "invalid_response"),
+    Case::error(Fault::TooManyHeaders, 502, "invalid_response"),
+    Case::error(Fault::BadStatusLine, 502, "invalid_response"),
+    Case::error(Fault::BadContentLength, 502, "invalid_response"),
+    Case::error(Fault::ConflictingContentLength, 502, "invalid_response"),
+    Case::error(Fault::TruncatedChunked, 502, "connect_error"),
+    Case {
+        pooled_requests: 2,
+        ..Case::error(Fault::CloseBeforeAnswer, 502, "connect_error")
+    },
+    Case::error(Fault::EmptyBody, 502, "invalid_response"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_first_origin_fails_over_to_the_second() {
+    let first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    let edge = Edge::start(edge_options(vec![first.url(), second.url()])).await;
+    for (i, case) in FAILURES.iter().enumerate() {
+        let fault = case.fault;
+        let o = format!("f{i}");
+        let bytes = object_bytes(400 + i as u64, SIZE);
+        serve(&o, &bytes, &[&first, &second]);
+        let q = signed(&o, "1");
+        let result_series = format!(
+            "cdn_edge_origin_requests_total{{result=\"{}\"}}",
+            case.result
+        );
+        let results = edge.metric(&result_series).await;
+        // Slice 0 from the first origin, leaving a pooled connection to it.
+        let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+        assert!(r.status == 200 && r.body == bytes[..100], "{fault:?}");
+        first.inject(FaultRule::on(&o, "1", fault).from(S1));
+        first.inject(FaultRule::on(&o, "1", fault).from(2 * SLICE));
+
+        // Mid-response: slice 1 fails on the first origin, the second serves it.
+        let r = edge.get(&format!("/range/0-100000?{q}"), &[]).await;
+        assert!(
+            r.status == 200 && r.complete && r.body == bytes[..=100_000],
+            "{fault:?}"
+        );
+        let asked = |origin: &TestOrigin, start| origin.requests_for(&o, "1", start);
+        assert_eq!(
+            (asked(&first, S1), asked(&second, S1)),
+            (case.pooled_requests, 1),
+            "{fault:?}"
+        );
+
+        // Before the header: slice 2, after slice 3 left a pooled connection again.
+        let r = edge.get(&format!("/range/200000-200010?{q}"), &[]).await;
+        assert_eq!(r.status, 200, "{fault:?}");
+        let r = edge.get(&format!("/range/140000-150000?{q}"), &[]).await;
+        assert!(
+            r.status == 200 && r.body == bytes[140_000..=150_000],
+            "{fault:?}: {}",
+            r.status
+        );
+        assert_eq!(
+            (asked(&first, 2 * SLICE), asked(&second, 2 * SLICE)),
+            (case.pooled_requests, 1),
+            "{fault:?}"
+        );
+        assert_eq!(
+            second.requests(),
+            2 * (i as u64 + 1),
+            "only the faulty slices"
+        );
+        assert_eq!(
+            edge.metric(&result_series).await - results,
+            2.0,
+            "{fault:?}"
+        );
+        assert_eq!(
+            edge.metric("cdn_edge_origin_failovers_total").await,
+            2.0 * (i + 1) as f64,
+            "{fault:?}"
+        );
+    }
+    assert_eq!(edge.metric("cdn_edge_stream_aborts_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_then_a_404_from_the_second_origin_is_a_remembered_404() {
+    let first = TestOrigin::start().await;
+    let second = TestOrigin::start().await;
+    // Only the first origin has the object, and it fails: the second says it does not
+    // exist, which is final (origins are replicas) and remembered.
+    serve("m", &object_bytes(500, SIZE), &[&first]);
+    first.inject(FaultRule::on("m", "1", Fault::ResetMidBody));
+    let edge = Edge::start(edge_options(vec![first.url(), second.url()])).await;
+    let target = format!("/range/0-99?{}", signed("m", "1"));
+    let r = edge.get(&target, &[]).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; fwd=miss"));
+    let r = edge.get(&target, &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+    assert_eq!((first.requests(), second.requests()), (1, 1));
+    for (result, n) in [("connect_error", 1.0), ("not_found", 1.0)] {
+        let series = format!("cdn_edge_origin_requests_total{{result=\"{result}\"}}");
+        assert_eq!(edge.metric(&series).await, n, "{result}");
+    }
+    assert_eq!(edge.metric("cdn_edge_cache_negative_hits_total").await, 1.0);
+}

@@ -23,12 +23,6 @@ pub enum Mode {
     Hang,
     /// Answers this status with an empty body.
     Status(u16),
-    /// Ignores Range: 200 with the whole object.
-    IgnoreRange,
-    /// 206 whose Content-Range starts one byte late.
-    WrongContentRange,
-    /// 206 with a correct header and a body one byte short, then closes.
-    ShortBody,
     /// A `103 Early Hints` interim answer before each normal one.
     EarlyHints,
     /// Correct 206 answers whose body is said to be gzip-coded (`Content-Encoding: gzip`).
@@ -427,7 +421,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
             extra.push_str("Content-Encoding: gzip\r\n");
         }
         let canned = st.canned.lock().unwrap().get(&req.path).cloned();
-        let (head, body, close_after): (String, Vec<u8>, bool) = match (mode, found) {
+        let (head, body): (String, Vec<u8>) = match (mode, found) {
             (Mode::Hang, _) => {
                 std::future::pending::<()>().await;
                 unreachable!()
@@ -442,51 +436,31 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
                 for (k, v) in &c.headers {
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }
-                (head, c.body, false)
+                (head, c.body)
             }
-            (Mode::Status(s), _) => (
-                format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"),
-                vec![],
-                false,
-            ),
+            (Mode::Status(s), _) => (format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"), vec![]),
             (_, None) => (
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(),
                 vec![],
-                false,
             ),
-            (Mode::IgnoreRange, Some((bytes, ct))) => (
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {}\r\n",
-                    bytes.len()
-                ),
-                bytes,
-                false,
-            ),
-            (mode, Some((bytes, ct))) => {
+            (_, Some((bytes, ct))) => {
                 let size = bytes.len() as u64;
                 match req.range.as_deref().map(|r| parse_range(r, size)) {
                     None => (
                         format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {size}\r\n"),
                         bytes,
-                        false,
                     ),
                     Some(Err(())) => (
                         format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n"),
                         vec![],
-                        false,
                     ),
                     Some(Ok((a, b))) => {
                         let body = bytes[a as usize..=b as usize].to_vec();
-                        let shown_a = if mode == Mode::WrongContentRange { a + 1 } else { a };
                         let head = format!(
-                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\n{extra}Content-Range: bytes {shown_a}-{b}/{size}\r\nContent-Length: {}\r\n",
+                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\n{extra}Content-Range: bytes {a}-{b}/{size}\r\nContent-Length: {}\r\n",
                             body.len()
                         );
-                        if mode == Mode::ShortBody {
-                            (head, body[..body.len() - 1].to_vec(), true)
-                        } else {
-                            (head, body, false)
-                        }
+                        (head, body)
                     }
                 }
             }
@@ -499,7 +473,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        if sock.write_all(&out).await.is_err() || req.close || close_after {
+        if sock.write_all(&out).await.is_err() || req.close {
             return;
         }
     }
