@@ -26,7 +26,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use std::sync::Arc;
 
-use crate::cache::meta::{Answer, Validator};
+use crate::cache::meta::{Answer, Validator, MAX_CONTENT_TYPE};
 use crate::cache::pages::{PagePool, SlotWriter};
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
@@ -470,7 +470,11 @@ pub(crate) async fn read_slice(
             resp.headers.get(http::header::ETAG),
             resp.headers.get(http::header::LAST_MODIFIED),
         ),
-        content_type: resp.headers.get(http::header::CONTENT_TYPE).cloned(),
+        content_type: resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .filter(|t| t.len() <= MAX_CONTENT_TYPE)
+            .cloned(),
     };
     let mut buf = SliceBuf::new(len, pages);
     // False when the chunk would overrun the announced length.

@@ -265,6 +265,34 @@ async fn a_206_with_an_empty_body_is_502() {
     run(Case::error(Fault::EmptyBody, 502, "invalid_response")).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_type_over_255_bytes_is_taken_as_unknown() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(600, SIZE);
+    serve("m", &bytes, &[&origin]);
+    origin.inject(FaultRule::on("m", "1", Fault::LongContentType));
+    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    // The type is kept with the object's metadata, for every response: a long one
+    // would cost memory per object, and the disk tier keeps none over 255 bytes.
+    for target in [format!("/range/0-99?{q}"), format!("/?{q}")] {
+        let r = edge.get(&target, &[]).await;
+        assert_eq!(r.status, 200, "{target}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/octet-stream"),
+            "{target}"
+        );
+        assert!(r.complete && bytes.starts_with(&r.body), "{target}");
+    }
+    assert_eq!(origin.requests(), 5, "{:?}", origin.log());
+    assert_eq!(
+        edge.metric("cdn_edge_origin_requests_total{result=\"ok\"}")
+            .await,
+        5.0
+    );
+}
+
 /// Another ETag or total size in one answer for slice 1 (a glitch): the edge takes it
 /// for a new version of the object, as it would an object replaced in place, until the
 /// next answer says otherwise.

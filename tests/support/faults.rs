@@ -14,6 +14,9 @@ pub const DRIP_EVERY: Duration = Duration::from_millis(25);
 /// The ETag a [`Fault::OtherEtag`] answer carries.
 pub const FAULTY_ETAG: &str = "\"faulty\"";
 
+/// Length of the `Content-Type` of a [`Fault::LongContentType`] answer.
+pub const LONG_CONTENT_TYPE_BYTES: usize = 100_000;
+
 /// How much larger the total size of a [`Fault::OtherSize`] answer is than the object.
 pub const EXTRA_SIZE: u64 = 1000;
 
@@ -42,6 +45,8 @@ pub enum Fault {
     Drip,
     /// A header block larger than 1 MiB (200 headers of 6,000 bytes).
     OversizedHeader,
+    /// A correct 206 whose `Content-Type` is [`LONG_CONTENT_TYPE_BYTES`] long.
+    LongContentType,
     /// 300 header lines.
     TooManyHeaders,
     /// The status line `HTTP/1.1 2x6 Partial Content`.
@@ -180,6 +185,11 @@ pub async fn answer<S: AsyncWrite + Unpin>(
             (a as usize, b as usize)
         });
     let body = &obj.bytes[a..=b];
+    let long_type = format!("video/{}", "x".repeat(LONG_CONTENT_TYPE_BYTES - 6));
+    let content_type = match fault {
+        Fault::LongContentType => &long_type,
+        _ => obj.content_type,
+    };
     let len = body.len();
     let etag_line = |etag: Option<&str>| {
         obj.headers
@@ -193,8 +203,7 @@ pub async fn answer<S: AsyncWrite + Unpin>(
     // A 206 head without its final empty line: status, type, object headers, then `rest`.
     let head = |status: &str, etag: Option<&str>, rest: String| {
         format!(
-            "{status}\r\nContent-Type: {}\r\n{}{rest}",
-            obj.content_type,
+            "{status}\r\nContent-Type: {content_type}\r\n{}{rest}",
             etag_line(etag)
         )
     };
@@ -283,6 +292,10 @@ pub async fn answer<S: AsyncWrite + Unpin>(
                 After::Close,
             )
         }
+        Fault::LongContentType => (
+            cat(&with_length(valid_head(""), len), body),
+            After::KeepOpen,
+        ),
         Fault::TooManyHeaders => {
             let lines: String = (0..300).map(|i| format!("X-Many-{i}: {i}\r\n")).collect();
             (
