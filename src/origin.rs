@@ -392,13 +392,15 @@ pub(crate) fn slice_request(
     Ok(Box::new(req))
 }
 
+/// Sends a request without a body and reads the header of the final answer (interim
+/// 1xx answers are skipped).
 pub(crate) async fn send_and_read_header(
     session: &mut HttpSession,
     req: Box<RequestHeader>,
 ) -> pingora::Result<()> {
     session.write_request_header(req).await?;
     session.finish_request_body().await?;
-    session.read_response_header().await
+    upstream::read_final_header(session).await
 }
 
 /// Reads and validates the answer to a slice request (module docs) whose header has

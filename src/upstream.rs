@@ -9,6 +9,7 @@ use http::HeaderMap;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
@@ -87,6 +88,19 @@ pub fn peer(u: &UpstreamUrl, addr: SocketAddr, connect: Duration, io: Duration) 
     peer.options.write_timeout = Some(io);
     peer.options.idle_timeout = Some(POOL_IDLE);
     peer
+}
+
+/// Reads the header of the final answer, past any interim ones (100 Continue, 103 Early
+/// Hints), which a client must accept and skip (RFC 9110 §15.2); it is then
+/// `session.response_header()`. A 101 is final. Bounded by the caller's deadline.
+pub async fn read_final_header(session: &mut HttpSession) -> pingora::Result<()> {
+    loop {
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        if !(100..200).contains(&status) || status == 101 {
+            return Ok(());
+        }
+    }
 }
 
 /// Whether an exchange on a pooled connection failed before any answer came on it
@@ -225,14 +239,7 @@ impl HttpUpstream {
                     session.write_request_body(b, true).await?;
                 }
                 session.finish_request_body().await?;
-                // Interim answers (100 Continue, 103 Early Hints) come before the final one.
-                loop {
-                    session.read_response_header().await?;
-                    let status = session.response_header().map_or(0, |r| r.status.as_u16());
-                    if !(100..200).contains(&status) || status == 101 {
-                        return Ok::<(), Box<pingora::Error>>(());
-                    }
-                }
+                read_final_header(&mut session).await
             }
             .await;
             if let Err(e) = sent {

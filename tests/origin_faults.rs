@@ -246,6 +246,17 @@ async fn a_valid_chunked_answer_is_served_and_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_103_before_the_206_is_skipped() {
+    run(Case {
+        fault: Fault::EarlyHints,
+        client: Client::Bytes,
+        result: "ok",
+        pooled_requests: 1,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_chunked_answer_is_502_or_a_cut_body() {
     run(Case::error(Fault::TruncatedChunked, 502, "connect_error")).await;
 }
@@ -291,6 +302,31 @@ async fn a_content_type_over_255_bytes_is_taken_as_unknown() {
             .await,
         5.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_sent_ahead_of_its_request_is_never_taken() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(700, SIZE);
+    serve("m", &bytes, &[&origin]);
+    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let q = signed("m", "1");
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert!(r.status == 200 && r.body == bytes[..100]);
+    // Slice 1's answer brings a zero-filled "answer" for slice 2 on its connection.
+    origin.inject(FaultRule::on("m", "1", Fault::AnswerAhead).from(S1));
+    let r = edge.get(&format!("/range/0-140000?{q}"), &[]).await;
+    assert!(
+        r.status == 200 && r.complete && r.body == bytes[..=140_000],
+        "slice 2 is the origin's, not the bytes sent ahead"
+    );
+    assert_eq!(
+        origin.requests_for("m", "1", 2 * SLICE),
+        1,
+        "{:?}",
+        origin.log()
+    );
+    assert_eq!(origin.requests(), 3);
 }
 
 /// Another ETag or total size in one answer for slice 1 (a glitch): the edge takes it

@@ -59,6 +59,11 @@ pub enum Fault {
     Chunked,
     /// Chunked, closed in the middle of a chunk halfway through the body.
     TruncatedChunked,
+    /// A correct 206 followed, in the same write, by a 206 for the next slice (as the
+    /// edge asks for it) full of zeros: an answer to a request not sent yet.
+    AnswerAhead,
+    /// A `103 Early Hints` interim answer, then a correct 206.
+    EarlyHints,
     /// Closes the connection before any byte of the answer.
     CloseBeforeAnswer,
     /// A 206 with the right `Content-Range` and `Content-Length: 0`, no body.
@@ -344,6 +349,23 @@ pub async fn answer<S: AsyncWrite + Unpin>(
                 After::Close,
             )
         }
+        Fault::AnswerAhead => {
+            let (next, next_last) = (b + 1, (2 * b + 1 - a).min(size - 1));
+            let ahead = with_length(
+                head(PARTIAL, None, range_line(next, next_last, size)),
+                next_last + 1 - next,
+            );
+            let mut out = cat(&with_length(valid_head(""), len), body);
+            out.extend_from_slice(&cat(&ahead, &vec![0; next_last + 1 - next]));
+            (out, After::KeepOpen)
+        }
+        Fault::EarlyHints => (
+            cat(
+                "HTTP/1.1 103 Early Hints\r\nLink: </init.mp4>; rel=preload\r\n\r\n",
+                &cat(&with_length(valid_head(""), len), body),
+            ),
+            After::KeepOpen,
+        ),
         Fault::CloseBeforeAnswer => (Vec::new(), After::Close),
         Fault::EmptyBody => (with_length(valid_head(""), 0).into_bytes(), After::KeepOpen),
     };
