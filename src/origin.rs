@@ -457,14 +457,20 @@ pub(crate) async fn read_slice(
         return Err(invalid("206 with a Content-Encoding other than identity"));
     }
     let len = last - first + 1;
-    if let Some(cl) = resp.headers.get(http::header::CONTENT_LENGTH) {
-        if std::str::from_utf8(cl.as_bytes())
+    // Every value of every Content-Length line: one length may be repeated (RFC 9110
+    // §8.6), and Pingora has refused differing ones already.
+    let mut lengths = resp
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    if lengths.any(|l| {
+        std::str::from_utf8(l)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             != Some(len)
-        {
-            return Err(invalid("Content-Length does not match Content-Range"));
-        }
+    }) {
+        return Err(invalid("Content-Length does not match Content-Range"));
     }
     let about = Answer {
         size: total,

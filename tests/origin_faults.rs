@@ -246,6 +246,17 @@ async fn a_valid_chunked_answer_is_served_and_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_repeated_with_one_value_is_served() {
+    run(Case {
+        fault: Fault::RepeatedContentLength,
+        client: Client::Bytes,
+        result: "ok",
+        pooled_requests: 1,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interim_103_before_the_206_is_skipped() {
     run(Case {
         fault: Fault::EarlyHints,

@@ -55,6 +55,9 @@ pub enum Fault {
     BadContentLength,
     /// Two `Content-Length` lines: the right length and 10 more.
     ConflictingContentLength,
+    /// The right length three times: `Content-Length: n, n` and `Content-Length: n`,
+    /// which RFC 9110 §8.6 lets a recipient accept as one.
+    RepeatedContentLength,
     /// A correct 206 sent with `Transfer-Encoding: chunked` (no Content-Length).
     Chunked,
     /// Chunked, closed in the middle of a chunk halfway through the body.
@@ -331,6 +334,15 @@ pub async fn answer<S: AsyncWrite + Unpin>(
                 body,
             ),
             After::Close,
+        ),
+        Fault::RepeatedContentLength => (
+            cat(
+                &valid_head(&format!(
+                    "Content-Length: {len}, {len}\r\nContent-Length: {len}\r\n\r\n"
+                )),
+                body,
+            ),
+            After::KeepOpen,
         ),
         Fault::Chunked => (
             cat(
