@@ -13,6 +13,10 @@
 //! 4. the origin is healed: the whole object is served byte-exact, costing exactly the
 //!    slices not cached, then served again from cache alone.
 //!
+//! Then: another ETag or total size in one answer (taken for a new version of the
+//! object until the next answer), a long Content-Type, an answer sent ahead of its
+//! request, and every failure with a second origin to fail over to.
+//!
 //! Origin 404 and 410 are in `missing_objects.rs`; 5xx, 4xx, `Content-Encoding` and a
 //! hanging origin in `origin_failures.rs`.
 
@@ -28,8 +32,11 @@ const SLICE: u64 = 64 * 1024;
 const SIZE: usize = 300_000;
 /// First byte of slice 1, where the faults are injected.
 const S1: u64 = SLICE;
-/// `origin.timeout_ms` of every case: short, for the drip.
-const TIMEOUT_MS: u64 = 500;
+/// `origin.timeout_ms` where an answer drips: short, so the case takes little time.
+const DRIP_TIMEOUT_MS: u64 = 500;
+/// `origin.timeout_ms` of the failover test, drip included: long enough for a sound
+/// origin on a busy machine, short enough for a test.
+const FAILOVER_TIMEOUT_MS: u64 = 1000;
 
 /// What a fault on the first slice of a response gives the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +58,16 @@ struct Case {
 }
 
 impl Case {
+    /// A valid answer, however odd: served and cached.
+    const fn served(fault: Fault) -> Self {
+        Self {
+            fault,
+            client: Client::Bytes,
+            result: "ok",
+            pooled_requests: 1,
+        }
+    }
+
     const fn error(fault: Fault, status: u16, result: &'static str) -> Self {
         Self {
             fault,
@@ -61,10 +78,15 @@ impl Case {
     }
 }
 
-fn edge_options(origins: Vec<String>) -> EdgeOptions {
+fn edge_options(origins: Vec<String>, timeout_ms: u64) -> EdgeOptions {
     let mut opts = EdgeOptions::new(origins);
-    opts.origin_timeout_ms = TIMEOUT_MS;
+    opts.origin_timeout_ms = timeout_ms;
     opts
+}
+
+/// The edge's default `origin.timeout_ms` in tests.
+fn default_timeout() -> u64 {
+    EdgeOptions::new(Vec::new()).origin_timeout_ms
 }
 
 /// Serves `bytes` as object (o, 1) with ETag `"a"` on each origin.
@@ -85,7 +107,12 @@ async fn run(case: Case) {
     let origin = TestOrigin::start().await;
     let bytes = object_bytes(fault as u64 + 100, SIZE);
     serve("m", &bytes, &[&origin]);
-    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let timeout = if fault == Fault::Drip {
+        DRIP_TIMEOUT_MS
+    } else {
+        default_timeout()
+    };
+    let edge = Edge::start(edge_options(vec![origin.url()], timeout)).await;
     let q = signed("m", "1");
     let result_series = format!("cdn_edge_origin_requests_total{{result=\"{result}\"}}");
     let slice1 = || origin.requests_for("m", "1", S1);
@@ -236,35 +263,17 @@ async fn conflicting_content_lengths_are_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_chunked_answer_is_served_and_cached() {
-    run(Case {
-        fault: Fault::Chunked,
-        client: Client::Bytes,
-        result: "ok",
-        pooled_requests: 1,
-    })
-    .await;
+    run(Case::served(Fault::Chunked)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_repeated_with_one_value_is_served() {
-    run(Case {
-        fault: Fault::RepeatedContentLength,
-        client: Client::Bytes,
-        result: "ok",
-        pooled_requests: 1,
-    })
-    .await;
+    run(Case::served(Fault::RepeatedContentLength)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interim_103_before_the_206_is_skipped() {
-    run(Case {
-        fault: Fault::EarlyHints,
-        client: Client::Bytes,
-        result: "ok",
-        pooled_requests: 1,
-    })
-    .await;
+    run(Case::served(Fault::EarlyHints)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +302,7 @@ async fn a_content_type_over_255_bytes_is_taken_as_unknown() {
     let bytes = object_bytes(600, SIZE);
     serve("m", &bytes, &[&origin]);
     origin.inject(FaultRule::on("m", "1", Fault::LongContentType));
-    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let edge = Edge::start(edge_options(vec![origin.url()], default_timeout())).await;
     let q = signed("m", "1");
     // The type is kept with the object's metadata, for every response: a long one
     // would cost memory per object, and the disk tier keeps none over 255 bytes.
@@ -320,7 +329,7 @@ async fn an_answer_sent_ahead_of_its_request_is_never_taken() {
     let origin = TestOrigin::start().await;
     let bytes = object_bytes(700, SIZE);
     serve("m", &bytes, &[&origin]);
-    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let edge = Edge::start(edge_options(vec![origin.url()], default_timeout())).await;
     let q = signed("m", "1");
     let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
     assert!(r.status == 200 && r.body == bytes[..100]);
@@ -347,7 +356,7 @@ async fn metadata_glitch(fault: Fault, seed: u64) -> (TestOrigin, Edge, Vec<u8>,
     let origin = TestOrigin::start().await;
     let bytes = object_bytes(seed, SIZE);
     serve("m", &bytes, &[&origin]);
-    let edge = Edge::start(edge_options(vec![origin.url()])).await;
+    let edge = Edge::start(edge_options(vec![origin.url()], default_timeout())).await;
     let q = signed("m", "1");
     let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
     assert!(r.status == 200 && r.body == bytes[..100], "{fault:?}");
@@ -468,7 +477,8 @@ const FAILURES: [Case; 15] = [
 async fn a_faulty_first_origin_fails_over_to_the_second() {
     let first = TestOrigin::start().await;
     let second = TestOrigin::start().await;
-    let edge = Edge::start(edge_options(vec![first.url(), second.url()])).await;
+    let origins = vec![first.url(), second.url()];
+    let edge = Edge::start(edge_options(origins, FAILOVER_TIMEOUT_MS)).await;
     for (i, case) in FAILURES.iter().enumerate() {
         let fault = case.fault;
         let o = format!("f{i}");
@@ -540,7 +550,11 @@ async fn a_fault_then_a_404_from_the_second_origin_is_a_remembered_404() {
     // exist, which is final (origins are replicas) and remembered.
     serve("m", &object_bytes(500, SIZE), &[&first]);
     first.inject(FaultRule::on("m", "1", Fault::ResetMidBody));
-    let edge = Edge::start(edge_options(vec![first.url(), second.url()])).await;
+    let edge = Edge::start(edge_options(
+        vec![first.url(), second.url()],
+        default_timeout(),
+    ))
+    .await;
     let target = format!("/range/0-99?{}", signed("m", "1"));
     let r = edge.get(&target, &[]).await;
     assert_eq!(r.status, 404, "{}", r.text());
