@@ -78,6 +78,39 @@ impl Case {
     }
 }
 
+/// Every fault that is a failure of the origin (not an answer about the object): what
+/// the client gets, and the result it is counted under. With a second origin, the
+/// client never sees it.
+const FAILURES: [Case; 15] = [
+    Case::error(Fault::ResetMidBody, 502, "connect_error"),
+    Case::error(Fault::ShortBody, 502, "connect_error"),
+    Case::error(Fault::RangeOtherStart, 502, "invalid_response"),
+    Case::error(Fault::RangeOtherEnd, 502, "invalid_response"),
+    Case::error(Fault::RangeOtherTotal, 502, "invalid_response"),
+    Case::error(Fault::WholeObject, 502, "bad_status"),
+    Case::error(Fault::Drip, 504, "timeout"),
+    Case::error(Fault::OversizedHeader, 502, "invalid_response"),
+    Case::error(Fault::TooManyHeaders, 502, "invalid_response"),
+    Case::error(Fault::BadStatusLine, 502, "invalid_response"),
+    Case::error(Fault::BadContentLength, 502, "invalid_response"),
+    Case::error(Fault::ConflictingContentLength, 502, "invalid_response"),
+    Case::error(Fault::TruncatedChunked, 502, "connect_error"),
+    // A pooled connection closed before any answer is retried once on a new one.
+    Case {
+        pooled_requests: 2,
+        ..Case::error(Fault::CloseBeforeAnswer, 502, "connect_error")
+    },
+    Case::error(Fault::EmptyBody, 502, "invalid_response"),
+];
+
+/// The case of a failure in [`FAILURES`].
+fn failure(fault: Fault) -> Case {
+    *FAILURES
+        .iter()
+        .find(|c| c.fault == fault)
+        .expect("a fault listed in FAILURES")
+}
+
 fn edge_options(origins: Vec<String>, timeout_ms: u64) -> EdgeOptions {
     let mut opts = EdgeOptions::new(origins);
     opts.origin_timeout_ms = timeout_ms;
@@ -193,72 +226,62 @@ async fn run(case: Case) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_body_is_502_or_a_cut_body() {
-    run(Case::error(Fault::ResetMidBody, 502, "connect_error")).await;
+    run(failure(Fault::ResetMidBody)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_short_of_its_content_length_is_502_or_a_cut_body() {
-    run(Case::error(Fault::ShortBody, 502, "connect_error")).await;
+    run(failure(Fault::ShortBody)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_range_with_another_start_is_502() {
-    run(Case::error(Fault::RangeOtherStart, 502, "invalid_response")).await;
+    run(failure(Fault::RangeOtherStart)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_range_with_another_end_is_502() {
-    run(Case::error(Fault::RangeOtherEnd, 502, "invalid_response")).await;
+    run(failure(Fault::RangeOtherEnd)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_range_with_a_total_inside_the_range_is_502() {
-    run(Case::error(Fault::RangeOtherTotal, 502, "invalid_response")).await;
+    run(failure(Fault::RangeOtherTotal)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_with_the_whole_object_is_502() {
-    run(Case::error(Fault::WholeObject, 502, "bad_status")).await;
+    run(failure(Fault::WholeObject)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_dripping_past_the_timeout_is_504() {
-    run(Case::error(Fault::Drip, 504, "timeout")).await;
+    run(failure(Fault::Drip)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_block_over_1_mib_is_502() {
-    run(Case::error(Fault::OversizedHeader, 502, "invalid_response")).await;
+    run(failure(Fault::OversizedHeader)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_header_lines_are_502() {
-    run(Case::error(Fault::TooManyHeaders, 502, "invalid_response")).await;
+    run(failure(Fault::TooManyHeaders)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_status_line_is_502() {
-    run(Case::error(Fault::BadStatusLine, 502, "invalid_response")).await;
+    run(failure(Fault::BadStatusLine)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_that_is_not_a_number_is_502() {
-    run(Case::error(
-        Fault::BadContentLength,
-        502,
-        "invalid_response",
-    ))
-    .await;
+    run(failure(Fault::BadContentLength)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_content_lengths_are_502() {
-    run(Case::error(
-        Fault::ConflictingContentLength,
-        502,
-        "invalid_response",
-    ))
-    .await;
+    run(failure(Fault::ConflictingContentLength)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,22 +301,17 @@ async fn an_interim_103_before_the_206_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_chunked_answer_is_502_or_a_cut_body() {
-    run(Case::error(Fault::TruncatedChunked, 502, "connect_error")).await;
+    run(failure(Fault::TruncatedChunked)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_before_any_byte_is_502_after_one_retry_of_a_pooled_connection() {
-    // A pooled connection closed with nothing read is retried once on a new one.
-    run(Case {
-        pooled_requests: 2,
-        ..Case::error(Fault::CloseBeforeAnswer, 502, "connect_error")
-    })
-    .await;
+    run(failure(Fault::CloseBeforeAnswer)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_with_an_empty_body_is_502() {
-    run(Case::error(Fault::EmptyBody, 502, "invalid_response")).await;
+    run(failure(Fault::EmptyBody)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,29 +467,6 @@ async fn another_size_once_mid_response_cuts_it_and_the_next_is_served() {
 async fn another_size_once_before_the_header_is_one_502() {
     metadata_glitch_before_the_header(Fault::OtherSize).await;
 }
-
-/// Every fault an origin's failure (not an answer about the object): with a second
-/// origin, the client never sees it, mid-response or before the header.
-const FAILURES: [Case; 15] = [
-    Case::error(Fault::ResetMidBody, 502, "connect_error"),
-    Case::error(Fault::ShortBody, 502, "connect_error"),
-    Case::error(Fault::RangeOtherStart, 502, "invalid_response"),
-    Case::error(Fault::RangeOtherEnd, 502, "invalid_response"),
-    Case::error(Fault::RangeOtherTotal, 502, "invalid_response"),
-    Case::error(Fault::WholeObject, 502, "bad_status"),
-    Case::error(Fault::Drip, 504, "timeout"),
-    Case::error(Fault::OversizedHeader, 502, "invalid_response"),
-    Case::error(Fault::TooManyHeaders, 502, "invalid_response"),
-    Case::error(Fault::BadStatusLine, 502, "invalid_response"),
-    Case::error(Fault::BadContentLength, 502, "invalid_response"),
-    Case::error(Fault::ConflictingContentLength, 502, "invalid_response"),
-    Case::error(Fault::TruncatedChunked, 502, "connect_error"),
-    Case {
-        pooled_requests: 2,
-        ..Case::error(Fault::CloseBeforeAnswer, 502, "connect_error")
-    },
-    Case::error(Fault::EmptyBody, 502, "invalid_response"),
-];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_faulty_first_origin_fails_over_to_the_second() {
