@@ -293,6 +293,24 @@ mod tests {
     use crate::config::parse_upstream_url;
 
     #[test]
+    fn only_a_connection_lost_before_an_answer_is_asked_again() {
+        for (etype, again) in [
+            (ErrorType::ConnectionClosed, true),
+            (ErrorType::ReadError, true),
+            (ErrorType::WriteError, true),
+            (ErrorType::InvalidHTTPHeader, false),
+            (ErrorType::ReadTimedout, false),
+            (ErrorType::WriteTimedout, false),
+        ] {
+            assert_eq!(
+                lost_before_answer(&pingora::Error::new(etype.clone())),
+                again,
+                "{etype:?}"
+            );
+        }
+    }
+
+    #[test]
     fn host_headers() {
         let h = |s: &str| host_header(&parse_upstream_url("k", s).unwrap());
         assert_eq!(h("http://a.example"), "a.example");
