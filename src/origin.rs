@@ -26,7 +26,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 use std::sync::Arc;
 
-use crate::cache::meta::{Answer, Validator};
+use crate::cache::meta::{Answer, Validator, MAX_CONTENT_TYPE};
 use crate::cache::pages::{PagePool, SlotWriter};
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
@@ -323,7 +323,9 @@ impl OriginClient {
     ) -> Result<SliceBody, OriginError> {
         let unreachable = |e: Box<pingora::Error>| transport_error(origin, &e, self.timeout);
         // A pooled connection may have been closed by the origin while idle: one retry
-        // on another connection, only when nothing of the response was read.
+        // on another connection, only when no answer came on it. An answer that was
+        // read, even a malformed one, and a timeout are not retried: the origin did
+        // answer, and asking it again would double the load of a failing origin.
         for retry in [false, true] {
             let (mut session, reused) = self
                 .connector
@@ -332,7 +334,7 @@ impl OriginClient {
                 .map_err(unreachable)?;
             let req = slice_request(path, &origin.host_header, range).map_err(unreachable)?;
             if let Err(e) = send_and_read_header(&mut session, req).await {
-                if reused && !retry {
+                if reused && !retry && upstream::lost_before_answer(&e) {
                     continue;
                 }
                 return Err(unreachable(e));
@@ -356,6 +358,13 @@ fn transport_error(origin: &Origin, e: &pingora::Error, timeout: Duration) -> Or
                 ms: timeout.as_millis() as u64,
             }
         }
+        // The origin answered, but not with HTTP/1.1 the edge can read: a bad status
+        // line, a Content-Length that is not one number, a header block over 1 MiB or
+        // over 256 lines.
+        ErrorType::InvalidHTTPHeader => OriginError::Invalid {
+            origin: origin.url.clone(),
+            why: "malformed response header",
+        },
         _ => OriginError::Unreachable {
             origin: origin.url.clone(),
             detail: e.to_string(),
@@ -383,13 +392,15 @@ pub(crate) fn slice_request(
     Ok(Box::new(req))
 }
 
+/// Sends a request without a body and reads the header of the final answer (interim
+/// 1xx answers are skipped).
 pub(crate) async fn send_and_read_header(
     session: &mut HttpSession,
     req: Box<RequestHeader>,
 ) -> pingora::Result<()> {
     session.write_request_header(req).await?;
     session.finish_request_body().await?;
-    session.read_response_header().await
+    upstream::read_final_header(session).await
 }
 
 /// Reads and validates the answer to a slice request (module docs) whose header has
@@ -446,14 +457,20 @@ pub(crate) async fn read_slice(
         return Err(invalid("206 with a Content-Encoding other than identity"));
     }
     let len = last - first + 1;
-    if let Some(cl) = resp.headers.get(http::header::CONTENT_LENGTH) {
-        if std::str::from_utf8(cl.as_bytes())
+    // Every value of every Content-Length line: one length may be repeated (RFC 9110
+    // §8.6), and Pingora has refused differing ones already.
+    let mut lengths = resp
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    if lengths.any(|l| {
+        std::str::from_utf8(l)
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             != Some(len)
-        {
-            return Err(invalid("Content-Length does not match Content-Range"));
-        }
+    }) {
+        return Err(invalid("Content-Length does not match Content-Range"));
     }
     let about = Answer {
         size: total,
@@ -461,7 +478,11 @@ pub(crate) async fn read_slice(
             resp.headers.get(http::header::ETAG),
             resp.headers.get(http::header::LAST_MODIFIED),
         ),
-        content_type: resp.headers.get(http::header::CONTENT_TYPE).cloned(),
+        content_type: resp
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .filter(|t| t.len() <= MAX_CONTENT_TYPE)
+            .cloned(),
     };
     let mut buf = SliceBuf::new(len, pages);
     // False when the chunk would overrun the announced length.

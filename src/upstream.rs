@@ -9,6 +9,7 @@ use http::HeaderMap;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
@@ -87,6 +88,30 @@ pub fn peer(u: &UpstreamUrl, addr: SocketAddr, connect: Duration, io: Duration) 
     peer.options.write_timeout = Some(io);
     peer.options.idle_timeout = Some(POOL_IDLE);
     peer
+}
+
+/// Reads the header of the final answer, past any interim ones (100 Continue, 103 Early
+/// Hints), which a client must accept and skip (RFC 9110 §15.2); it is then
+/// `session.response_header()`. A 101 is final. Bounded by the caller's deadline.
+pub async fn read_final_header(session: &mut HttpSession) -> pingora::Result<()> {
+    loop {
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |r| r.status.as_u16());
+        if !(100..200).contains(&status) || status == 101 {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether an exchange on a pooled connection failed before any answer came on it
+/// (the connection was closed or reset, or the request could not be written): the one
+/// case where asking again on a new connection is safe. Not for a malformed answer,
+/// which was read, nor for a timeout.
+pub fn lost_before_answer(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
 }
 
 /// Why an exchange with an upstream failed.
@@ -214,14 +239,7 @@ impl HttpUpstream {
                     session.write_request_body(b, true).await?;
                 }
                 session.finish_request_body().await?;
-                // Interim answers (100 Continue, 103 Early Hints) come before the final one.
-                loop {
-                    session.read_response_header().await?;
-                    let status = session.response_header().map_or(0, |r| r.status.as_u16());
-                    if !(100..200).contains(&status) || status == 101 {
-                        return Ok::<(), Box<pingora::Error>>(());
-                    }
-                }
+                read_final_header(&mut session).await
             }
             .await;
             if let Err(e) = sent {
@@ -273,6 +291,24 @@ impl HttpUpstream {
 mod tests {
     use super::*;
     use crate::config::parse_upstream_url;
+
+    #[test]
+    fn only_a_connection_lost_before_an_answer_is_asked_again() {
+        for (etype, again) in [
+            (ErrorType::ConnectionClosed, true),
+            (ErrorType::ReadError, true),
+            (ErrorType::WriteError, true),
+            (ErrorType::InvalidHTTPHeader, false),
+            (ErrorType::ReadTimedout, false),
+            (ErrorType::WriteTimedout, false),
+        ] {
+            assert_eq!(
+                lost_before_answer(&pingora::Error::new(etype.clone())),
+                again,
+                "{etype:?}"
+            );
+        }
+    }
 
     #[test]
     fn host_headers() {

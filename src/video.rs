@@ -3,9 +3,12 @@
 //! Order of work: signature → method → range syntax → object metadata → first slice →
 //! response header → the rest of the slices, each written while the next is fetched.
 //! The first slice is fetched before the header so an origin failure is still a clean
-//! 502/504; a failure after that cuts the response short.
+//! 502/504; a failure after that cuts the response short. If the object's metadata is
+//! replaced before the header is out (an origin answer contradicted it), the work from
+//! the metadata on is done once more under the new metadata.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -115,6 +118,41 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
     };
 
     let obj = ObjectRef::new(signed.object, signed.version);
+    let cache_control = cache_control(signed.expires.saturating_sub(now));
+    match respond(state, session, &obj, want, cache_control.clone()).await? {
+        Responded::Sent(n) => Ok(n),
+        Responded::Changed(e) => {
+            // No byte is out yet, so the response is not bound to the old metadata:
+            // once more under the new one (docs/video.md, "Object metadata", rule 4).
+            tracing::debug!(object = obj.o, version = obj.v, error = %e,
+                "object metadata replaced before the header; starting over");
+            match respond(state, session, &obj, want, cache_control).await? {
+                Responded::Sent(n) => Ok(n),
+                Responded::Changed(e) => origin_failure(state, session, &e).await,
+            }
+        }
+    }
+}
+
+/// How [`respond`] ended.
+enum Responded {
+    /// A response was written: this many body bytes.
+    Sent(u64),
+    /// Nothing was written: the object's metadata was replaced while this response
+    /// looked the object up ([`OriginError::Changed`]).
+    Changed(Arc<OriginError>),
+}
+
+/// Everything from the object's metadata on, for an authorised GET or HEAD.
+async fn respond(
+    state: &AppState,
+    session: &mut Session,
+    obj: &ObjectRef<'_>,
+    want: Want,
+    cache_control: HeaderValue,
+) -> pingora::Result<Responded> {
+    let head = session.req_header().method == Method::HEAD;
+    let obj = *obj;
     let slice_bytes = state.store.slice_bytes();
     let hint = want.known_start().map_or(0, |start| start / slice_bytes);
     // A body that runs into the next slice: on a cold object both are fetched at once.
@@ -124,11 +162,10 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         .map(|_| hint + 1);
     let lookup = match state.store.meta(&obj, hint, next).await {
         Ok(l) => l,
-        Err(e) => return origin_failure(state, session, &e).await,
+        Err(e) => return failed_before_header(state, session, e).await,
     };
     let meta = lookup.meta.clone();
     let meta = &*meta;
-    let cache_control = cache_control(signed.expires.saturating_sub(now));
     let want = match conditional::evaluate(&session.req_header().headers, &meta.etag) {
         Decision::Serve { honour_range: true } => want,
         // If-Range names another version: the whole object, never a splice of two.
@@ -138,7 +175,11 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
             Want::Header(Some(_)) => Want::Header(None),
             other => other,
         },
-        Decision::NotModified => return not_modified(session, meta, cache_control).await,
+        Decision::NotModified => {
+            return not_modified(session, meta, cache_control)
+                .await
+                .map(Responded::Sent)
+        }
         Decision::Failed => {
             return respond::plain(
                 session,
@@ -146,13 +187,14 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
                 "precondition failed: If-Match does not name this object's ETag",
             )
             .await
+            .map(Responded::Sent)
         }
     };
 
     let (status, range) = match want {
         Want::Path(start, end) => match resolve_range_path(start, end, meta.size) {
             Some(r) => (200, Some(r)),
-            None => return not_satisfiable(session, meta).await,
+            None => return not_satisfiable(session, meta).await.map(Responded::Sent),
         },
         Want::Header(None) => (
             200,
@@ -163,7 +205,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         ),
         Want::Header(Some(spec)) => match spec.resolve(meta.size) {
             Some(r) => (206, Some(r)),
-            None => return not_satisfiable(session, meta).await,
+            None => return not_satisfiable(session, meta).await.map(Responded::Sent),
         },
     };
     let all_cached = !lookup.fetched
@@ -188,11 +230,13 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
                 cache_control,
             )?;
             session.write_response_header(resp).await?;
-            return Ok(0);
+            return Ok(Responded::Sent(0));
         }
     };
     let Some(mut pinned) = state.pinned.admit() else {
-        return over_pinned_budget(state, session).await;
+        return over_pinned_budget(state, session)
+            .await
+            .map(Responded::Sent);
     };
     let mut pieces = slice_pieces(body_range, slice_bytes);
     let mut piece = pieces.next().expect("a range covers at least one slice");
@@ -211,13 +255,17 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
                 };
                 (s.bytes, content_type)
             }
-            Err(e) => return origin_failure(state, session, &e).await,
+            Err(e) => return failed_before_header(state, session, e).await,
         },
     };
     pinned.hold(current.len());
     let chunk = match piece_of(&current, piece, slice_bytes, meta.size, &obj) {
         Ok(c) => c,
-        Err(_) => return respond::plain(session, 502, "bad gateway: inconsistent object").await,
+        Err(_) => {
+            return respond::plain(session, 502, "bad gateway: inconsistent object")
+                .await
+                .map(Responded::Sent)
+        }
     };
     let resp = response_header(
         status,
@@ -238,7 +286,7 @@ pub async fn serve(state: &AppState, session: &mut Session, route: Route) -> pin
         written += this.len() as u64;
         let Some(next) = pieces.next() else {
             session.write_response_body(this, true).await?;
-            return Ok(written);
+            return Ok(Responded::Sent(written));
         };
         // Performance: the next slice is fetched while this one drains to the socket.
         let fetch = async {
@@ -389,6 +437,22 @@ async fn over_pinned_budget(state: &AppState, session: &mut Session) -> pingora:
         |r| r.insert_header(header::RETRY_AFTER, RETRY_AFTER_SECS),
     )
     .await
+}
+
+/// A failure to have the object's metadata or the first slice, before any byte of the
+/// response is out: [`Responded::Changed`] when the metadata was replaced meanwhile,
+/// else the client's error.
+async fn failed_before_header(
+    state: &AppState,
+    session: &mut Session,
+    e: Arc<OriginError>,
+) -> pingora::Result<Responded> {
+    if matches!(*e, OriginError::Changed { .. }) {
+        return Ok(Responded::Changed(e));
+    }
+    origin_failure(state, session, &e)
+        .await
+        .map(Responded::Sent)
 }
 
 async fn origin_failure(

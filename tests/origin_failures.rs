@@ -1,7 +1,7 @@
 //! Origin failover, errors and timeouts (SPEC §2.3): what a client sees when origins
 //! fail, and that failures are never cached; objects an origin shows half uploaded or
 //! replaces in place. Missing objects (an origin's 404 or 410) are in
-//! `missing_objects.rs`.
+//! `missing_objects.rs`; malformed, cut and slow answers in `origin_faults.rs`.
 
 mod support;
 
@@ -37,13 +37,7 @@ async fn fails_over_to_the_second_origin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_when_the_first_origin_answers_5xx_or_garbage() {
-    for mode in [
-        Mode::Status(503),
-        Mode::IgnoreRange,
-        Mode::WrongContentRange,
-        Mode::ShortBody,
-        Mode::ContentEncoding,
-    ] {
+    for mode in [Mode::Status(503), Mode::ContentEncoding] {
         let first = TestOrigin::start().await;
         let second = TestOrigin::start().await;
         let bytes = object_bytes(6, SIZE);
@@ -99,14 +93,7 @@ async fn hanging_origin_is_504_within_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_origin_answers_are_502_and_not_cached() {
-    for mode in [
-        Mode::IgnoreRange,
-        Mode::WrongContentRange,
-        Mode::ShortBody,
-        Mode::ContentEncoding,
-        Mode::Status(500),
-        Mode::Status(403),
-    ] {
+    for mode in [Mode::ContentEncoding, Mode::Status(500), Mode::Status(403)] {
         let origin = TestOrigin::start().await;
         let bytes = object_bytes(8, SIZE);
         origin.add_object("m", "1", bytes.clone(), "video/mp4");
@@ -354,21 +341,35 @@ async fn an_object_replaced_in_place_mid_response_is_cut_never_mixed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slice_of_another_version_is_a_clean_502_before_the_header() {
+async fn a_slice_of_another_version_before_the_header_starts_the_response_over() {
     let ReplacedInPlace {
-        origin: _origin,
+        origin,
         edge,
         q,
         second,
         ..
     } = replaced_after_slice_0(17).await;
-    // Same size, another ETag: slice 1 is refused and nothing of it is cached.
+    // Same size, another ETag: slice 1 is refused and nothing of it is cached; no byte
+    // is out yet, so the response starts over under the second version.
     let r = edge.get(&format!("/range/70000-80000?{q}"), &[]).await;
-    assert_eq!(r.status, 502, "{}", r.text());
     assert!(
+        r.status == 200 && r.complete && r.body == second[70_000..=80_000],
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        origin
+            .log()
+            .iter()
+            .filter(|l| l.contains("bytes=65536-"))
+            .count(),
+        2,
+        "slice 1, refused then asked again"
+    );
+    assert_eq!(
         edge.metric("cdn_edge_cache_metadata_checks_total{result=\"replaced\"}")
-            .await
-            >= 1.0
+            .await,
+        1.0
     );
     // Every range now comes from the second version, including the one slice 0 held.
     for (a, b) in [(70_000, 80_000), (0, SIZE - 1), (10, 140_000)] {

@@ -32,6 +32,11 @@ use super::ObjectId;
 /// Longest stored validator, in bytes (a longer one is stored as its SHA-256).
 pub const MAX_VALIDATOR: usize = 255;
 
+/// Longest content type kept for an object, in bytes: a longer one is taken as unknown
+/// (`application/octet-stream`), so a faulty origin cannot make each object's metadata
+/// large, and the memory and disk tiers agree.
+pub const MAX_CONTENT_TYPE: usize = 255;
+
 /// `recheck_at` of confirmed metadata: never due.
 const CONFIRMED: u64 = u64::MAX;
 

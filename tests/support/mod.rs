@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod client;
 pub mod edge;
+pub mod faults;
 pub mod keys;
 pub mod origin;
 pub mod site;

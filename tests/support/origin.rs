@@ -1,5 +1,6 @@
 //! A test origin: a small HTTP/1.1 server on 127.0.0.1:0 that serves registered objects
-//! with single-range support, counts every request, and can misbehave on demand.
+//! with single-range support, counts every request, and can misbehave on demand: for
+//! every request ([`Mode`]), or per object and slice ([`FaultRule`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::faults::{self, After, FaultRule, Faults, Resettable};
+
 /// How the origin answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -20,12 +23,6 @@ pub enum Mode {
     Hang,
     /// Answers this status with an empty body.
     Status(u16),
-    /// Ignores Range: 200 with the whole object.
-    IgnoreRange,
-    /// 206 whose Content-Range starts one byte late.
-    WrongContentRange,
-    /// 206 with a correct header and a body one byte short, then closes.
-    ShortBody,
     /// A `103 Early Hints` interim answer before each normal one.
     EarlyHints,
     /// Correct 206 answers whose body is said to be gzip-coded (`Content-Encoding: gzip`).
@@ -51,6 +48,7 @@ struct State {
     objects: Mutex<HashMap<String, Object>>,
     canned: Mutex<HashMap<String, Canned>>,
     mode: Mutex<Mode>,
+    faults: Mutex<Faults>,
     requests: AtomicU64,
     connections: AtomicU64,
     log: Mutex<Vec<String>>,
@@ -101,6 +99,7 @@ impl TestOrigin {
             objects: Mutex::new(HashMap::new()),
             canned: Mutex::new(HashMap::new()),
             mode: Mutex::new(Mode::Normal),
+            faults: Mutex::new(Faults::default()),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
@@ -198,6 +197,23 @@ impl TestOrigin {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Answers the requests `rule` picks with its fault (rules are tried in the order
+    /// added; a registered object's requests only). Takes precedence over [`Mode`].
+    pub fn inject(&self, rule: FaultRule) {
+        self.state.faults.lock().unwrap().add(rule);
+    }
+
+    /// Drops every fault rule: correct answers from now on.
+    pub fn heal(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
+    /// Requests received so far for `/objects/{o}/{v}`, by the first byte of their range.
+    pub fn requests_for(&self, o: &str, v: &str, start: u64) -> usize {
+        let want = format!("/objects/{o}/{v} bytes={start}-");
+        self.log().iter().filter(|l| l.starts_with(&want)).count()
     }
 
     /// Requests received so far.
@@ -334,7 +350,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
+pub(super) fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
     let spec = v.strip_prefix("bytes=").ok_or(())?;
     let (a, b) = spec.split_once('-').ok_or(())?;
     let a: u64 = a.parse().map_err(|_| ())?;
@@ -349,7 +365,10 @@ fn parse_range(v: &str, size: u64) -> Result<(u64, u64), ()> {
     Ok((a, b))
 }
 
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Arc<State>) {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
+    mut sock: S,
+    st: Arc<State>,
+) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
         st.requests.fetch_add(1, Ordering::SeqCst);
@@ -370,6 +389,22 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
                 return;
             }
         }
+        let fault = st
+            .faults
+            .lock()
+            .unwrap()
+            .take(&req.path, req.range.as_deref());
+        if let Some(fault) = fault {
+            match answer_fault(&mut sock, &st, fault, &req).await {
+                Some(After::KeepOpen) if !req.close => continue,
+                Some(After::Reset) => {
+                    sock.reset_on_close();
+                    return;
+                }
+                Some(_) => return,
+                None => {}
+            }
+        }
         let mode = *st.mode.lock().unwrap();
         // The object, and the header lines its 200 and 206 answers carry.
         let (found, mut extra) = match st.objects.lock().unwrap().get(&req.path) {
@@ -386,7 +421,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
             extra.push_str("Content-Encoding: gzip\r\n");
         }
         let canned = st.canned.lock().unwrap().get(&req.path).cloned();
-        let (head, body, close_after): (String, Vec<u8>, bool) = match (mode, found) {
+        let (head, body): (String, Vec<u8>) = match (mode, found) {
             (Mode::Hang, _) => {
                 std::future::pending::<()>().await;
                 unreachable!()
@@ -401,51 +436,31 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
                 for (k, v) in &c.headers {
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }
-                (head, c.body, false)
+                (head, c.body)
             }
-            (Mode::Status(s), _) => (
-                format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"),
-                vec![],
-                false,
-            ),
+            (Mode::Status(s), _) => (format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"), vec![]),
             (_, None) => (
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(),
                 vec![],
-                false,
             ),
-            (Mode::IgnoreRange, Some((bytes, ct))) => (
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {}\r\n",
-                    bytes.len()
-                ),
-                bytes,
-                false,
-            ),
-            (mode, Some((bytes, ct))) => {
+            (_, Some((bytes, ct))) => {
                 let size = bytes.len() as u64;
                 match req.range.as_deref().map(|r| parse_range(r, size)) {
                     None => (
                         format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {size}\r\n"),
                         bytes,
-                        false,
                     ),
                     Some(Err(())) => (
                         format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n"),
                         vec![],
-                        false,
                     ),
                     Some(Ok((a, b))) => {
                         let body = bytes[a as usize..=b as usize].to_vec();
-                        let shown_a = if mode == Mode::WrongContentRange { a + 1 } else { a };
                         let head = format!(
-                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\n{extra}Content-Range: bytes {shown_a}-{b}/{size}\r\nContent-Length: {}\r\n",
+                            "HTTP/1.1 206 Partial Content\r\nContent-Type: {ct}\r\n{extra}Content-Range: bytes {a}-{b}/{size}\r\nContent-Length: {}\r\n",
                             body.len()
                         );
-                        if mode == Mode::ShortBody {
-                            (head, body[..body.len() - 1].to_vec(), true)
-                        } else {
-                            (head, body, false)
-                        }
+                        (head, body)
                     }
                 }
             }
@@ -458,8 +473,29 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, st: Ar
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        if sock.write_all(&out).await.is_err() || req.close || close_after {
+        if sock.write_all(&out).await.is_err() || req.close {
             return;
         }
     }
+}
+
+/// Writes `fault`'s answer to `req`; `None` when the object is not registered (it gets
+/// the usual 404).
+async fn answer_fault<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    st: &State,
+    fault: faults::Fault,
+    req: &Request,
+) -> Option<After> {
+    let (bytes, content_type, headers) = {
+        let objects = st.objects.lock().unwrap();
+        let o = objects.get(&req.path)?;
+        (o.bytes.clone(), o.content_type.clone(), o.headers.clone())
+    };
+    let obj = faults::Object {
+        bytes: &bytes,
+        content_type: &content_type,
+        headers: &headers,
+    };
+    Some(faults::answer(sock, fault, &obj, req.range.as_deref()).await)
 }

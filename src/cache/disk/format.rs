@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::auth::MAX_ID_LEN;
-use crate::cache::meta::MAX_VALIDATOR;
+use crate::cache::meta::{MAX_CONTENT_TYPE, MAX_VALIDATOR};
 use crate::cache::{ObjectId, SliceKey};
 use crate::range::slice_len;
 
@@ -59,8 +59,6 @@ pub const FIXED_HEADER: usize = 100;
 const FIXED_HEADER_V3: usize = 88;
 /// Fixed part of a version 2 header.
 const FIXED_HEADER_V2: usize = 76;
-/// Longest content type stored; longer ones are stored as unknown.
-pub const MAX_CONTENT_TYPE: usize = 255;
 /// Longest header of any version: fixed part, content type, validator, o and v.
 pub const MAX_HEADER: usize = FIXED_HEADER + MAX_CONTENT_TYPE + MAX_VALIDATOR + 2 * MAX_ID_LEN;
 /// Directory of slice files under the cache root.
