@@ -3,7 +3,7 @@
 # against the same hits under an HMAC URL, in one run, and the good traffic an edge
 # keeps while a second wrk sends distinct forged signatures.
 #
-# Usage: [RUNS=3] [SECS=10] [CONNS=32] bench/wrk-signing.sh
+# Usage: [RUNS=3] [SECS=10] [CONNS=32] [CASES="hmac_16k ed_16k"] bench/wrk-signing.sh
 #
 # `cdn-edge demo` serves as the origin. Three edges (one worker thread each, pinned to
 # cpu 0) stand in front of it:
@@ -147,14 +147,17 @@ cases=(
 )
 for r in $(seq 1 "$RUNS"); do
   for c in "${cases[@]}"; do
+    [ -z "${CASES:-}" ] || [[ " $CASES " == *" ${c%% *} "* ]] || continue
     # shellcheck disable=SC2086
     run $c
   done
   echo "run $r of $RUNS done" >&2
 done
 
+for k in "${!results[@]}"; do echo "raw $k: ${results[$k]}"; done | sort
 printf '%-52s %9s %8s %8s %12s\n' case "req/s" "p99 ms" "cpu us" "forged req/s"
 row() { # case label
+  [ -n "${results[$1]:-}" ] || return 0
   printf '%-52s %9.0f %8.2f %8s %12.0f\n' "$2" "$(col "$1" 1)" "$(echo "$(col "$1" 2)" | awk '{ print $1 / 1000 }')" \
     "$(col "$1" 3)" "$(col "$1" 4)"
 }
@@ -165,7 +168,7 @@ row ed_16k "16 KiB hits, Ed25519 URL"
 row ed_16k_uncached "16 KiB hits, Ed25519, cache off"
 row flood_throttled "16 KiB Ed25519 hits + forger (budget 20/s)"
 row flood_open "16 KiB Ed25519 hits + forger (no budget)"
-ratio() { awk -v a="$(col "$1" 1)" -v b="$(col "$2" 1)" 'BEGIN { printf "%.3f", a / b }'; }
+ratio() { [ -n "${results[$1]:-}" ] && [ -n "${results[$2]:-}" ] || { echo -; return; }; awk -v a="$(col "$1" 1)" -v b="$(col "$2" 1)" 'BEGIN { printf "%.3f", a / b }'; }
 echo "Ed25519 / HMAC req/s: 310 KB $(ratio ed_310k hmac_310k), 16 KiB $(ratio ed_16k hmac_16k)"
 echo "cache on / off (Ed25519, 16 KiB): $(ratio ed_16k ed_16k_uncached)"
 echo "good traffic kept beside a forger: budget $(ratio flood_throttled ed_16k), no budget $(ratio flood_open ed_16k)"

@@ -21,10 +21,18 @@ end
 function request()
   n = n + 1
   local sc = {}
-  for i = 1, 86 do
+  for i = 1, 84 do
     local k = math.random(1, 64)
     sc[i] = alphabet:sub(k, k)
   end
+  -- The last byte of the signature is the top of its scalar S, which must be below the
+  -- group order (top 4 bits zero) or the check stops early: character 85 is one of
+  -- A-D. Character 86 carries 2 bits and 4 zero bits (A, Q, g or w), or the spelling
+  -- is refused before any check. Every request then costs a full verification.
+  local a = math.random(1, 4)
+  sc[85] = alphabet:sub(a, a)
+  local k = math.random(0, 3) * 16 + 1
+  sc[86] = alphabet:sub(k, k)
   return wrk.format("GET", "/range/" .. range .. "?o=" .. object .. "&v=" .. version ..
     "&e=" .. expires .. "&t=f" .. (id or 0) .. "x" .. n .. "&sc=" .. table.concat(sc))
 end
