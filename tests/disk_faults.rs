@@ -175,8 +175,10 @@ async fn a_read_error_is_a_miss_and_drops_the_file_unless_the_process_is_short_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_between_open_and_read_is_never_served() {
+    /// The fault, given a valid file of another slice.
+    type Fault = fn(&Path) -> ReadFault;
     // (fault, where the slice comes from, files found corrupt)
-    let cases: [(fn(&Path) -> ReadFault, Source, u64); 3] = [
+    let cases: [(Fault, Source, u64); 3] = [
         (|_| ReadFault::TruncateAfterOpen(100), Source::Origin, 1),
         (|_| ReadFault::OverwriteAfterOpen, Source::Origin, 1),
         // Renamed over: the open file is the old one, whole and valid.
