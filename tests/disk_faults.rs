@@ -278,6 +278,18 @@ fn small_slice(n: u64) -> (SliceKey, CachedSlice) {
     (SliceKey { object, index: n }, CachedSlice { bytes, meta })
 }
 
+/// Offers slices 0..n to the tier's writer; returns their bytes, to tell which are held.
+fn store_slices(tier: &DiskTier, n: u64) -> Vec<Bytes> {
+    let obj = ObjectRef::new("o", "v");
+    (0..n)
+        .map(|n| {
+            let (key, slice) = small_slice(n);
+            tier.store(key, &slice, &obj, 1);
+            slice.bytes
+        })
+        .collect()
+}
+
 fn small_tier(faults: &Faults, metrics: &Arc<Metrics>, dir: &Path, pause: Duration) -> DiskTier {
     let cfg = DiskCache {
         path: dir.to_path_buf(),
@@ -299,13 +311,7 @@ async fn a_disk_full_for_long_holds_no_slice_and_is_tried_once_a_pause() {
     faults.fail_writes(Some(ENOSPC));
     // Full at open already: the edge starts, and writes pause.
     let tier = small_tier(&faults, &metrics, dir.path(), Duration::from_secs(10));
-    let obj = ObjectRef::new("o", "v");
-    let mut kept = Vec::new();
-    for n in 0..2000 {
-        let (key, slice) = small_slice(n);
-        tier.store(key, &slice, &obj, 1);
-        kept.push(slice.bytes);
-    }
+    let kept = store_slices(&tier, 2000);
     let m = &metrics;
     let done = || m.disk_writes_dropped.get() + m.disk_write_errors_no_space.get() == 2000;
     until("every slice dropped or failed", done).await;
@@ -353,13 +359,7 @@ async fn a_disk_that_hangs_on_writes_holds_at_most_the_write_queue() {
     let (faults, metrics) = (Faults::default(), Arc::new(Metrics::new()));
     let tier = small_tier(&faults, &metrics, dir.path(), Duration::from_secs(10));
     faults.hang_writes();
-    let obj = ObjectRef::new("o", "v");
-    let mut kept = Vec::new();
-    for n in 0..500 {
-        let (key, slice) = small_slice(n);
-        tier.store(key, &slice, &obj, 1);
-        kept.push(slice.bytes);
-    }
+    let kept = store_slices(&tier, 500);
     // The one being written, and the queue.
     let held = kept.iter().filter(|b| !b.is_unique()).count();
     assert!(held <= WRITE_QUEUE + 1, "{held} slices held");
