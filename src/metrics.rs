@@ -510,6 +510,8 @@ pub struct Metrics {
     pub disk_writes_dropped: IntCounter,
     pub disk_write_errors_no_space: IntCounter,
     pub disk_write_errors_io: IntCounter,
+    pub disk_read_errors_io: IntCounter,
+    pub disk_read_errors_timeout: IntCounter,
     pub disk_evictions: IntCounter,
     pub cache_corrupt: IntCounter,
     pub disk_index_ready: IntGauge,
@@ -672,14 +674,14 @@ impl Metrics {
         );
         let disk_writes_dropped = counter(
             "cdn_edge_disk_writes_dropped_total",
-            "Slices not written to disk because the write queue was full or writes were paused.",
+            "Slices not written to disk because the write queue was full or writes were paused after an error.",
         );
         let write_errors = registered(
             r,
             IntCounterVec::new(
                 Opts::new(
                     "cdn_edge_disk_write_errors_total",
-                    "Failed slice writes, by reason (no_space pauses writes for a while).",
+                    "Failed slice writes, by reason (no_space, io); each pauses writes for a while.",
                 ),
                 &["reason"],
             )
@@ -687,6 +689,19 @@ impl Metrics {
         );
         let disk_write_errors_no_space = write_errors.with_label_values(&["no_space"]);
         let disk_write_errors_io = write_errors.with_label_values(&["io"]);
+        let read_errors = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_disk_read_errors_total",
+                    "Failed slice file reads, by reason (io, timeout); each was a miss.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let disk_read_errors_io = read_errors.with_label_values(&["io"]);
+        let disk_read_errors_timeout = read_errors.with_label_values(&["timeout"]);
         let disk_evictions = counter(
             "cdn_edge_disk_evictions_total",
             "Slice files deleted to keep the disk tier within cache.disk.max_bytes.",
@@ -1194,6 +1209,8 @@ impl Metrics {
             disk_writes_dropped,
             disk_write_errors_no_space,
             disk_write_errors_io,
+            disk_read_errors_io,
+            disk_read_errors_timeout,
             disk_evictions,
             cache_corrupt,
             disk_index_ready,

@@ -3,12 +3,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use support::client::Response;
 use support::edge::{signed, Edge, EdgeOptions};
 use support::origin::TestOrigin;
-use support::{object_bytes, slice_files};
+use support::{flip_byte, object_bytes, slice_file, slice_files};
 
 const SLICE: u64 = 64 * 1024;
 const SIZE: usize = 1_000_003; // 16 slices
@@ -44,15 +44,6 @@ fn disk_only(origin: &TestOrigin, dir: &Path) -> EdgeOptions {
     let mut o = opts(origin, dir, 1 << 30);
     o.memory_bytes = SLICE;
     o
-}
-
-/// The file of slice `index` (names end in the index as 16 hex digits).
-fn file_of(dir: &Path, index: u64) -> PathBuf {
-    let suffix = format!("-{index:016x}");
-    slice_files(dir)
-        .into_iter()
-        .find(|p| p.to_str().unwrap().ends_with(&suffix))
-        .unwrap()
 }
 
 async fn fill_all(edge: &Edge, bytes: &[u8]) {
@@ -136,11 +127,11 @@ async fn files_damaged_while_stopped_are_never_served() {
     fill_all(&edge, &bytes).await;
     drop(edge);
 
-    flip_byte(&file_of(dir.path(), 1), 1000); // payload
-    flip_byte(&file_of(dir.path(), 2), 20); // header
-    truncate(&file_of(dir.path(), 3), 5000);
-    std::fs::remove_file(file_of(dir.path(), 4)).unwrap();
-    std::fs::write(file_of(dir.path(), 5), b"garbage").unwrap();
+    flip_byte(&slice_file(dir.path(), 1), 1000); // payload
+    flip_byte(&slice_file(dir.path(), 2), 20); // header
+    truncate(&slice_file(dir.path(), 3), 5000);
+    std::fs::remove_file(slice_file(dir.path(), 4)).unwrap();
+    std::fs::write(slice_file(dir.path(), 5), b"garbage").unwrap();
 
     let before = origin.requests();
     let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
@@ -173,9 +164,9 @@ async fn files_damaged_while_running_are_never_served() {
     assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
     assert_eq!(origin.requests(), before);
 
-    flip_byte(&file_of(dir.path(), 6), 4000);
-    truncate(&file_of(dir.path(), 7), 100);
-    std::fs::remove_file(file_of(dir.path(), 8)).unwrap();
+    flip_byte(&slice_file(dir.path(), 6), 4000);
+    truncate(&slice_file(dir.path(), 7), 100);
+    std::fs::remove_file(slice_file(dir.path(), 8)).unwrap();
     for index in [6u64, 7, 8] {
         let a = (index * SLICE) as usize + 10;
         let r = edge
@@ -273,12 +264,6 @@ async fn unfinished_writes_are_removed_at_start() {
         "a temp file from a killed write must be removed"
     );
     edge.wait_for_log("removed unfinished slice writes").await;
-}
-
-fn flip_byte(path: &Path, at: usize) {
-    let mut data = std::fs::read(path).unwrap();
-    data[at] ^= 0x01;
-    std::fs::write(path, data).unwrap();
 }
 
 fn truncate(path: &Path, len: u64) {

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod disk;
 pub mod edge;
 pub mod faults;
 pub mod keys;
@@ -30,4 +31,21 @@ pub fn slice_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The file of slice `index` in a disk tier at `dir` (names end in the index as 16 hex
+/// digits).
+pub fn slice_file(dir: &std::path::Path, index: u64) -> std::path::PathBuf {
+    let suffix = format!("-{index:016x}");
+    slice_files(dir)
+        .into_iter()
+        .find(|p| p.to_str().unwrap().ends_with(&suffix))
+        .unwrap_or_else(|| panic!("no file of slice {index}"))
+}
+
+/// Flips one bit of the byte at `at` of a file, in place.
+pub fn flip_byte(path: &std::path::Path, at: usize) {
+    let mut data = std::fs::read(path).unwrap();
+    data[at] ^= 0x01;
+    std::fs::write(path, data).unwrap();
 }

@@ -9,14 +9,18 @@
 //!    in `cdn_edge_cache_corrupt_total`, and the slice is refetched from the origin.
 //! 3. Requests never wait on a disk write: fills are queued to one writer thread
 //!    ([`writer`]); a full queue drops the write (counted), the slice is still served.
+//!    The queue holds at most [`WRITE_QUEUE`] slices, whatever the disk does.
 //! 4. Requests never block on a disk read: reads run on the blocking pool, at most
-//!    [`MAX_CONCURRENT_READS`] at a time.
+//!    [`MAX_CONCURRENT_READS`] at a time, and a request waits for one (its turn
+//!    included) at most [`READ_TIMEOUT`], then fetches the slice elsewhere (counted).
 //! 5. The index (moka, LRU, weighed by file length) bounds the directory at
 //!    `cache.disk.max_bytes`; its eviction listener deletes evicted files.
 //! 6. At start the index is rebuilt from file headers in the background
 //!    ([`rebuild`]); until it is done, a slice missing from the index is looked for at
 //!    its path before going to the origin. Leftover `tmp/` files are removed first.
-//! 7. On a full file system writes pause and reads go on.
+//! 7. A failed write (a full file system, a failing device) pauses writes; reads go on.
+//!    A read that fails is a miss: the file is dropped (unless the process is only short
+//!    of descriptors or memory), counted, and the slice fetched elsewhere.
 //! 8. One process per directory: `<path>/lock` is held (flock) while the tier is open.
 //! 9. Files record the slice size they were cut with; after a change of
 //!    `cache.slice_bytes` old files fail their check and are replaced, never misread.
@@ -32,12 +36,17 @@
 //!     deleted when read or met by the rebuild. The writer drops a slice whose object
 //!     was purged since its fill started. Files of version 3 have neither: only a purge
 //!     of their version matches them at the rebuild, any purge of their object when read.
+//! 12. All slice file writes and reads go through one [`SliceStorage`], chosen at open:
+//!     tests inject faults there. At open a file is made in `tmp/` and moved into
+//!     `slices/`, as the writer does: a directory the edge cannot write is an error at
+//!     start, not a disk tier that silently never fills.
 //!
 //! # On-disk layout
 //! ```text
 //! <path>/slices/<h0h1>/<h2h3>/<object id hex>-<index hex>   one file per slice
 //! <path>/tmp/<pid>-<seq>.part                                 being written
 //! <path>/lock                                                 held by the running edge
+//! <path>/slices/.write-check                                  made and removed at open
 //! <path>/purges.log                                           the purge log (`cache::purge`)
 //! ```
 //! `h0..h3` are the first hex digits of the object id; the file format is in [`format`].
@@ -45,6 +54,7 @@
 pub mod format;
 pub mod purge;
 pub mod rebuild;
+pub mod storage;
 pub mod writer;
 
 use std::io;
@@ -52,6 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -64,13 +75,20 @@ use super::purge::Purges;
 use super::{CachedSlice, ObjectMeta, ObjectRef, SliceKey};
 use crate::config::DiskCache;
 use crate::metrics::Metrics;
-use format::{decode_file, slice_path, SLICES_DIR, TMP_DIR};
-use writer::{FsStorage, SliceStorage, WriteJob};
+use format::{decode_file, slice_path, MAX_HEADER, SLICES_DIR, TMP_DIR};
+use storage::{is_no_space, is_shortage};
+pub use storage::{FsStorage, SliceStorage};
+use writer::{WriteJob, WRITE_PAUSE};
 
 /// Disk reads in flight at once; more wait for a permit.
 pub const MAX_CONCURRENT_READS: usize = 32;
 /// Slices queued for writing at most (each holds a `Bytes` of the slice).
 pub const WRITE_QUEUE: usize = 64;
+/// Longest a request waits for a disk read, its turn included, before it fetches the
+/// slice elsewhere: a disk that stops answering must not stop the edge.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// The file [`DiskTier::open`] moves into `slices/` to check it can write there.
+const WRITE_CHECK: &str = ".write-check";
 
 /// Why the disk tier could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +114,28 @@ pub enum Rebuild {
     Manual,
 }
 
+/// How a tier does its I/O: [`Options::default`] in production; tests inject failing
+/// storage, a manual rebuild and shorter waits ([`DiskTier::open_with`]).
+pub struct Options {
+    pub storage: Box<dyn SliceStorage>,
+    pub rebuild: Rebuild,
+    /// How long writes stop after a failed one ([`WRITE_PAUSE`]).
+    pub write_pause: Duration,
+    /// Longest wait for a read ([`READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            storage: Box::new(FsStorage),
+            rebuild: Rebuild::Background,
+            write_pause: WRITE_PAUSE,
+            read_timeout: READ_TIMEOUT,
+        }
+    }
+}
+
 /// State shared by the tier, its writer and its rebuild thread.
 pub struct Shared {
     root: PathBuf,
@@ -107,6 +147,9 @@ pub struct Shared {
     metrics: Arc<Metrics>,
     /// What was purged: checked by the writer and the rebuild, noted names.
     purges: Arc<Purges>,
+    /// Slice file writes and reads.
+    storage: Box<dyn SliceStorage>,
+    write_pause: Duration,
 }
 
 /// The disk tier. One per process.
@@ -117,6 +160,7 @@ pub struct DiskTier {
     lock: std::sync::Mutex<Option<std::fs::File>>,
     jobs: SyncSender<WriteJob>,
     reads: Arc<Semaphore>,
+    read_timeout: Duration,
     max_bytes: u64,
 }
 
@@ -139,25 +183,17 @@ impl DiskTier {
         metrics: Arc<Metrics>,
         purges: Arc<Purges>,
     ) -> Result<Self, DiskOpenError> {
-        Self::open_with(
-            cfg,
-            slice_bytes,
-            metrics,
-            purges,
-            Box::new(FsStorage),
-            Rebuild::Background,
-        )
+        Self::open_with(cfg, slice_bytes, metrics, purges, Options::default())
     }
 
-    /// [`DiskTier::open`] with another write path (tests inject failing storage) and a
-    /// choice of when the index is rebuilt.
+    /// [`DiskTier::open`] with other [`Options`] (tests inject failing storage and
+    /// choose when the index is rebuilt).
     pub fn open_with(
         cfg: &DiskCache,
         slice_bytes: u64,
         metrics: Arc<Metrics>,
         purges: Arc<Purges>,
-        storage: Box<dyn SliceStorage>,
-        rebuild: Rebuild,
+        options: Options,
     ) -> Result<Self, DiskOpenError> {
         let root = cfg.path.clone();
         let err = |error| DiskOpenError {
@@ -177,6 +213,19 @@ impl DiskTier {
         let removed = remove_leftovers(&tmp).map_err(err)?;
         if removed > 0 {
             tracing::info!(path = %tmp.display(), files = removed, "removed unfinished slice writes");
+        }
+        match check_writable(&root, &*options.storage) {
+            Ok(()) => {}
+            // A full disk is survived like one that fills up later: writes pause.
+            Err(e) if is_no_space(&e) => {
+                tracing::warn!(path = %root.display(), error = %e, "the disk cache's file system is full; slices are written once it has room");
+            }
+            Err(e) => {
+                return Err(err(io::Error::new(
+                    e.kind(),
+                    format!("cannot write a file in tmp/ and move it into slices/: {e}"),
+                )))
+            }
         }
 
         let evict_root = root.clone();
@@ -203,6 +252,8 @@ impl DiskTier {
             handed_over,
             metrics,
             purges,
+            storage: options.storage,
+            write_pause: options.write_pause,
         });
         shared.metrics.disk_index_ready.set(0);
 
@@ -210,9 +261,9 @@ impl DiskTier {
         let w = shared.clone();
         std::thread::Builder::new()
             .name("cdn-edge disk writer".into())
-            .spawn(move || writer::run(w, rx, storage))
+            .spawn(move || writer::run(w, rx))
             .map_err(err)?;
-        if rebuild == Rebuild::Background {
+        if options.rebuild == Rebuild::Background {
             let r = shared.clone();
             std::thread::Builder::new()
                 .name("cdn-edge disk index".into())
@@ -225,6 +276,7 @@ impl DiskTier {
             lock: std::sync::Mutex::new(Some(lock)),
             jobs,
             reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            read_timeout: options.read_timeout,
             max_bytes: cfg.max_bytes,
         })
     }
@@ -235,24 +287,36 @@ impl DiskTier {
     }
 
     /// Reads and checks a slice, with the purge stamp of the fill that cut it (0 for
-    /// files older than format version 4); `None` is a miss (absent, unreadable or
-    /// corrupt).
+    /// files older than format version 4); `None` is a miss (absent, unreadable, corrupt,
+    /// or not read within the read timeout).
     pub async fn read(&self, key: &SliceKey) -> Option<(CachedSlice, u64)> {
         let listed = self.shared.index.contains_key(key);
         if !listed && self.shared.rebuilt.load(Ordering::Acquire) {
             self.shared.metrics.disk.misses.inc();
             return None;
         }
-        let permit = self.reads.clone().acquire_owned().await.ok()?;
+        let reads = self.reads.clone();
         let shared = self.shared.clone();
         let key = *key;
-        let found = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            shared.read_blocking(&key)
+        // On a timeout the read goes on, holding its permit, and its result is dropped.
+        let read = tokio::time::timeout(self.read_timeout, async move {
+            let permit = reads.acquire_owned().await.ok()?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                shared.read_blocking(&key)
+            })
+            .await
+            .ok()
+            .flatten()
         })
-        .await
-        .ok()
-        .flatten();
+        .await;
+        let found = read.unwrap_or_else(|_| {
+            self.shared.metrics.disk_read_errors_timeout.inc();
+            tracing::warn!(path = %slice_path(&self.shared.root, &key).display(),
+                timeout_ms = self.read_timeout.as_millis() as u64,
+                "disk cache read timed out; the slice is fetched elsewhere");
+            None
+        });
         match found {
             Some(_) => self.shared.metrics.disk.hits.inc(),
             None => self.shared.metrics.disk.misses.inc(),
@@ -342,15 +406,22 @@ impl DiskTier {
 impl Shared {
     fn read_blocking(&self, key: &SliceKey) -> Option<(CachedSlice, u64)> {
         let path = slice_path(&self.root, key);
-        let data = match std::fs::read(&path) {
+        // One byte more than the longest slice file: a longer file is not read whole.
+        let limit = MAX_HEADER as u64 + self.slice_bytes + 1;
+        let data = match self.storage.read(&path, limit) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.index.invalidate(key);
                 return None;
             }
             Err(e) => {
-                // Maybe passing (EMFILE, EIO): keep the entry, miss this time.
-                tracing::warn!(path = %path.display(), error = %e, "disk cache read failed");
+                self.metrics.disk_read_errors_io.inc();
+                if is_shortage(&e) {
+                    tracing::warn!(path = %path.display(), error = %e, "disk cache read failed; file kept");
+                } else {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable slice file removed; refetching");
+                    self.drop_file(key, &path);
+                }
                 return None;
             }
         };
@@ -378,10 +449,18 @@ impl Shared {
             Err(e) => {
                 self.metrics.cache_corrupt.inc();
                 tracing::warn!(path = %path.display(), error = %e, "corrupt slice file removed; refetching");
-                self.index.invalidate(key);
-                let _ = std::fs::remove_file(&path);
+                self.drop_file(key, &path);
                 None
             }
+        }
+    }
+
+    /// Takes a slice out of the index and deletes its file (unless the directory has
+    /// been handed over).
+    fn drop_file(&self, key: &SliceKey, path: &Path) {
+        self.index.invalidate(key);
+        if !self.handed_over.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -389,6 +468,21 @@ impl Shared {
     pub fn sync_blocking(&self) {
         self.index.run_pending_tasks();
     }
+}
+
+/// Makes a file in `tmp/` and moves it into `slices/`, as the writer does, then removes
+/// it: whether the tier can write its directory.
+fn check_writable(root: &Path, storage: &dyn SliceStorage) -> io::Result<()> {
+    let made = root
+        .join(TMP_DIR)
+        .join(format!("{}-check.part", std::process::id()));
+    let placed = root.join(SLICES_DIR).join(WRITE_CHECK);
+    storage.write_new(&made, &[], &[])?;
+    if let Err(e) = std::fs::rename(&made, &placed) {
+        let _ = std::fs::remove_file(&made);
+        return Err(e);
+    }
+    std::fs::remove_file(&placed)
 }
 
 fn remove_leftovers(tmp: &Path) -> io::Result<u64> {
@@ -437,6 +531,10 @@ mod tests {
             }
             FsStorage.write_new(path, header, payload)
         }
+
+        fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+            FsStorage.read(path, limit)
+        }
     }
 
     fn slice(n: u8) -> (SliceKey, CachedSlice) {
@@ -468,23 +566,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         let calls = Arc::new(AtomicUsize::new(0));
+        // The write check at open, then one slice.
         let storage = FillsUp {
-            left: Arc::new(AtomicUsize::new(1)),
+            left: Arc::new(AtomicUsize::new(2)),
             calls: calls.clone(),
         };
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
         };
-        let tier = DiskTier::open_with(
-            &cfg,
-            4096,
-            metrics.clone(),
-            purges(),
-            Box::new(storage),
-            Rebuild::Background,
-        )
-        .unwrap();
+        let options = Options {
+            storage: Box::new(storage),
+            ..Options::default()
+        };
+        let tier = DiskTier::open_with(&cfg, 4096, metrics.clone(), purges(), options).unwrap();
         until("index rebuild", || tier.stats().index_ready).await;
 
         let (a, sa) = slice(1);
@@ -501,7 +596,7 @@ mod tests {
         .await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
-            2,
+            3,
             "no write is attempted while paused"
         );
 
@@ -549,15 +644,13 @@ mod tests {
             until("write", || metrics.disk_writes.get() == 1).await;
         }
         let metrics = Arc::new(Metrics::new());
-        let tier = DiskTier::open_with(
-            &cfg,
-            reopen_slice_bytes,
-            metrics.clone(),
-            purges(),
-            Box::new(FsStorage),
-            Rebuild::Manual,
-        )
-        .unwrap();
+        let options = Options {
+            rebuild: Rebuild::Manual,
+            ..Options::default()
+        };
+        let tier =
+            DiskTier::open_with(&cfg, reopen_slice_bytes, metrics.clone(), purges(), options)
+                .unwrap();
         (a, sa, tier, metrics)
     }
 

@@ -96,8 +96,7 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::super::writer::FsStorage;
-    use super::super::Rebuild;
+    use super::super::{Options, Rebuild};
     use super::*;
     use crate::cache::purge::{PurgeRecord, Purges};
     use crate::cache::{CachedSlice, ObjectMeta, ObjectRef};
@@ -116,15 +115,12 @@ mod tests {
             max_bytes: 1 << 30,
         };
         let metrics = Arc::new(Metrics::new());
-        let tier = DiskTier::open_with(
-            &cfg,
-            4096,
-            metrics.clone(),
-            purges.clone(),
-            Box::new(FsStorage),
+        let options = Options {
             rebuild,
-        )
-        .unwrap();
+            ..Options::default()
+        };
+        let tier =
+            DiskTier::open_with(&cfg, 4096, metrics.clone(), purges.clone(), options).unwrap();
         Tier {
             tier,
             metrics,

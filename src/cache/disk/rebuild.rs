@@ -45,7 +45,8 @@ fn dir_entries(dir: &Path) -> impl Iterator<Item = std::path::PathBuf> {
 }
 
 /// Indexes one file; deletes it only if its contents prove it invalid (an I/O error
-/// leaves it alone). True if indexed.
+/// leaves it alone, counted: if its slice is fetched again, the new file replaces it).
+/// True if indexed.
 fn index_file(shared: &Shared, path: &Path) -> bool {
     let Some(key) = path
         .file_name()
@@ -67,6 +68,7 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
             // Gone meanwhile (evicted, or found corrupt by a read), or unreadable now:
             // not proof of corruption.
             if e.kind() != std::io::ErrorKind::NotFound {
+                shared.metrics.disk_read_errors_io.inc();
                 tracing::warn!(path = %path.display(), error = %e, "cannot read a slice file; skipped");
             }
             return false;
@@ -113,5 +115,44 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
             let _ = fs::remove_file(path);
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::format::slice_path;
+    use super::super::{DiskTier, Options, Rebuild};
+    use crate::cache::purge::Purges;
+    use crate::cache::{ObjectId, SliceKey};
+    use crate::config::DiskCache;
+    use crate::metrics::Metrics;
+
+    #[test]
+    fn an_unreadable_file_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let options = Options {
+            rebuild: Rebuild::Manual,
+            ..Options::default()
+        };
+        let purges = Arc::new(Purges::in_memory());
+        let tier = DiskTier::open_with(&cfg, 4096, metrics.clone(), purges, options).unwrap();
+        // A directory under a slice file's name: it opens, but cannot be read (EISDIR).
+        let key = SliceKey {
+            object: ObjectId::new("o", "v"),
+            index: 1,
+        };
+        let path = slice_path(dir.path(), &key);
+        std::fs::create_dir_all(&path).unwrap();
+        tier.rebuild_now();
+        assert_eq!(metrics.disk_read_errors_io.get(), 1);
+        assert_eq!((tier.stats().entries, metrics.cache_corrupt.get()), (0, 0));
+        assert!(path.is_dir(), "left alone");
     }
 }

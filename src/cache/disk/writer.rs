@@ -3,12 +3,14 @@
 //! Each slice is written to `tmp/`, then renamed to its place, then indexed: a reader
 //! never sees a partial file under a slice's name. A slice whose object was purged
 //! since its fill started is not written, and one purged while it was being written is
-//! deleted once indexed (`cache::purge`). When the file system is full the
-//! writer stops writing for [`NO_SPACE_PAUSE`] (reads go on) and drops what is queued
-//! meanwhile, counting it.
+//! deleted once indexed (`cache::purge`). When a write fails (a full file system, a
+//! failing device, a directory turned read-only) the writer stops writing for the
+//! tier's write pause, [`WRITE_PAUSE`] (reads go on), and drops what is queued
+//! meanwhile, counting it: a failing disk is not hammered, and is logged once a pause.
+//! Directories removed from under the running edge (`tmp/`, `slices/…`) are made again.
 
 use std::collections::HashSet;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
@@ -18,11 +20,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::format::{encode_header, slice_path, ObjectRecord, TMP_DIR};
+use super::storage::{is_no_space, SliceStorage};
 use super::Shared;
 use crate::cache::SliceKey;
 
-/// How long writes stop after the file system reported it is full.
-pub const NO_SPACE_PAUSE: Duration = Duration::from_secs(10);
+/// How long writes stop after one failed.
+pub const WRITE_PAUSE: Duration = Duration::from_secs(10);
 
 /// One slice to persist.
 pub struct WriteJob {
@@ -41,29 +44,8 @@ pub struct WriteJob {
     pub recheck_at: u64,
 }
 
-/// The one I/O call whose failures matter for the write path; a seam for tests that
-/// need a full disk or a failing device.
-pub trait SliceStorage: Send + 'static {
-    /// Creates `path` and writes `header` then `payload` to it.
-    fn write_new(&self, path: &Path, header: &[u8], payload: &[u8]) -> io::Result<()>;
-}
-
-/// The real file system.
-pub struct FsStorage;
-
-impl SliceStorage for FsStorage {
-    fn write_new(&self, path: &Path, header: &[u8], payload: &[u8]) -> io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)?;
-        f.write_all(header)?;
-        f.write_all(payload)
-    }
-}
-
 /// Runs until every sender is gone.
-pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn SliceStorage>) {
+pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>) {
     let tmp_dir = shared.root.join(TMP_DIR);
     let mut made_dirs: HashSet<[u8; 2]> = HashSet::new();
     let mut paused_until: Option<Instant> = None;
@@ -96,8 +78,7 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
         };
         let header = encode_header(&job.key, record, shared.slice_bytes as u32, &job.payload);
         let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
-        let written = storage
-            .write_new(&tmp, &header, &job.payload)
+        let written = write_tmp(&*shared.storage, &tmp_dir, &tmp, &header, &job.payload)
             .and_then(|()| place(&tmp, &dst, made_dirs.contains(&bucket)));
         if written.is_ok() {
             made_dirs.insert(bucket);
@@ -122,16 +103,37 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>, storage: Box<dyn Slice
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                if e.raw_os_error() == Some(libc_enospc()) {
+                paused_until = Some(Instant::now() + shared.write_pause);
+                let pause_secs = shared.write_pause.as_secs_f64();
+                if is_no_space(&e) {
                     shared.metrics.disk_write_errors_no_space.inc();
-                    paused_until = Some(Instant::now() + NO_SPACE_PAUSE);
-                    tracing::warn!(path = %shared.root.display(), "disk cache is full; pausing writes");
+                    tracing::warn!(path = %shared.root.display(), error = %e, pause_secs,
+                        "disk cache is full; writes paused");
                 } else {
                     shared.metrics.disk_write_errors_io.inc();
-                    tracing::warn!(path = %dst.display(), error = %e, "disk cache write failed");
+                    tracing::warn!(path = %dst.display(), error = %e, pause_secs,
+                        "disk cache write failed; writes paused");
                 }
             }
         }
+    }
+}
+
+/// Writes the temporary file, making `tmp/` again if it is gone (an operator may clear
+/// the cache directory while the edge runs).
+fn write_tmp(
+    storage: &dyn SliceStorage,
+    dir: &Path,
+    tmp: &Path,
+    header: &[u8],
+    payload: &[u8],
+) -> io::Result<()> {
+    match storage.write_new(tmp, header, payload) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            storage.write_new(tmp, header, payload)
+        }
+        other => other,
     }
 }
 
@@ -149,9 +151,4 @@ fn place(tmp: &Path, dst: &Path, dir_known: bool) -> io::Result<()> {
         }
         other => other,
     }
-}
-
-/// ENOSPC on Linux and the BSDs alike.
-const fn libc_enospc() -> i32 {
-    28
 }
