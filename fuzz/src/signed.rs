@@ -3,6 +3,7 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::OnceLock;
 
 use cdn_edge::auth::{is_valid_id, AuthFailure, Check, SignedUrls, Verifier};
 use cdn_edge::config::{KeyMaterial, SigningKey};
@@ -29,7 +30,13 @@ impl Hasher for OneBucket {
     fn write(&mut self, _: &[u8]) {}
 }
 
-fn verifier() -> Verifier {
+/// The verifier, built once: deriving the Ed25519 key pair costs more than a run.
+fn verifier() -> &'static Verifier {
+    static VERIFIER: OnceLock<Verifier> = OnceLock::new();
+    VERIFIER.get_or_init(build_verifier)
+}
+
+fn build_verifier() -> Verifier {
     let pair = Ed25519KeyPair::from_seed_unchecked(&ED25519_SEED).expect("a 32-byte seed");
     let public_key = pair.public_key().as_ref().try_into().expect("32 bytes");
     Verifier::new(
