@@ -1,5 +1,5 @@
 # Thin wrappers around ./dev, which installs its own prerequisites.
-.PHONY: setup demo test bench release check-config
+.PHONY: setup demo test bench fuzz release check-config
 
 setup:
 	./dev setup
@@ -12,6 +12,9 @@ test:
 
 bench:
 	./dev bench
+
+fuzz:
+	./dev fuzz
 
 release:
 	cargo build --release

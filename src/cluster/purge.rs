@@ -172,7 +172,7 @@ pub async fn answer(state: &AppState, site: &Site, session: &mut Session) -> pin
     };
     if let Err(why) = auth::check(
         &asked.claim(site.me),
-        &asked.auth,
+        asked.auth(),
         site.secret(),
         site.me,
         unix_now(),
@@ -222,8 +222,10 @@ async fn json<T: Serialize>(session: &mut Session, value: &T) -> pingora::Result
     Ok(())
 }
 
-/// A parsed purge or log request: its query and authentication headers.
-struct Asked {
+/// A parsed purge or log request: its query and authentication headers. Public, with
+/// [`Asked::parse`], [`Asked::claim`] and [`Asked::auth`], for the fuzz target
+/// `peer_request` (fuzz/, docs/reliability.md).
+pub struct Asked {
     kind: Kind,
     o: String,
     v: Option<String>,
@@ -235,7 +237,9 @@ struct Asked {
 }
 
 impl Asked {
-    fn parse(req: &RequestHeader, kind: Kind) -> Option<Self> {
+    /// The request's query and authentication headers as a request of `kind` (`Purge`
+    /// or `PurgeLog`), or `None` if any is missing or malformed (a 403).
+    pub fn parse(req: &RequestHeader, kind: Kind) -> Option<Self> {
         let (mut o, mut v, mut index) = (None, None, None);
         for pair in req.uri.query().unwrap_or_default().split('&') {
             match (kind, pair.split_once('=')?) {
@@ -267,7 +271,7 @@ impl Asked {
     }
 
     /// The claim as this node (`me`) received it.
-    fn claim(&self, me: SocketAddr) -> Claim<'_> {
+    pub fn claim(&self, me: SocketAddr) -> Claim<'_> {
         Claim {
             kind: self.kind,
             from: self.from,
@@ -278,6 +282,11 @@ impl Asked {
             hops: 0,
             time: self.time,
         }
+    }
+
+    /// The request's HMAC, as sent (hex).
+    pub fn auth(&self) -> &str {
+        &self.auth
     }
 }
 

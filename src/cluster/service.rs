@@ -69,7 +69,7 @@ impl PeerApp {
         let claim = req.claim(self.site.me);
         if let Err(why) = auth::check(
             &claim,
-            &req.auth,
+            req.auth(),
             self.site.secret(),
             self.site.me,
             unix_now(),
@@ -183,8 +183,10 @@ impl PeerApp {
     }
 }
 
-/// A parsed slice request: `?o=&v=&i=` and the authentication headers.
-struct SliceRequest {
+/// A parsed slice request: `?o=&v=&i=` and the authentication headers. Public, with
+/// [`SliceRequest::parse`], [`SliceRequest::claim`] and [`SliceRequest::auth`], for the
+/// fuzz target `peer_request` (fuzz/, docs/reliability.md).
+pub struct SliceRequest {
     o: String,
     v: String,
     index: u64,
@@ -196,7 +198,9 @@ struct SliceRequest {
 }
 
 impl SliceRequest {
-    fn parse(req: &pingora::http::RequestHeader) -> Option<Self> {
+    /// The request's query and authentication headers, or `None` if any is missing or
+    /// malformed (a 403).
+    pub fn parse(req: &pingora::http::RequestHeader) -> Option<Self> {
         let (mut o, mut v, mut index) = (None, None, None);
         for pair in req.uri.query()?.split('&') {
             match pair.split_once('=')? {
@@ -221,7 +225,7 @@ impl SliceRequest {
     }
 
     /// The claim as this node (`me`) received it; signed for another node, it fails.
-    fn claim(&self, me: std::net::SocketAddr) -> Claim<'_> {
+    pub fn claim(&self, me: std::net::SocketAddr) -> Claim<'_> {
         Claim {
             kind: self.kind,
             from: self.from,
@@ -232,6 +236,11 @@ impl SliceRequest {
             hops: self.hops,
             time: self.time,
         }
+    }
+
+    /// The request's HMAC, as sent (hex).
+    pub fn auth(&self) -> &str {
+        &self.auth
     }
 }
 

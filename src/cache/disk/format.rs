@@ -332,10 +332,12 @@ pub fn file_name(key: &SliceKey) -> String {
     format!("{}-{:016x}", hex::encode(key.object.as_bytes()), key.index)
 }
 
-/// Parses a file name made by [`file_name`].
+/// Parses a file name made by [`file_name`], in that spelling only (lowercase hex, no
+/// sign): another spelling of a key is not at the path reads look for.
 pub fn parse_file_name(name: &str) -> Option<SliceKey> {
     let (object, index) = name.split_once('-')?;
-    if object.len() != 64 || index.len() != 16 {
+    let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if object.len() != 64 || index.len() != 16 || !lower_hex(object) || !lower_hex(index) {
         return None;
     }
     let mut id = [0u8; 32];
@@ -567,6 +569,22 @@ mod tests {
             decode_file(Bytes::from(file(b"")), &other, S).unwrap_err(),
             FormatError::WrongKey
         );
+    }
+
+    /// Found by the fuzz target `disk_slice`: `F277…` and `+000…03` were read as the
+    /// key of `f277…-0000000000000003`.
+    #[test]
+    fn names_in_another_spelling_are_not_slice_names() {
+        let name = file_name(&key());
+        let (object, index) = name.split_once('-').unwrap();
+        for other in [
+            format!("{}-{index}", object.to_uppercase()),
+            format!("{object}-+{}", &index[1..]),
+            format!("{object}-{}", "000000000000000A"),
+        ] {
+            assert_eq!(parse_file_name(&other), None, "{other}");
+        }
+        assert_eq!(parse_file_name(&name), Some(key()));
     }
 
     #[test]

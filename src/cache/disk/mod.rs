@@ -710,6 +710,29 @@ mod tests {
         assert_eq!(metrics.disk.hits.get(), 1);
     }
 
+    /// A slice's file under another spelling of its name, or in another directory, is
+    /// not where reads look: the rebuild does not index it (found with the fuzz target
+    /// `disk_slice`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slice_file_away_from_its_own_path_is_not_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _, tier, _) = stored_then_reopened(dir.path(), 4096).await;
+        let own = format::slice_path(dir.path(), &a);
+        let name = format::file_name(&a);
+        let elsewhere = dir.path().join(SLICES_DIR).join("00").join("00");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::copy(&own, elsewhere.join(&name)).unwrap();
+        std::fs::rename(&own, own.with_file_name(name.to_uppercase())).unwrap();
+        tier.rebuild_now();
+        tier.sync_blocking();
+        assert_eq!(tier.stats().entries, 0);
+        assert!(tier.read(&a).await.is_none());
+        assert!(
+            elsewhere.join(&name).exists(),
+            "files not ours are left alone"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_process_per_directory() {
         let dir = tempfile::tempdir().unwrap();

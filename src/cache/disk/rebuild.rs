@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{decode_header, parse_file_name, FormatError, MAX_HEADER, SLICES_DIR};
+use super::format::{
+    decode_header, parse_file_name, slice_path, FormatError, MAX_HEADER, SLICES_DIR,
+};
 use super::Shared;
 
 /// Walks `slices/*/*/*`, indexes every valid file and deletes the invalid ones.
@@ -55,6 +57,11 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
     else {
         return false; // not ours (e.g. a directory an operator made): leave it
     };
+    if path != slice_path(&shared.root, &key) {
+        // A slice name in another directory: reads never look there, so it is not ours
+        // either (indexing it would count bytes no read can reach).
+        return false;
+    }
     let read = || -> std::io::Result<(Vec<u8>, u64)> {
         let mut f = fs::File::open(path)?;
         let len = f.metadata()?.len();
