@@ -122,6 +122,26 @@ pub async fn post(
         .unwrap_or_else(|| panic!("unparseable response: {:?}", String::from_utf8_lossy(&raw)))
 }
 
+/// [`request`] and [`post`] for a server that may be gone: `None` when nothing parsable
+/// came back (refused, reset before an answer, or no answer in time). `body` is sent
+/// with its Content-Length when given.
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: Option<&[u8]>,
+) -> Option<Response> {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    let raw = send_raw(addr, &bytes).await.ok()?;
+    parse(&raw, method == "HEAD")
+}
+
 /// Reads until the server closes or `within` passes; returns whether it closed.
 pub async fn closed_within(sock: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 4096];

@@ -307,6 +307,11 @@ impl Edge {
         next
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`TERM`, `QUIT`, …) to the process.
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();

@@ -7,6 +7,7 @@ pub mod disk;
 pub mod edge;
 pub mod faults;
 pub mod keys;
+pub mod load;
 pub mod origin;
 pub mod site;
 

@@ -27,10 +27,16 @@ pub enum Mode {
     EarlyHints,
     /// Correct 206 answers whose body is said to be gzip-coded (`Content-Encoding: gzip`).
     ContentEncoding,
+    /// Every n-th request (counted over all connections) is answered 503 and not listed
+    /// in [`TestOrigin::received`], which then holds only the accepted ones; the others
+    /// are answered as in `Normal`, and a POST to no object with 200
+    /// `{"status":200}`: a flaky upstream whose deliveries can be counted.
+    FailEvery(u64),
 }
 
 struct Object {
-    bytes: Vec<u8>,
+    /// Shared, so that an answer costs no copy of the whole object.
+    bytes: Arc<Vec<u8>>,
     content_type: String,
     /// Sent with every 200 and 206 for the object (e.g. `ETag`).
     headers: Vec<(String, String)>,
@@ -51,6 +57,10 @@ struct State {
     faults: Mutex<Faults>,
     requests: AtomicU64,
     connections: AtomicU64,
+    /// Connections accepted and not yet closed.
+    open: AtomicU64,
+    /// Bytes per second an answer is written at; 0 for as fast as the socket takes them.
+    pace: AtomicU64,
     log: Mutex<Vec<String>>,
     received: Mutex<Vec<Received>>,
     /// While true, answers wait (after counting the request) until it turns false.
@@ -102,6 +112,8 @@ impl TestOrigin {
             faults: Mutex::new(Faults::default()),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            pace: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
             hold: watch::channel(false).0,
@@ -117,10 +129,12 @@ impl TestOrigin {
                     accepted = listener.accept() => {
                         let Ok((sock, _)) = accepted else { continue };
                         st.connections.fetch_add(1, Ordering::SeqCst);
+                        st.open.fetch_add(1, Ordering::SeqCst);
                         let st = st.clone();
                         let mut stop_rx = stop_rx.clone();
                         let tls = tls.clone();
                         tokio::spawn(async move {
+                            let _open = OpenConnection(st.clone());
                             tokio::select! {
                                 _ = stop_rx.changed() => {}
                                 _ = async {
@@ -157,6 +171,18 @@ impl TestOrigin {
         self.add_object_with_headers(o, v, bytes, content_type, &[]);
     }
 
+    /// [`TestOrigin::add_object`] with bytes shared with other origins or the test.
+    pub fn add_shared_object(&self, o: &str, v: &str, bytes: Arc<Vec<u8>>, content_type: &str) {
+        self.state.objects.lock().unwrap().insert(
+            format!("/objects/{o}/{v}"),
+            Object {
+                bytes,
+                content_type: content_type.to_string(),
+                headers: Vec::new(),
+            },
+        );
+    }
+
     /// [`TestOrigin::add_object`] with headers sent on every 200 and 206 for it, such as
     /// `ETag` or `Last-Modified`.
     pub fn add_object_with_headers(
@@ -170,7 +196,7 @@ impl TestOrigin {
         self.state.objects.lock().unwrap().insert(
             format!("/objects/{o}/{v}"),
             Object {
-                bytes,
+                bytes: Arc::new(bytes),
                 content_type: content_type.to_string(),
                 headers: headers
                     .iter()
@@ -231,6 +257,17 @@ impl TestOrigin {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// Writes every answer at about `bytes_per_sec` (0: unpaced), so that fetches stay
+    /// in flight for a while.
+    pub fn set_pace(&self, bytes_per_sec: u64) {
+        self.state.pace.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Connections accepted and not closed yet (by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.state.open.load(Ordering::SeqCst)
+    }
+
     /// `"{path} {range}"` of every request received so far.
     pub fn log(&self) -> Vec<String> {
         self.state.log.lock().unwrap().clone()
@@ -254,6 +291,33 @@ impl TestOrigin {
 impl Drop for TestOrigin {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Writes `out` at about `pace` bytes per second (all at once when 0).
+async fn write_paced<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    out: &[u8],
+    pace: u64,
+) -> std::io::Result<()> {
+    if pace == 0 {
+        return sock.write_all(out).await;
+    }
+    const CHUNK: usize = 16 * 1024;
+    let per_chunk = std::time::Duration::from_secs_f64(CHUNK as f64 / pace as f64);
+    for chunk in out.chunks(CHUNK) {
+        sock.write_all(chunk).await?;
+        tokio::time::sleep(per_chunk).await;
+    }
+    Ok(())
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -371,12 +435,23 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
 ) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut sock, &mut buf).await {
-        st.requests.fetch_add(1, Ordering::SeqCst);
+        let nth = st.requests.fetch_add(1, Ordering::SeqCst) + 1;
         st.log.lock().unwrap().push(format!(
             "{} {}",
             req.path,
             req.range.clone().unwrap_or_default()
         ));
+        let fail_every = match *st.mode.lock().unwrap() {
+            Mode::FailEvery(n) => Some(n),
+            _ => None,
+        };
+        if fail_every.is_some_and(|n| nth.is_multiple_of(n)) {
+            let refused = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+            if sock.write_all(refused).await.is_err() || req.close {
+                return;
+            }
+            continue;
+        }
         st.received.lock().unwrap().push(Received {
             method: req.method.clone(),
             target: req.path.clone(),
@@ -426,7 +501,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
                 std::future::pending::<()>().await;
                 unreachable!()
             }
-            (Mode::Normal | Mode::EarlyHints, _) if canned.is_some() => {
+            (Mode::Normal | Mode::EarlyHints | Mode::FailEvery(_), _) if canned.is_some() => {
                 let c = canned.expect("checked");
                 let mut head = format!(
                     "HTTP/1.1 {} X\r\nContent-Length: {}\r\n",
@@ -439,6 +514,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
                 (head, c.body)
             }
             (Mode::Status(s), _) => (format!("HTTP/1.1 {s} X\r\nContent-Length: 0\r\n"), vec![]),
+            (Mode::FailEvery(_), None) if req.method == "POST" => (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+                    .into(),
+                br#"{"status":200}"#.to_vec(),
+            ),
             (_, None) => (
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n".into(),
                 vec![],
@@ -448,7 +528,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
                 match req.range.as_deref().map(|r| parse_range(r, size)) {
                     None => (
                         format!("HTTP/1.1 200 OK\r\nContent-Type: {ct}\r\n{extra}Content-Length: {size}\r\n"),
-                        bytes,
+                        bytes.to_vec(),
                     ),
                     Some(Err(())) => (
                         format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{size}\r\nContent-Length: 0\r\n"),
@@ -473,7 +553,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Resettable + Unpin>(
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&body);
-        if sock.write_all(&out).await.is_err() || req.close {
+        if write_paced(&mut sock, &out, st.pace.load(Ordering::SeqCst))
+            .await
+            .is_err()
+            || req.close
+        {
             return;
         }
     }
