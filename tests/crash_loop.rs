@@ -9,6 +9,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,8 @@ struct Ledger {
     acked_in_cycles: u64,
     /// 503 answers during the cycles: the spool is repaired after each crash.
     refused_while_opening: u64,
+    /// What the last request without a 2xx got.
+    last_refusal: String,
     /// Answers that are neither 2xx, nor 503 (spool not open yet), nor a cut connection.
     unexpected: Vec<String>,
     ranges_whole: u64,
@@ -117,8 +120,14 @@ fn options(origin: &TestOrigin, sink: &TestOrigin, spool: &Path, disk: &Path) ->
 }
 
 /// Sends one request, retried or new, and books the answer.
-async fn forward_once(edge: &Edge, shared: &Shared, target: String, body: Vec<u8>, live: bool) {
-    let answer = try_request(edge.http, "POST", &target, Some(&body)).await;
+async fn forward_once(
+    edge: SocketAddr,
+    shared: &Shared,
+    target: String,
+    body: Vec<u8>,
+    live: bool,
+) {
+    let answer = try_request(edge, "POST", &target, Some(&body)).await;
     let mut ledger = shared.ledger.lock().unwrap();
     match answer {
         Some(r) if r.complete && (200..300).contains(&r.status) => {
@@ -137,10 +146,14 @@ async fn forward_once(edge: &Edge, shared: &Shared, target: String, body: Vec<u8
             if live {
                 ledger.refused_while_opening += 1;
             }
+            ledger.last_refusal = format!("503 {}", r.text().trim());
             ledger.pending.push((target, body));
         }
         // Cut by the kill, or refused while the edge is down.
-        _ => ledger.pending.push((target, body)),
+        _ => {
+            ledger.last_refusal = "no answer".to_string();
+            ledger.pending.push((target, body))
+        }
     }
 }
 
@@ -155,7 +168,14 @@ async fn forward_worker(edge: Arc<Edge>, shared: Arc<Shared>, route: &'static st
         };
         let mut body = format!("{route} {id} ").into_bytes();
         body.extend((0..len).map(|_| rng.gen_range(b'a'..=b'z')));
-        forward_once(&edge, &shared, format!("{route}&reqId=r{id}"), body, true).await;
+        forward_once(
+            edge.http,
+            &shared,
+            format!("{route}&reqId=r{id}"),
+            body,
+            true,
+        )
+        .await;
     }
 }
 
@@ -262,12 +282,13 @@ async fn run(plan: Plan) -> Report {
         let shown = Arc::new(edge);
         shared.stop.store(false, Ordering::SeqCst);
         let retries = std::mem::take(&mut shared.ledger.lock().unwrap().pending);
+        let retried = retries.len();
         let mut tasks = Vec::new();
         {
             let (edge, shared) = (shown.clone(), shared.clone());
             tasks.push(tokio::spawn(async move {
                 for (target, body) in retries {
-                    forward_once(&edge, &shared, target, body, true).await;
+                    forward_once(edge.http, &shared, target, body, true).await;
                 }
             }));
         }
@@ -292,7 +313,13 @@ async fn run(plan: Plan) -> Report {
             )));
         }
         // Requests during the spool's repair get 503; the kill falls once it is open.
+        let opening = Instant::now();
         spool_open(&shown).await;
+        eprintln!(
+            "cycle {cycle}: spool open after {} ms, {} requests retried",
+            opening.elapsed().as_millis(),
+            retried
+        );
         let load_ms = rng.gen_range(50..=plan.max_load_ms);
         tokio::time::sleep(Duration::from_millis(load_ms)).await;
         // SIGKILL with requests, spool writes and slice fills in flight.
@@ -310,16 +337,33 @@ async fn run(plan: Plan) -> Report {
     runs_from.push(sink.received().len());
     sink.set_mode(Mode::FailEvery(u64::MAX));
     edge.restart().await;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    spool_open(&edge).await;
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let retries = std::mem::take(&mut shared.ledger.lock().unwrap().pending);
         if retries.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "requests still refused");
-        for (target, body) in retries {
-            forward_once(&edge, &shared, target, body, false).await;
+        if Instant::now() > deadline {
+            let status = try_request(edge.admin, "GET", "/status", None).await;
+            panic!(
+                "{} requests still refused, the last with {}; status: {}; edge log:\n{}",
+                retries.len(),
+                shared.ledger.lock().unwrap().last_refusal,
+                status.map(|s| s.text()).unwrap_or_default(),
+                edge.log_text()
+            );
         }
+        // Players retry side by side.
+        let mut players = tokio::task::JoinSet::new();
+        for (n, (target, body)) in retries.into_iter().enumerate() {
+            if n >= 8 {
+                players.join_next().await.expect("a task").unwrap();
+            }
+            let (addr, shared) = (edge.http, shared.clone());
+            players.spawn(async move { forward_once(addr, &shared, target, body, false).await });
+        }
+        players.join_all().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let acked = shared.ledger.lock().unwrap().acked.clone();

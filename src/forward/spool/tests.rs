@@ -488,3 +488,39 @@ async fn failed_attempts_survive_reopening_and_leave_with_their_record() {
     assert_eq!(spool.oldest_age_ms(Queue::Events, 1_001), 0, "none waits");
     assert_eq!(spool.kept().dead_letters.entries, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_left_by_a_crash_opens_without_a_full_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    for id in ["a", "b", "c"] {
+        spool
+            .append(Queue::Events, &record(Some(id), b"event"))
+            .await
+            .unwrap();
+    }
+    // Removals commit without an fsync; the acknowledged appends are on disk. A copy of
+    // the file while the spool is open is what a kill -9 leaves.
+    let head = spool.oldest_blocking(Queue::Events).unwrap().unwrap();
+    spool
+        .finish(Queue::Events, head.seq, head.len, None, Finished::Dead)
+        .await
+        .unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join(FILE_NAME), crashed.path().join(FILE_NAME)).unwrap();
+    let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = repaired.clone();
+    let mut builder = Database::builder();
+    builder.set_repair_callback(move |_| flag.store(true, Ordering::SeqCst));
+    let db = builder.create(crashed.path().join(FILE_NAME)).unwrap();
+    assert!(
+        !repaired.load(Ordering::SeqCst),
+        "a full repair walks the whole store: its time grows with the spool"
+    );
+    let read = db.begin_read().unwrap();
+    let events = read.open_table(EVENTS).unwrap();
+    assert!(
+        events.len().unwrap() >= 2,
+        "the acknowledged appends are there"
+    );
+}

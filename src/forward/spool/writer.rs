@@ -209,6 +209,9 @@ impl Writer {
             Durability::None
         })
         .map_err(storage)?;
+        // A durable commit also saves the allocator state, so that the open after a crash
+        // does not walk the whole store to rebuild it (redb's "quick repair").
+        txn.set_quick_repair(durable);
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut meta = txn.open_table(META).map_err(storage)?;
