@@ -214,7 +214,8 @@ impl HttpUpstream {
         max_body: usize,
     ) -> Result<Answer, ExchangeError> {
         // A pooled connection may have been closed by the upstream while idle: one
-        // retry on another connection, only when nothing of the answer was read.
+        // retry on another connection, only when it was lost before any answer. A
+        // malformed answer was read: asking again would send an event twice.
         for retry in [false, true] {
             let (mut session, reused) = connector
                 .get_http_session(&self.peer)
@@ -243,7 +244,7 @@ impl HttpUpstream {
             }
             .await;
             if let Err(e) = sent {
-                if reused && !retry {
+                if reused && !retry && lost_before_answer(&e) {
                     continue;
                 }
                 return Err(self.transport_error(&e));

@@ -511,3 +511,71 @@ async fn a_refresh_that_may_not_be_cached_drops_the_old_answer() {
         "no stale copy of an answer the upstream said not to keep"
     );
 }
+
+/// An upstream that answers the first request on each connection with a small JSON 200
+/// and keeps the connection, and the second with a malformed status line; it lists
+/// every request target it reads.
+async fn malformed_on_reuse() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for n in 0..2 {
+                    let end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+                    log.lock().unwrap().push(target);
+                    let answer: &[u8] = if n == 0 {
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                    } else {
+                        b"HTTP/1.1 2x0 Broken\r\n\r\n"
+                    };
+                    if sock.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_answer_on_a_pooled_connection_is_not_asked_again() {
+    let (url, seen) = malformed_on_reuse().await;
+    let edge = Edge::start(dictionary_opts(&url, "")).await;
+    let first = edge.get(&lookup("form=a&sl=ko&tl=en"), &[]).await;
+    assert_eq!((first.status, first.body.as_slice()), (200, &b"{}"[..]));
+    // Asked on the pooled connection, which answers garbage: a 502, and the upstream
+    // is not asked a second time on a new connection (it would answer 200 there).
+    let second = edge.get(&lookup("form=b&sl=ko&tl=en"), &[]).await;
+    assert_eq!(second.status, 502, "{}", second.text());
+    let asked_b = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.contains("form=b"))
+        .count();
+    assert_eq!(
+        asked_b,
+        1,
+        "requests for the second key: {:?}",
+        seen.lock().unwrap()
+    );
+}

@@ -874,3 +874,37 @@ async fn the_same_request_id_from_another_client_is_another_request() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_behind_an_upstream_that_refuses_one_request_in_four_drains_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = dead_addr();
+    let url = format!("http://{addr}");
+    let edge = Edge::start(opts(dir.path(), &url, &url, &url, "")).await;
+    const EVENTS: usize = 120;
+    for i in 0..EVENTS {
+        let r = post(edge.http, &event(&format!("f{i}")), &[], b"{}").await;
+        assert_eq!(r.status, 202);
+    }
+    let up = TestOrigin::start_on(addr).await;
+    up.set_mode(Mode::FailEvery(4));
+    // The route's head waited out the backoff of the refused connections; the clock
+    // starts with the first delivery.
+    wait_until("a first delivery", || !up.received().is_empty()).await;
+    let started = Instant::now();
+    wait_until("every spooled event delivered", || {
+        up.received().len() >= EVENTS
+    })
+    .await;
+    // About 30 refusals, each holding up the whole route: at 200 ms a retry, as the
+    // first retry once was, they alone would take 6 s.
+    eprintln!("{EVENTS} events delivered in {:?}", started.elapsed());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "{EVENTS} events took {took:?} to deliver"
+    );
+    let order: Vec<String> = up.received().iter().map(|r| r.target.clone()).collect();
+    let expected: Vec<String> = (0..EVENTS).map(|i| event(&format!("f{i}"))).collect();
+    assert_eq!(order, expected, "in arrival order, each once");
+}

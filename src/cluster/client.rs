@@ -18,7 +18,7 @@ use crate::cache::pages::PagePool;
 use crate::cache::ObjectRef;
 use crate::origin::{self, OriginError, SliceBody};
 use crate::range::ByteRange;
-use crate::upstream::{ConnectorSettings, POOL_IDLE};
+use crate::upstream::{self, ConnectorSettings, POOL_IDLE};
 
 /// Path of a slice on the peer listener.
 pub const SLICE_PATH: &str = "/peer/v1/slice";
@@ -128,13 +128,14 @@ impl PeerClient {
         let down = |e: Box<pingora::Error>| PeerFailure::Down(e.to_string());
         let peer = self.peer(to);
         // A pooled connection may have been closed by the peer while idle: one retry on
-        // another connection, only when nothing of the response was read.
+        // another connection, only when it was lost before any answer (not for a
+        // malformed answer, which was read, nor for a timeout).
         for retry in [false, true] {
             let (mut session, reused) =
                 self.connector.get_http_session(&peer).await.map_err(down)?;
             let req = request(claim, secret, to).map_err(down)?;
             if let Err(e) = origin::send_and_read_header(&mut session, req).await {
-                if reused && !retry {
+                if reused && !retry && upstream::lost_before_answer(&e) {
                     continue;
                 }
                 return Err(down(e));
@@ -204,7 +205,7 @@ impl PeerClient {
                 if let Err(e) =
                     origin::send_and_read_header(&mut session, Box::new(req.clone())).await
                 {
-                    if reused && !retry {
+                    if reused && !retry && upstream::lost_before_answer(&e) {
                         continue;
                     }
                     return Err(format!("no answer: {}", e.root_cause()));

@@ -13,7 +13,7 @@
 //! Only the record at the head of a queue is attempted, so only its clock runs: an
 //! upstream that is down for a day costs at most one record per `max_retry_secs`, not
 //! the whole spool. A record that makes the upstream fail with 500 is set aside after
-//! `max_attempts` answers (about two minutes with the defaults), and the records
+//! `max_attempts` answers (about a minute with the defaults), and the records
 //! behind it go on. The price: an upstream that answers 500 to everything for a long
 //! time also loses one record per `max_attempts` (they are kept as dead letters).
 
