@@ -391,7 +391,7 @@ async fn run(plan: Plan) -> Report {
             .await;
     }
     let metrics = edge.metrics().await;
-    let dead_letters: f64 = sum_of(&metrics, "cdn_edge_forward_dead_letters_total");
+    let dead_letters: f64 = support::metric_sum(&metrics, "cdn_edge_forward_dead_letters_total");
     assert_eq!(dead_letters, 0.0, "nothing set aside:\n{metrics}");
 
     // Deliveries: each with the body that was acknowledged; twice only across a crash.
@@ -482,18 +482,6 @@ async fn run(plan: Plan) -> Report {
         corrupt_files: corrupt,
         elapsed: started.elapsed(),
     }
-}
-
-/// The sum of every sample of a metric family.
-fn sum_of(metrics: &str, family: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(family)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 impl std::fmt::Display for Report {

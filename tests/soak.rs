@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use support::edge::{signed, Edge, EdgeOptions};
+use support::edge::{Edge, EdgeOptions, KEY1};
 use support::load::Conn;
 use support::object_bytes;
 use support::origin::{Mode, TestOrigin};
@@ -63,6 +63,8 @@ struct World {
     dictionary: TestOrigin,
     sink: TestOrigin,
     catalogue: Arc<Vec<Arc<Vec<u8>>>>,
+    /// One signed query per object, used for the whole run as a player uses its URL.
+    queries: Arc<Vec<String>>,
     _origin2: TestOrigin,
     _dir: tempfile::TempDir,
 }
@@ -122,12 +124,20 @@ async fn world() -> World {
             .expect("taskset");
         assert!(pinned.success(), "taskset -a -p -c {cpu}");
     }
+    let expires = support::edge::unix_now() + 24 * 3600;
+    let queries = (0..OBJECTS)
+        .map(|i| {
+            let v = format!("v{i}");
+            cdn_edge::auth::sign_query(KEY1.as_bytes(), "movie", &v, expires, "tok")
+        })
+        .collect();
     World {
         edge,
         origin,
         dictionary,
         sink,
         catalogue,
+        queries: Arc::new(queries),
         _origin2: origin2,
         _dir: dir,
     }
@@ -138,6 +148,7 @@ async fn one_request(
     conn: &mut Conn,
     rng: &mut StdRng,
     catalogue: &[Arc<Vec<u8>>],
+    queries: &[String],
     id: u64,
     verify: bool,
 ) -> (Route, Result<(), u16>, bool, bool) {
@@ -148,7 +159,7 @@ async fn one_request(
         let bytes = &catalogue[n];
         let a = rng.gen_range(0..bytes.len());
         let b = (a + rng.gen_range(16 * 1024..256 * 1024)).min(bytes.len()) - 1;
-        let target = format!("/range/{a}-{b}?{}", signed("movie", &format!("v{n}")));
+        let target = format!("/range/{a}-{b}?{}", queries[n]);
         return match conn.send("GET", &target, None).await {
             Ok(r) if r.status == 200 && r.body.len() == b - a + 1 => {
                 let wrong = verify && r.body[..] != bytes[a..=b];
@@ -200,7 +211,8 @@ async fn drive(world: &World, rate: Option<f64>, end: Instant, tally: Arc<Mutex<
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CONNECTIONS {
-        let (addr, catalogue, tally) = (world.edge.http, world.catalogue.clone(), tally.clone());
+        let (addr, tally) = (world.edge.http, tally.clone());
+        let (catalogue, queries) = (world.catalogue.clone(), world.queries.clone());
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::new(addr);
             let mut rng = StdRng::seed_from_u64(c as u64);
@@ -219,7 +231,8 @@ async fn drive(world: &World, rate: Option<f64>, end: Instant, tally: Arc<Mutex<
                 }
                 tokio::time::sleep_until(due.into()).await;
                 let id = k * CONNECTIONS as u64 + c as u64;
-                let outcome = one_request(&mut conn, &mut rng, &catalogue, id, k % 16 == 0).await;
+                let outcome =
+                    one_request(&mut conn, &mut rng, &catalogue, &queries, id, k % 16 == 0).await;
                 let micros = due.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 let mut t = tally.lock().unwrap();
                 t.latencies.push(micros);
@@ -289,17 +302,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-fn sum_of(metrics: &str, family: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(family)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -389,8 +391,8 @@ impl Sampler {
             cpu_pct,
             rss_mib: p.rss_kib as f64 / 1024.0,
             fds: p.fds,
-            spool_records: sum_of(&metrics, "cdn_edge_spool_entries"),
-            spool_kept_mib: sum_of(&metrics, "cdn_edge_spool_kept_bytes") / 1048576.0,
+            spool_records: support::metric_sum(&metrics, "cdn_edge_spool_entries"),
+            spool_kept_mib: support::metric_sum(&metrics, "cdn_edge_spool_kept_bytes") / 1048576.0,
             spool_dir_mib: dir_bytes(&self.spool) as f64 / 1048576.0,
             injected: [&world.origin, &world.dictionary, &world.sink]
                 .iter()
@@ -496,7 +498,7 @@ async fn finish(
     let wrong: u64 = all().map(|r| r.wrong_bytes).sum();
     // Everything spooled is delivered once the load stops.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while sum_of(&world.edge.metrics().await, "cdn_edge_spool_entries") > 0.0 {
+    while support::metric_sum(&world.edge.metrics().await, "cdn_edge_spool_entries") > 0.0 {
         assert!(Instant::now() < deadline, "the spool did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -11,6 +11,18 @@ pub mod load;
 pub mod origin;
 pub mod site;
 
+/// The sum of every sample of a metric family in a `/metrics` text.
+pub fn metric_sum(metrics: &str, family: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Deterministic pseudo-random bytes for test objects.
 pub fn object_bytes(seed: u64, len: usize) -> Vec<u8> {
     cdn_edge::demo::sample_bytes(seed, len)
