@@ -4,9 +4,9 @@
 use bytes::Bytes;
 use cdn_edge::cache::disk::format::{
     decode_file, decode_header, encode_header, file_name, parse_file_name, FormatError,
-    ObjectRecord, MAX_CONTENT_TYPE, MAX_HEADER, VERSION,
+    ObjectRecord, MAX_HEADER, VERSION,
 };
-use cdn_edge::cache::meta::MAX_VALIDATOR;
+use cdn_edge::cache::meta::{MAX_CONTENT_TYPE, MAX_VALIDATOR};
 use cdn_edge::cache::{ObjectId, SliceKey};
 use cdn_edge::config::MIN_SLICE_BYTES;
 use cdn_edge::range::slice_len;
