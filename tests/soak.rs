@@ -66,7 +66,7 @@ struct World {
     /// One signed query per object, used for the whole run as a player uses its URL.
     queries: Arc<Vec<String>>,
     _origin2: TestOrigin,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn canonical(n: usize) -> String {
@@ -139,11 +139,12 @@ async fn world() -> World {
         catalogue,
         queries: Arc::new(queries),
         _origin2: origin2,
-        _dir: dir,
+        dir,
     }
 }
 
-/// One request of the mix; books its outcome in `tally`.
+/// One request of the mix: its route, its result (the status when wrong), whether it
+/// missed, and whether its bytes were wrong.
 async fn one_request(
     conn: &mut Conn,
     rng: &mut StdRng,
@@ -443,7 +444,7 @@ async fn soak(plan: Plan) {
         last_cpu: process(pid).cpu_ticks,
         last_at: started,
         started,
-        spool: world._dir.path().join("spool"),
+        spool: world.dir.path().join("spool"),
     };
     let interval = plan.interval_secs as f64;
     let mut rows = vec![sampler.row(&world, &tally).await];
