@@ -1,4 +1,5 @@
--- Load shapes for bench/compare.sh, the same for every system under test.
+-- Load shapes for bench/compare.sh, the same for every system under test, over HTTP or
+-- HTTPS (whichever URL wrk is given).
 -- Env:
 --   MODE         "path":   GET /range/a-b?QUERY          (cdn-edge's range route)
 --                "header": GET TARGET with Range: bytes=a-b (any system)
