@@ -17,8 +17,8 @@ use cdn_edge::access_log::{self, Entry};
 use cdn_edge::auth::{sign_query, sign_query_ed25519, SignedUrls, Verifier};
 use cdn_edge::cache::memory::MemoryTier;
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
-use cdn_edge::config::LogFormat;
 use cdn_edge::config::{KeyMaterial, SigningKey};
+use cdn_edge::config::{LogFormat, MemoryPolicy};
 use cdn_edge::dictionary::key::canonical_target;
 use cdn_edge::proxies::TrustedProxies;
 use cdn_edge::range::{parse_range_header, parse_range_path, slice_pieces, ByteRange};
@@ -129,33 +129,53 @@ fn slice_lookup(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let tier = MemoryTier::new(1 << 30);
     let object = ObjectId::new("81234567", "1080p-h264");
     let slice = CachedSlice {
         bytes: Bytes::from(vec![7u8; 1 << 20]),
-        meta: std::sync::Arc::new(ObjectMeta::new(&object, 256 << 20, None)),
+        meta: std::sync::Arc::new(ObjectMeta::new(&object, 1 << 30, None)),
     };
-    rt.block_on(async {
-        for index in 0..256 {
-            tier.cache()
-                .insert(SliceKey { object, index }, slice.clone())
-                .await;
-        }
-        tier.sync().await;
-    });
+    // 1,000 slices in a 1 GiB tier: with the windowed policy, the first 500 or so have
+    // left the window for the main part.
+    let filled = |policy| {
+        let tier = MemoryTier::new(1 << 30, policy);
+        rt.block_on(async {
+            for index in 0..1000 {
+                tier.fills()
+                    .insert(SliceKey { object, index }, slice.clone())
+                    .await;
+                tier.sync().await;
+            }
+        });
+        tier
+    };
+    let lru = filled(MemoryPolicy::Lru);
+    let tier = filled(MemoryPolicy::Windowed);
     let mut g = c.benchmark_group("cache");
     g.bench_function("object_id", |b| {
         b.iter(|| ObjectId::new(black_box("81234567"), black_box("1080p-h264")))
     });
     g.bench_function("memory_hit", |b| {
         b.to_async(&rt).iter(|| async {
-            tier.get(black_box(&SliceKey { object, index: 117 }))
+            lru.get(black_box(&SliceKey { object, index: 900 }))
                 .await
                 .unwrap()
         })
     });
+    // Windowed: a slice in the main part is found by one lookup, one in the window by two.
+    for (name, index) in [
+        ("memory_hit_windowed_main", 100),
+        ("memory_hit_windowed_window", 900),
+    ] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                tier.get(black_box(&SliceKey { object, index }))
+                    .await
+                    .unwrap()
+            })
+        });
+    }
     g.bench_function("memory_contains", |b| {
-        b.iter(|| tier.contains(black_box(&SliceKey { object, index: 117 })))
+        b.iter(|| tier.contains(black_box(&SliceKey { object, index: 900 })))
     });
     g.finish();
 }

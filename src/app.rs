@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::auth::{SignedUrls, Verifier};
 use crate::cache::disk::{DiskOpenError, DiskTier};
+use crate::cache::memory::MemoryTier;
 use crate::cache::pages::PagePool;
 use crate::cache::purge::Purges;
 use crate::cache::SliceStore;
@@ -156,7 +157,7 @@ impl AppState {
             .transpose()?;
         let store = SliceStore::new(
             config.cache.slice_bytes,
-            config.cache.memory_bytes,
+            MemoryTier::new(config.cache.memory_bytes, config.cache.memory_policy),
             config.cache.meta_ttl,
             pages,
             disk,

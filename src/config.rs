@@ -191,7 +191,26 @@ pub struct Cache {
     /// `bytes */size`) is used before the origin is asked again; once an answer agrees
     /// after that, it is kept. `cache.meta_ttl_secs`, seconds, default 10.
     pub meta_ttl: Duration,
+    /// How the memory tier chooses what to keep: `cache.memory_policy`.
+    pub memory_policy: MemoryPolicy,
     pub disk: Option<DiskCache>,
+}
+
+/// The memory tier's replacement policy (`cache.memory_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum MemoryPolicy {
+    /// Least recently used: every filled slice is kept, the longest unused one goes.
+    #[serde(rename = "lru")]
+    Lru,
+    /// moka's TinyLFU: a new slice is kept only if it was asked for more often lately
+    /// than the least recently used slice it would replace.
+    #[serde(rename = "tinylfu")]
+    TinyLfu,
+    /// W-TinyLFU: half the budget is an LRU window every filled slice enters; what
+    /// leaves the window competes by TinyLFU for the other half.
+    #[default]
+    #[serde(rename = "windowed")]
+    Windowed,
 }
 
 #[derive(Debug, Clone)]
@@ -599,6 +618,7 @@ mod file {
         pub memory_bytes: u64,
         pub sendfile: bool,
         pub meta_ttl_secs: u64,
+        pub memory_policy: super::MemoryPolicy,
         pub disk: Option<Disk>,
     }
 
@@ -609,6 +629,7 @@ mod file {
                 memory_bytes: DEFAULT_MEMORY_BYTES,
                 sendfile: true,
                 meta_ttl_secs: DEFAULT_META_TTL_SECS,
+                memory_policy: super::MemoryPolicy::default(),
                 disk: None,
             }
         }
@@ -1004,6 +1025,7 @@ fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
         memory_bytes: raw.memory_bytes,
         sendfile: raw.sendfile,
         meta_ttl: Duration::from_secs(raw.meta_ttl_secs),
+        memory_policy: raw.memory_policy,
         disk,
     })
 }
@@ -1286,6 +1308,26 @@ urls = ["http://127.0.0.1:9000"]
                 .to_string();
             assert!(err.contains("cache.meta_ttl_secs"), "{err}");
         }
+    }
+
+    #[test]
+    fn memory_policy_defaults_to_windowed_and_names_a_bad_value() {
+        let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
+        assert_eq!(c.cache.memory_policy, MemoryPolicy::Windowed);
+        for (text, want) in [
+            ("lru", MemoryPolicy::Lru),
+            ("tinylfu", MemoryPolicy::TinyLfu),
+            ("windowed", MemoryPolicy::Windowed),
+        ] {
+            let toml = format!("{MINIMAL}\n[cache]\nmemory_policy = \"{text}\"\n");
+            let c = Config::from_toml_with_env(&toml, no_env).unwrap();
+            assert_eq!(c.cache.memory_policy, want);
+        }
+        let toml = format!("{MINIMAL}\n[cache]\nmemory_policy = \"arc\"\n");
+        let err = Config::from_toml_with_env(&toml, no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory_policy"), "{err}");
     }
 
     #[test]

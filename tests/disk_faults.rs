@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdn_edge::cache::disk::{DiskTier, Options};
+use cdn_edge::cache::memory::MemoryTier;
 use cdn_edge::cache::purge::Purges;
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, ObjectRef, SliceKey, SliceStore, Source};
-use cdn_edge::config::{Config, DiskCache};
+use cdn_edge::config::{Config, DiskCache, MemoryPolicy};
 use cdn_edge::metrics::Metrics;
 use cdn_edge::origin::OriginClient;
 use cdn_edge::sources::Sources;
@@ -95,7 +96,7 @@ impl Store {
         let disk = DiskTier::open_with(&cfg, SLICE, metrics.clone(), purges.clone(), options);
         let store = SliceStore::new(
             SLICE,
-            memory_bytes,
+            MemoryTier::new(memory_bytes, MemoryPolicy::default()),
             Duration::from_secs(3600),
             None,
             Some(disk.unwrap()),

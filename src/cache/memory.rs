@@ -1,61 +1,181 @@
-//! Memory tier: a moka cache of slices, bounded in bytes.
+//! Memory tier: moka caches of slices, bounded in bytes.
+//!
+//! With the `windowed` policy (the default) it is two caches, as in W-TinyLFU: every
+//! filled slice enters an LRU window; a slice pushed out of the window competes by
+//! TinyLFU for the main part, which keeps it only if it was asked for more often lately
+//! than what it would replace. Video players read titles in consecutive segments, so a
+//! slice at a segment's end is asked for again a few seconds later by the same player:
+//! the window keeps those, the main part keeps what many players ask for.
+
+use std::sync::Arc;
 
 use moka::future::Cache;
+use moka::notification::{ListenerFuture, RemovalCause};
+use moka::policy::EvictionPolicy;
 
 use super::{CachedSlice, SliceKey};
+use crate::config::MemoryPolicy;
 
 /// Per-entry bookkeeping moka cannot see (key, `Bytes` header, its own node), so the
 /// byte budget is not exceeded by many small slices.
 const ENTRY_OVERHEAD: u32 = 128;
 
+/// The window's share of the budget with the `windowed` policy, in percent. Chosen on
+/// the hit-ratio replay (docs/performance.md): a window too small to span the time
+/// between a player's consecutive segments loses their shared slices.
+const WINDOW_PERCENT: u64 = 50;
+
 /// Slices held in RAM. Cloning a value clones a `Bytes` handle and an `Arc`, never the
 /// bytes.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<SliceKey, CachedSlice>,
+    /// Where filled slices enter: the whole tier, or the window of a windowed tier.
+    fills: Cache<SliceKey, CachedSlice>,
+    /// The main part of a windowed tier.
+    main: Option<Cache<SliceKey, CachedSlice>>,
+}
+
+fn slices(
+    name: &str,
+    max_bytes: u64,
+    eviction: EvictionPolicy,
+) -> moka::future::CacheBuilder<SliceKey, CachedSlice, Cache<SliceKey, CachedSlice>> {
+    Cache::builder()
+        .name(name)
+        .max_capacity(max_bytes)
+        .eviction_policy(eviction)
+        .weigher(|_k: &SliceKey, v: &CachedSlice| {
+            u32::try_from(v.bytes.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(ENTRY_OVERHEAD)
+        })
 }
 
 impl MemoryTier {
     /// `max_bytes` may exceed 4 GiB: moka's capacity is a u64 sum of u32 weights, and a
     /// single slice is at most 64 MiB (checked in config).
-    pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .name("slices")
-            .max_capacity(max_bytes)
-            .weigher(|_k: &SliceKey, v: &CachedSlice| {
-                u32::try_from(v.bytes.len())
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(ENTRY_OVERHEAD)
-            })
-            .build();
-        Self { cache }
+    pub fn new(max_bytes: u64, policy: MemoryPolicy) -> Self {
+        match policy {
+            MemoryPolicy::Lru => Self {
+                fills: slices("slices", max_bytes, EvictionPolicy::lru()).build(),
+                main: None,
+            },
+            MemoryPolicy::TinyLfu => Self {
+                fills: slices("slices", max_bytes, EvictionPolicy::tiny_lfu()).build(),
+                main: None,
+            },
+            MemoryPolicy::Windowed => {
+                let window_bytes = max_bytes / 100 * WINDOW_PERCENT;
+                let main = slices(
+                    "slices-main",
+                    max_bytes - window_bytes,
+                    EvictionPolicy::tiny_lfu(),
+                )
+                .build();
+                let to_main = main.clone();
+                let fills = slices("slices-window", window_bytes, EvictionPolicy::lru())
+                    .async_eviction_listener(
+                        move |key: Arc<SliceKey>, slice, cause| -> ListenerFuture {
+                            let main = to_main.clone();
+                            Box::pin(async move {
+                                if cause == RemovalCause::Size {
+                                    main.insert(*key, slice).await;
+                                }
+                            })
+                        },
+                    )
+                    .build();
+                Self {
+                    fills,
+                    main: Some(main),
+                }
+            }
+        }
     }
 
     pub async fn get(&self, key: &SliceKey) -> Option<CachedSlice> {
-        self.cache.get(key).await
+        // The main part is asked first, hit or not: its TinyLFU counts every request,
+        // including those the window answers.
+        if let Some(main) = &self.main {
+            if let Some(slice) = main.get(key).await {
+                return Some(slice);
+            }
+        }
+        self.fills.get(key).await
     }
 
     pub fn contains(&self, key: &SliceKey) -> bool {
-        self.cache.contains_key(key)
+        self.fills.contains_key(key) || self.main.as_ref().is_some_and(|m| m.contains_key(key))
     }
 
-    /// The underlying cache, for coalesced fills (`entry().or_try_insert_with`).
-    pub fn cache(&self) -> &Cache<SliceKey, CachedSlice> {
-        &self.cache
+    /// Where a fill inserts its slice (`entry().or_try_insert_with`, coalesced).
+    pub fn fills(&self) -> &Cache<SliceKey, CachedSlice> {
+        &self.fills
+    }
+
+    /// Drops the slice from every part of the tier.
+    pub async fn invalidate(&self, key: &SliceKey) {
+        self.fills.invalidate(key).await;
+        if let Some(main) = &self.main {
+            main.invalidate(key).await;
+        }
+    }
+
+    /// Drops every slice whose key `doomed` picks, and returns them with their lengths.
+    /// A slice on its way from the window to the main part while this runs is dropped
+    /// too: the window's pending work (and with it the move) is finished before the main
+    /// part is looked at again.
+    pub async fn remove_where(&self, doomed: impl Fn(&SliceKey) -> bool) -> Vec<(SliceKey, u64)> {
+        let mut removed = Vec::new();
+        for part in std::iter::once(&self.fills).chain(self.main.as_ref()) {
+            let keys: Vec<(SliceKey, u64)> = part
+                .iter()
+                .filter(|(k, _)| doomed(k))
+                .map(|(k, s)| (*k, s.bytes.len() as u64))
+                .collect();
+            for (key, len) in keys {
+                self.invalidate(&key).await;
+                removed.push((key, len));
+            }
+        }
+        if let Some(main) = &self.main {
+            self.fills.run_pending_tasks().await;
+            let late: Vec<(SliceKey, u64)> = main
+                .iter()
+                .filter(|(k, _)| doomed(k))
+                .map(|(k, s)| (*k, s.bytes.len() as u64))
+                .collect();
+            for (key, len) in late {
+                main.invalidate(&key).await;
+                removed.push((key, len));
+            }
+        }
+        removed
+    }
+
+    /// The keys of every slice held.
+    pub fn keys(&self) -> impl Iterator<Item = SliceKey> + '_ {
+        self.fills
+            .iter()
+            .chain(self.main.iter().flat_map(|m| m.iter()))
+            .map(|(k, _)| *k)
     }
 
     /// Bytes currently weighed (payload plus per-entry overhead).
     pub fn weighted_bytes(&self) -> u64 {
-        self.cache.weighted_size()
+        self.fills.weighted_size() + self.main.as_ref().map_or(0, |m| m.weighted_size())
     }
 
     pub fn entries(&self) -> u64 {
-        self.cache.entry_count()
+        self.fills.entry_count() + self.main.as_ref().map_or(0, |m| m.entry_count())
     }
 
     /// Applies pending evictions now, so the counters above are exact (tests, /status).
     pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
+        self.fills.run_pending_tasks().await;
+        if let Some(main) = &self.main {
+            main.run_pending_tasks().await;
+        }
     }
 }
 
@@ -83,9 +203,9 @@ mod tests {
 
     #[tokio::test]
     async fn stays_within_its_byte_budget() {
-        let tier = MemoryTier::new(10 * 4096);
+        let tier = MemoryTier::new(10 * 4096, MemoryPolicy::default());
         for i in 0..100 {
-            tier.cache()
+            tier.fills()
                 .insert(key(i), slice(Bytes::from(vec![0u8; 4000])))
                 .await;
         }
@@ -99,9 +219,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_windowed_tier_moves_what_leaves_the_window_to_its_main_part() {
+        // 2 slices of window, 2 of main.
+        let tier = MemoryTier::new(4 * (4000 + 128) + 200, MemoryPolicy::Windowed);
+        let bytes = |i: u64| Bytes::from(vec![i as u8; 4000]);
+        for i in 0..3 {
+            tier.fills().insert(key(i), slice(bytes(i))).await;
+            tier.sync().await;
+        }
+        // Slice 0 left the window for the main part, which had room: all three are held.
+        for i in 0..3 {
+            assert_eq!(
+                tier.get(&key(i)).await.unwrap().bytes,
+                bytes(i),
+                "slice {i}"
+            );
+            assert!(tier.contains(&key(i)));
+        }
+        assert_eq!(tier.entries(), 3);
+        assert_eq!(tier.keys().count(), 3);
+        assert!(tier.weighted_bytes() <= 4 * (4000 + 128) + 200);
+    }
+
+    #[tokio::test]
+    async fn removal_reaches_both_parts_of_a_windowed_tier() {
+        let tier = MemoryTier::new(4 * (4000 + 128) + 200, MemoryPolicy::Windowed);
+        for i in 0..3 {
+            tier.fills()
+                .insert(key(i), slice(Bytes::from(vec![0u8; 4000])))
+                .await;
+            tier.sync().await;
+        }
+        let mut removed = tier.remove_where(|k| k.index != 1).await;
+        removed.sort_by_key(|(k, _)| k.index);
+        assert_eq!(
+            removed
+                .iter()
+                .map(|(k, n)| (k.index, *n))
+                .collect::<Vec<_>>(),
+            [(0, 4000), (2, 4000)]
+        );
+        tier.sync().await;
+        assert!(tier.get(&key(0)).await.is_none());
+        assert!(tier.get(&key(1)).await.is_some());
+        assert!(tier.get(&key(2)).await.is_none());
+        tier.invalidate(&key(1)).await;
+        assert!(!tier.contains(&key(1)));
+    }
+
+    #[tokio::test]
     async fn budget_over_4_gib_holds_entries() {
-        let tier = MemoryTier::new(8 << 30);
-        tier.cache()
+        let tier = MemoryTier::new(8 << 30, MemoryPolicy::default());
+        tier.fills()
             .insert(key(1), slice(Bytes::from_static(b"abc")))
             .await;
         tier.sync().await;

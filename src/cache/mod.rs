@@ -233,7 +233,7 @@ impl SliceStore {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         slice_bytes: u64,
-        memory_bytes: u64,
+        memory: MemoryTier,
         meta_ttl: Duration,
         pages: Option<PagePool>,
         disk: Option<DiskTier>,
@@ -243,7 +243,7 @@ impl SliceStore {
     ) -> Self {
         Self {
             slice_bytes,
-            memory: MemoryTier::new(memory_bytes),
+            memory,
             pages,
             disk,
             meta: moka::future::Cache::builder()
@@ -315,7 +315,7 @@ impl SliceStore {
             index,
         };
         self.metrics.stale_slices.inc();
-        self.memory.cache().invalidate(&key).await;
+        self.memory.invalidate(&key).await;
         if let Some(disk) = &self.disk {
             disk.discard(key);
         }
@@ -367,7 +367,7 @@ impl SliceStore {
         self.purges.names().note(obj.id, obj.o);
         let filled = self
             .memory
-            .cache()
+            .fills()
             .entry(key)
             .or_try_insert_with(async {
                 led.store(true, Ordering::Relaxed);
@@ -397,7 +397,7 @@ impl SliceStore {
                     || (from == FROM_PEER && self.keeps_nothing_from_peers())
                 {
                     // Purged between the check above and the insert; or not kept.
-                    self.memory.cache().invalidate(&key).await;
+                    self.memory.invalidate(&key).await;
                 }
                 source_of(from)
             }

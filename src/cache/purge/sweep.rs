@@ -67,15 +67,7 @@ impl SliceStore {
         };
         let mut found: HashMap<SliceKey, u64> = HashMap::new();
         // Memory: the page pool's slots are freed once the last reader lets go.
-        let in_memory: Vec<(SliceKey, u64)> = self
-            .memory
-            .cache()
-            .iter()
-            .filter(|(k, _)| ids.contains(&k.object))
-            .map(|(k, s)| (*k, s.bytes.len() as u64))
-            .collect();
-        for (key, len) in in_memory {
-            self.memory.cache().invalidate(&key).await;
+        for (key, len) in self.memory.remove_where(|k| ids.contains(&k.object)).await {
             found.insert(key, len);
         }
         if let Some(disk) = &self.disk {
@@ -104,8 +96,7 @@ impl SliceStore {
             return;
         }
         let begun = names.begin_prune();
-        let mut held: HashSet<ObjectId> =
-            self.memory.cache().iter().map(|(k, _)| k.object).collect();
+        let mut held: HashSet<ObjectId> = self.memory.keys().map(|k| k.object).collect();
         held.extend(self.meta.iter().map(|(k, _)| *k));
         if let Some(disk) = &self.disk {
             held.extend(disk.held_objects().await);
