@@ -61,6 +61,8 @@
 # about 3 x CACHE_MB + 1 GiB of free memory, and taskset (util-linux) with PIN=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib/peers.sh
+. bench/lib/peers.sh
 started=$(date +%s)
 
 usage_error() { echo "compare: $*" >&2; exit 2; }
@@ -124,38 +126,15 @@ if [ -d /dev/shm ] && [ -w /dev/shm ]; then shm=$(mktemp -d /dev/shm/cdn-compare
 mkdir -p "$work"/{origin,tmp,storm,tls} "$shm"
 pids=()            # daemons started here, stopped by pid at exit
 bg_pid=""          # the wrk or curl running in the background, if any
-policy=/usr/sbin/policy-rc.d
-policy_state=none  # none | created | replaced
-
-restore_policy() {
-  case "$policy_state" in
-    created) rm -f "$policy" ;;
-    replaced) cp -p "$work/policy-rc.d.saved" "$policy" ;;
-  esac
-  policy_state=none
-}
-
-stop_pid() { # pid signal: signal, wait up to 10 s, then SIGKILL it and its children
-  local pid=$1 sig=$2 kids
-  kill -0 "$pid" 2>/dev/null || return 0
-  kids=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
-  kill -"$sig" "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-  wait "$pid" 2>/dev/null || true
-  for k in $kids; do kill -0 "$k" 2>/dev/null && kill -KILL "$k" 2>/dev/null; done
-  return 0
-}
-
 cleanup() {
   local rc=$?
   set +e
-  restore_policy
-  [ -n "$bg_pid" ] && stop_pid "$bg_pid" TERM
+  peers_restore_policy
+  [ -n "$bg_pid" ] && peers_stop "$bg_pid" TERM
   local i
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     # "pid:signal": cdn-edge stops at once on SIGINT, nginx and varnishd on SIGTERM
-    stop_pid "${pids[i]%%:*}" "${pids[i]##*:}"
+    peers_stop "${pids[i]%%:*}" "${pids[i]##*:}"
   done
   rm -rf "$work" "$shm"
   exit "$rc"
@@ -166,38 +145,7 @@ trap 'exit 130' INT TERM
 die() { echo "compare: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- tools
-install_missing() {
-  local pkgs=()
-  [ -x /usr/sbin/nginx ] || pkgs+=(nginx)
-  [ -x /usr/sbin/varnishd ] || pkgs+=(varnish)
-  command -v wrk >/dev/null || pkgs+=(wrk)
-  [ ${#pkgs[@]} -eq 0 ] && return 0
-  [ "$(id -u)" = 0 ] || die "missing ${pkgs[*]}: run as root to install them (apt-get)"
-  echo "installing ${pkgs[*]} (service start-up suppressed)"
-  # policy-rc.d exiting 101 stops invoke-rc.d and deb-systemd-invoke from starting the
-  # packages' services; an existing policy is put back afterwards.
-  if [ -e "$policy" ]; then cp -p "$policy" "$work/policy-rc.d.saved"; policy_state=replaced
-  else policy_state=created; fi
-  printf '#!/bin/sh\nexit 101\n' >"$policy"
-  chmod 755 "$policy"
-  timeout 600 apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive timeout 900 \
-    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
-  restore_policy
-  local units=() p
-  for p in "${pkgs[@]}"; do
-    case $p in nginx) units+=(nginx.service) ;; varnish) units+=(varnish.service varnishncsa.service) ;; esac
-  done
-  if [ ${#units[@]} -gt 0 ] && [ -d /run/systemd/system ]; then
-    timeout 60 systemctl disable --now "${units[@]}" >/dev/null 2>&1 || true
-  fi
-  # Without systemd: a service started anyway would have written its pid file.
-  for p in "${pkgs[@]}"; do
-    case $p in nginx) f=/run/nginx.pid ;; varnish) f=/run/varnishd.pid ;; *) continue ;; esac
-    if [ -s "$f" ]; then kill -TERM "$(cat "$f")" 2>/dev/null || true; fi
-  done
-}
-install_missing
+peers_install nginx varnish wrk
 nginx_v=$(/usr/sbin/nginx -V 2>&1)
 for m in http_slice_module http_secure_link_module http_ssl_module; do
   grep -q -- "--with-$m" <<<"$nginx_v" || die "this nginx lacks $m (nginx -V); Debian's nginx package has it"
@@ -362,15 +310,7 @@ http {
       secure_link_md5 "\$secure_link_expires\$uri $SECRET";
       if (\$secure_link = "") { return 403; }
       if (\$secure_link = "0") { return 410; }
-      slice 1m;
-      proxy_cache video;
-      proxy_cache_key \$uri\$slice_range;
-      proxy_cache_valid 200 206 1d;
-      proxy_cache_lock on;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Range \$slice_range;
-      proxy_pass http://origin;
+$(peers_nginx_slices)
     }
     location = $DICT_PATH {
       proxy_cache dict;

@@ -30,6 +30,8 @@
 # counts in full, as it costs the site. Everything listens on 127.0.0.1:18090-18098.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=bench/lib/peers.sh
+. bench/lib/peers.sh
 
 SEED=${SEED:-1}
 CACHE_MB=${CACHE_MB:-1024}
@@ -73,8 +75,6 @@ mkdir -p "$work"/{titles,tmp}
 pids=()      # "pid:signal" of the system under test, stopped after its replay and at exit
 origin_pid=""
 die() { echo "hit-ratio: $*" >&2; exit 1; }
-# shellcheck source=bench/lib/peers.sh
-. bench/lib/peers.sh
 stop_all() {
   local i
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do peers_stop "${pids[i]%%:*}" "${pids[i]##*:}"; done
@@ -238,15 +238,7 @@ http {
   server {
     listen $NGINX;
     location ~ ^/objects/[^/]+/[^/]+\$ {
-      slice 1m;
-      proxy_cache video;
-      proxy_cache_key \$uri\$slice_range;
-      proxy_cache_valid 200 206 1d;
-      proxy_cache_lock on;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Range \$slice_range;
-      proxy_pass http://origin;
+$(peers_nginx_slices)
     }
     location / { return 404; }
   }

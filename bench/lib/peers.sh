@@ -1,4 +1,6 @@
-# Shared by the side-by-side scripts (bench/hit-ratio.sh): installing nginx, Varnish and
+# shellcheck shell=bash
+# shellcheck disable=SC2154 # `work` is the caller's
+# Shared by the side-by-side scripts (bench/compare.sh, bench/hit-ratio.sh): installing nginx, Varnish and
 # wrk without starting their services, and stopping what a script started.
 # The caller sets `work` (its temp dir) and defines `die`.
 
@@ -71,4 +73,20 @@ peers_wait_http() {
     sleep 0.1
   done
   die "$1 did not start; its log is in $work"
+}
+
+# peers_nginx_slices: the directives of an nginx location that caches 1 MiB slices of
+# the upstream `origin` in the proxy_cache zone `video`, as a video edge would.
+peers_nginx_slices() {
+  cat <<'EOF'
+      slice 1m;
+      proxy_cache video;
+      proxy_cache_key $uri$slice_range;
+      proxy_cache_valid 200 206 1d;
+      proxy_cache_lock on;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Range $slice_range;
+      proxy_pass http://origin;
+EOF
 }

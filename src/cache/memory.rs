@@ -51,6 +51,17 @@ fn slices(
         })
 }
 
+/// The keys `pick` picks in `part`, with their slices' lengths.
+fn matching(
+    part: &Cache<SliceKey, CachedSlice>,
+    pick: impl Fn(&SliceKey) -> bool,
+) -> Vec<(SliceKey, u64)> {
+    part.iter()
+        .filter(|(k, _)| pick(k))
+        .map(|(k, s)| (*k, s.bytes.len() as u64))
+        .collect()
+}
+
 impl MemoryTier {
     /// `max_bytes` may exceed 4 GiB: moka's capacity is a u64 sum of u32 weights, and a
     /// single slice is at most 64 MiB (checked in config).
@@ -128,24 +139,14 @@ impl MemoryTier {
     pub async fn remove_where(&self, doomed: impl Fn(&SliceKey) -> bool) -> Vec<(SliceKey, u64)> {
         let mut removed = Vec::new();
         for part in std::iter::once(&self.fills).chain(self.main.as_ref()) {
-            let keys: Vec<(SliceKey, u64)> = part
-                .iter()
-                .filter(|(k, _)| doomed(k))
-                .map(|(k, s)| (*k, s.bytes.len() as u64))
-                .collect();
-            for (key, len) in keys {
+            for (key, len) in matching(part, &doomed) {
                 self.invalidate(&key).await;
                 removed.push((key, len));
             }
         }
         if let Some(main) = &self.main {
             self.fills.run_pending_tasks().await;
-            let late: Vec<(SliceKey, u64)> = main
-                .iter()
-                .filter(|(k, _)| doomed(k))
-                .map(|(k, s)| (*k, s.bytes.len() as u64))
-                .collect();
-            for (key, len) in late {
+            for (key, len) in matching(main, &doomed) {
                 main.invalidate(&key).await;
                 removed.push((key, len));
             }
