@@ -162,7 +162,7 @@ impl ObjectMeta {
         Self {
             size,
             content_type_known: content_type.is_some(),
-            content_type: content_type.unwrap_or(DEFAULT_CONTENT_TYPE),
+            content_type: content_type.map_or(DEFAULT_CONTENT_TYPE, own),
             etag: HeaderValue::from_str(&etag).expect("hex is a valid header value"),
             validator,
             recheck_at: AtomicU64::new(recheck_at),
@@ -232,7 +232,7 @@ impl ObjectMeta {
         }
         let mut m = self.clone();
         if add_type {
-            m.content_type = answer.content_type.clone().expect("checked");
+            m.content_type = own(answer.content_type.clone().expect("checked"));
             m.content_type_known = true;
         }
         if add_validator {
@@ -240,6 +240,14 @@ impl ObjectMeta {
         }
         Some(m)
     }
+}
+
+/// `value` in a buffer of its own. A value parsed from an origin's answer is a slice of
+/// the buffer the whole answer head was read into (4 KiB or more: Pingora's HTTP/1
+/// client reads into one and shares it), and metadata is kept as long as any slice of
+/// its object: it must not keep that buffer too.
+fn own(value: HeaderValue) -> HeaderValue {
+    HeaderValue::from_bytes(value.as_bytes()).unwrap_or(value)
 }
 
 fn validators_agree(a: Option<&Validator>, b: Option<&Validator>) -> bool {
@@ -399,6 +407,48 @@ mod tests {
         );
         assert!(h1.as_bytes().len() <= MAX_VALIDATOR && h1.as_bytes()[0] == b'H');
         assert_ne!(h1, h2);
+    }
+
+    #[test]
+    fn metadata_keeps_nothing_of_the_answer_head_it_was_learnt_from() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        /// An answer head's buffer, which says when it is freed.
+        struct Head(Vec<u8>, Arc<AtomicBool>);
+        impl AsRef<[u8]> for Head {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Head {
+            fn drop(&mut self) {
+                self.1.store(true, Ordering::SeqCst);
+            }
+        }
+        let freed = Arc::new(AtomicBool::new(false));
+        let mut text = b"HTTP/1.1 206 Partial Content\r\nContent-Type: video/mp4\r\n\r\n".to_vec();
+        text.resize(4096, 0);
+        let head = Bytes::from_owner(Head(text, freed.clone()));
+        // As Pingora's client hands a header value over: a slice of the head's buffer.
+        let at = "HTTP/1.1 206 Partial Content\r\nContent-Type: ".len();
+        let full = Answer {
+            size: 100,
+            validator: etag("\"a\""),
+            content_type: Some(HeaderValue::from_maybe_shared(head.slice(at..at + 9)).unwrap()),
+        };
+        drop(head);
+        let learnt = ObjectMeta::learnt(&id(), &full, 0, 10);
+        let completed = ObjectMeta::learnt(&id(), &answer(100, None), 0, 10)
+            .completed_by(&full)
+            .unwrap();
+        drop(full);
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "the answer head's buffer is freed once the answer is"
+        );
+        assert_eq!(learnt.content_type, "video/mp4");
+        assert_eq!(completed.content_type, "video/mp4");
+        assert!(learnt.content_type_known() && completed.content_type_known());
     }
 
     #[test]
