@@ -58,6 +58,15 @@ use purge::Purges;
 /// Most objects whose metadata is remembered.
 const METADATA_ENTRIES: u64 = 262_144;
 
+/// The cache of object metadata every [`SliceStore`] keeps (public so that the scale
+/// benches measure the same structure).
+pub fn metadata_cache() -> moka::future::Cache<ObjectId, Arc<ObjectMeta>> {
+    moka::future::Cache::builder()
+        .name("object-metadata")
+        .max_capacity(METADATA_ENTRIES)
+        .build()
+}
+
 /// Fixed-size identity of an object version: SHA-256 of `o || 0x00 || v`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ObjectId([u8; 32]);
@@ -246,10 +255,7 @@ impl SliceStore {
             memory,
             pages,
             disk,
-            meta: moka::future::Cache::builder()
-                .name("object-metadata")
-                .max_capacity(METADATA_ENTRIES)
-                .build(),
+            meta: metadata_cache(),
             meta_ttl_ms: meta_ttl.as_millis() as u64,
             missing: MissingObjects::new(sources.negative_ttl()),
             cold: ColdObjects::default(),

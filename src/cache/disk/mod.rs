@@ -232,18 +232,12 @@ impl DiskTier {
         let evict_metrics = metrics.clone();
         let handed_over = Arc::new(AtomicBool::new(false));
         let evict_handed_over = handed_over.clone();
-        let index = moka::sync::Cache::builder()
-            .name("disk-index")
-            .eviction_policy(EvictionPolicy::lru())
-            .max_capacity(cfg.max_bytes)
-            .weigher(|_k: &SliceKey, len: &u32| *len)
-            .eviction_listener(move |key: Arc<SliceKey>, _len, cause| {
-                if cause.was_evicted() && !evict_handed_over.load(Ordering::Acquire) {
-                    let _ = std::fs::remove_file(slice_path(&evict_root, &key));
-                    evict_metrics.disk_evictions.inc();
-                }
-            })
-            .build();
+        let index = new_index(cfg.max_bytes, move |key| {
+            if !evict_handed_over.load(Ordering::Acquire) {
+                let _ = std::fs::remove_file(slice_path(&evict_root, key));
+                evict_metrics.disk_evictions.inc();
+            }
+        });
         let shared = Arc::new(Shared {
             root: root.clone(),
             slice_bytes,
@@ -468,6 +462,26 @@ impl Shared {
     pub fn sync_blocking(&self) {
         self.index.run_pending_tasks();
     }
+}
+
+/// The index of a disk tier: slice → file length, LRU, bounded at `max_bytes` of files.
+/// `evicted` is called for each slice evicted to make room (not for one invalidated).
+/// Public so that the scale benches measure the structure [`DiskTier::open`] builds.
+pub fn new_index(
+    max_bytes: u64,
+    evicted: impl Fn(&SliceKey) + Send + Sync + 'static,
+) -> moka::sync::Cache<SliceKey, u32> {
+    moka::sync::Cache::builder()
+        .name("disk-index")
+        .eviction_policy(EvictionPolicy::lru())
+        .max_capacity(max_bytes)
+        .weigher(|_k: &SliceKey, len: &u32| *len)
+        .eviction_listener(move |key: Arc<SliceKey>, _len, cause| {
+            if cause.was_evicted() {
+                evicted(&key);
+            }
+        })
+        .build()
 }
 
 /// Makes a file in `tmp/` and moves it into `slices/`, as the writer does, then removes
