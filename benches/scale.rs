@@ -30,6 +30,7 @@ use cdn_edge::cache::disk::new_index;
 use cdn_edge::cache::memory::{MemoryTier, ENTRY_OVERHEAD};
 use cdn_edge::cache::purge::Purges;
 use cdn_edge::cache::{metadata_cache, CachedSlice, ObjectId, ObjectMeta, SliceKey};
+use cdn_edge::config::MemoryPolicy;
 
 const SIZES: [u64; 3] = [10_000, 100_000, 1_000_000];
 /// Slices per object: a 64 MiB rendition in 1 MiB slices.
@@ -158,7 +159,10 @@ fn slices(c: &mut Criterion<ThreadCpu>) {
 
         // Two thirds full: past half, where moka starts its frequency sketch, as in a
         // node that has run a while.
-        let tier = MemoryTier::new(n * u64::from(ENTRY_OVERHEAD + 5) * 3 / 2);
+        let tier = MemoryTier::new(
+            n * u64::from(ENTRY_OVERHEAD + 5) * 3 / 2,
+            MemoryPolicy::TinyLfu,
+        );
         let metas: Vec<Arc<ObjectMeta>> = ids
             .iter()
             .map(|id| Arc::new(ObjectMeta::new(id, SLICES_PER_OBJECT << 20, None)))
@@ -169,7 +173,7 @@ fn slices(c: &mut Criterion<ThreadCpu>) {
                     bytes: Bytes::from_static(b"slice"),
                     meta: metas[(i / SLICES_PER_OBJECT) as usize].clone(),
                 };
-                tier.cache().insert(slice_key(&ids, i), slice).await;
+                tier.fills().insert(slice_key(&ids, i), slice).await;
             }
             tier.sync().await;
         });

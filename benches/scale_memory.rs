@@ -34,6 +34,7 @@ use cdn_edge::cache::meta::{Answer, Validator};
 use cdn_edge::cache::pages::{PagePool, SENDFILE_MIN};
 use cdn_edge::cache::purge::Purges;
 use cdn_edge::cache::{metadata_cache, CachedSlice, ObjectId, ObjectMeta, SliceKey};
+use cdn_edge::config::MemoryPolicy;
 
 #[path = "../tests/counting/mod.rs"]
 mod counting;
@@ -133,7 +134,10 @@ fn child(what: &str, n: u64, s: u64) {
         }),
         "memory" | "pool" => rt.block_on(async {
             let len = if what == "pool" { 0 } else { PAYLOAD as u64 };
-            let tier = MemoryTier::new(two_thirds_full(n, len + u64::from(ENTRY_OVERHEAD)));
+            let tier = MemoryTier::new(
+                two_thirds_full(n, len + u64::from(ENTRY_OVERHEAD)),
+                MemoryPolicy::TinyLfu,
+            );
             let made = Live::now();
             let pool = (what == "pool").then(|| {
                 PagePool::for_tier(SENDFILE_MIN as u64, n * SENDFILE_MIN as u64)
@@ -160,7 +164,7 @@ fn child(what: &str, n: u64, s: u64) {
                 };
                 // As a fill inserts it: the caller gets a clone of the value.
                 let got = tier
-                    .cache()
+                    .fills()
                     .entry(key(i))
                     .or_try_insert_with(async { Ok::<_, ()>(slice) })
                     .await

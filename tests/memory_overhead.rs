@@ -9,6 +9,7 @@ use bytes::{BufMut, BytesMut};
 
 use cdn_edge::cache::memory::{MemoryTier, ENTRY_OVERHEAD};
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, SliceKey};
+use cdn_edge::config::MemoryPolicy;
 use counting::Live;
 
 #[global_allocator]
@@ -20,7 +21,10 @@ async fn an_entry_costs_no_more_than_it_weighs() {
     const SLICES_PER_OBJECT: u64 = 64;
     const PAYLOAD: usize = 16;
     // Two thirds full: past half, where moka sizes its frequency sketch.
-    let tier = MemoryTier::new(N * (PAYLOAD as u64 + u64::from(ENTRY_OVERHEAD)) * 3 / 2);
+    let tier = MemoryTier::new(
+        N * (PAYLOAD as u64 + u64::from(ENTRY_OVERHEAD)) * 3 / 2,
+        MemoryPolicy::TinyLfu,
+    );
     let ids: Vec<ObjectId> = (0..N.div_ceil(SLICES_PER_OBJECT))
         .map(|o| ObjectId::new(&o.to_string(), "v"))
         .collect();
@@ -43,7 +47,7 @@ async fn an_entry_costs_no_more_than_it_weighs() {
         };
         // As a fill inserts a slice: its requester gets a clone (the `Bytes` is shared).
         let got = tier
-            .cache()
+            .fills()
             .entry(key)
             .or_try_insert_with(async { Ok::<_, ()>(slice) })
             .await

@@ -225,7 +225,7 @@ mod tests {
     #[tokio::test]
     async fn a_windowed_tier_moves_what_leaves_the_window_to_its_main_part() {
         // 2 slices of window, 2 of main.
-        let tier = MemoryTier::new(4 * (4000 + 128) + 200, MemoryPolicy::Windowed);
+        let tier = MemoryTier::new(4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200, MemoryPolicy::Windowed);
         let bytes = |i: u64| Bytes::from(vec![i as u8; 4000]);
         for i in 0..3 {
             tier.fills().insert(key(i), slice(bytes(i))).await;
@@ -242,12 +242,12 @@ mod tests {
         }
         assert_eq!(tier.entries(), 3);
         assert_eq!(tier.keys().count(), 3);
-        assert!(tier.weighted_bytes() <= 4 * (4000 + 128) + 200);
+        assert!(tier.weighted_bytes() <= 4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200);
     }
 
     #[tokio::test]
     async fn removal_reaches_both_parts_of_a_windowed_tier() {
-        let tier = MemoryTier::new(4 * (4000 + 128) + 200, MemoryPolicy::Windowed);
+        let tier = MemoryTier::new(4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200, MemoryPolicy::Windowed);
         for i in 0..3 {
             tier.fills()
                 .insert(key(i), slice(Bytes::from(vec![0u8; 4000])))
