@@ -5,7 +5,8 @@
 # own CPU time per request.
 #
 # Usage: [PIN=1] [SERVER_CPU=0] [LOAD_CPU=1] [SECS=10] [RUNS=1] [CONNS=32] [ACCESS_LOG=off|on] \
-#        [CACHE_MB=2048] [BUILD=1] [SHOW_CONFIG=0] [QUIET_WAIT=60] [EDGE_THREADS] \
+#        [CACHE_MB=2048] [STORAGE=memory] [DISK_DIR=/var/tmp] [BUILD=1] [SHOW_CONFIG=0] \
+#        [QUIET_WAIT=60] [EDGE_THREADS] \
 #        [EDGE_SENDFILE=true] [WRK_THREADS] bench/compare.sh
 #
 #   PIN         1 (default): every server under test runs on core SERVER_CPU with one
@@ -18,6 +19,15 @@
 #   LOAD_CPU    the load's core with PIN=1 (default 1; not SERVER_CPU)
 #   SECS        seconds per wrk run                        RUNS      repeats of every workload
 #   CONNS       wrk connections                            CACHE_MB  memory cache of each edge
+#   STORAGE     memory (default): every cache in RAM (cdn-edge memory tier, nginx
+#               proxy_cache on tmpfs, Varnish malloc). disk: the object is three times
+#               cdn-edge's memory tier (memory_bytes = a third of it) and every cache keeps
+#               it on DISK_DIR's file system: cdn-edge's disk tier, nginx proxy_cache
+#               there, Varnish -s file there; CACHE_MB is then each one's disk budget.
+#               Files are read through the page cache, as in production with a hot set
+#               smaller than RAM: this measures each server's cost of serving from disk
+#               files, not the device.
+#   DISK_DIR    where STORAGE=disk puts the caches (default /var/tmp; not a tmpfs)
 #   ACCESS_LOG  off: no access log anywhere; on: buffered access log on all three
 #               (nginx buffer=64k flush=1s, cdn-edge's log thread, varnishncsa, which counts
 #               as Varnish's cpu and runs on its core)
@@ -74,6 +84,8 @@ RUNS=${RUNS:-1}
 CONNS=${CONNS:-32}
 ACCESS_LOG=${ACCESS_LOG:-off}
 CACHE_MB=${CACHE_MB:-2048}
+STORAGE=${STORAGE:-memory}
+DISK_DIR=${DISK_DIR:-/var/tmp}
 BUILD=${BUILD:-1}
 SHOW_CONFIG=${SHOW_CONFIG:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}
@@ -94,6 +106,11 @@ if [ "$PIN" = 1 ]; then
   done
 else
   EDGE_THREADS=${EDGE_THREADS:-0} WRK_THREADS=${WRK_THREADS:-1}
+fi
+case "$STORAGE" in memory | disk) ;; *) usage_error "STORAGE must be memory or disk" ;; esac
+if [ "$STORAGE" = disk ]; then
+  if [ ! -d "$DISK_DIR" ] || [ ! -w "$DISK_DIR" ]; then usage_error "DISK_DIR $DISK_DIR: not a writable directory"; fi
+  [ "$(stat -f -c %T "$DISK_DIR")" != tmpfs ] || usage_error "DISK_DIR $DISK_DIR is a tmpfs: STORAGE=disk wants a disk"
 fi
 case "$EDGE_SENDFILE" in true | false) ;; *) usage_error "EDGE_SENDFILE must be true or false" ;; esac
 case "$ACCESS_LOG" in on | off) ;; *) usage_error "ACCESS_LOG must be on or off" ;; esac
@@ -123,6 +140,8 @@ if [ "$PIN" = 1 ]; then on_server=(taskset -c "$SERVER_CPU") on_load=(taskset -c
 
 work=$(mktemp -d /tmp/cdn-compare.XXXXXX)
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then shm=$(mktemp -d /dev/shm/cdn-compare.XXXXXX); else shm=$work/shm; fi
+# Where the video caches live: tmpfs (memory) or DISK_DIR (disk).
+if [ "$STORAGE" = disk ]; then store=$(mktemp -d "$DISK_DIR/cdn-compare.XXXXXX"); else store=$shm; fi
 mkdir -p "$work"/{origin,tmp,storm,tls} "$shm"
 pids=()            # daemons started here, stopped by pid at exit
 bg_pid=""          # the wrk or curl running in the background, if any
@@ -136,7 +155,7 @@ cleanup() {
     # "pid:signal": cdn-edge stops at once on SIGINT, nginx and varnishd on SIGTERM
     peers_stop "${pids[i]%%:*}" "${pids[i]##*:}"
   done
-  rm -rf "$work" "$shm"
+  rm -rf "$work" "$shm" "$store"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -203,8 +222,14 @@ else
   echo "access log: OFF everywhere: nginx access_log off, cdn-edge [log] access = false, Varnish"
   echo "            without varnishncsa (its shared-memory log is always written)"
 fi
-echo "caches:     memory, $CACHE_MB MiB each: cdn-edge memory tier (no disk tier), nginx"
-echo "            proxy_cache on tmpfs ($shm), Varnish -s malloc"
+if [ "$STORAGE" = disk ]; then
+  echo "caches:     disk ($store, $(stat -f -c %T "$store")), $CACHE_MB MiB each: cdn-edge disk tier with a"
+  echo "            memory tier of a third of the object ($((SIZE / 3 / 1048576)) MiB), nginx proxy_cache there,"
+  echo "            Varnish -s file there; files are read through the page cache"
+else
+  echo "caches:     memory, $CACHE_MB MiB each: cdn-edge memory tier (no disk tier), nginx"
+  echo "            proxy_cache on tmpfs ($shm), Varnish -s malloc"
+fi
 echo "signing:    cdn-edge HMAC-SHA256 (its own scheme); nginx secure_link MD5 of"
 echo "            expiry + URI + secret (403 bad or missing, 410 expired); Varnish: none, the"
 echo "            base package has no HMAC or secure-link module, so it serves unsigned URLs"
@@ -291,7 +316,7 @@ http {
   keepalive_requests 10000;
   open_file_cache max=10000 inactive=60s;
   open_file_cache_valid 60s;
-  proxy_cache_path $shm/video levels=1:2 keys_zone=video:64m max_size=${CACHE_MB}m inactive=1d use_temp_path=off;
+  proxy_cache_path $store/video levels=1:2 keys_zone=video:64m max_size=${CACHE_MB}m inactive=1d use_temp_path=off;
   proxy_cache_path $shm/dict levels=1:2 keys_zone=dict:8m max_size=64m inactive=1d use_temp_path=off;
   upstream origin {
     server $ORIGIN;
@@ -336,6 +361,7 @@ backend origin {
 }
 EOF
 varnish_params=()
+if [ "$STORAGE" = disk ]; then varnish_storage="file,$store/varnish.bin,${CACHE_MB}M"; else varnish_storage="malloc,${CACHE_MB}M"; fi
 [ "$PIN" = 1 ] && varnish_params=(-p thread_pools=1)
 
 # ---------------------------------------------------------------- cdn-edge
@@ -357,8 +383,9 @@ secret = "$SECRET"
 
 [cache]
 slice_bytes = $SLICE
-memory_bytes = $((CACHE_MB * 1048576))
+memory_bytes = $([ "$STORAGE" = disk ] && echo $((SIZE / 3)) || echo $((CACHE_MB * 1048576)))
 sendfile = $EDGE_SENDFILE
+$([ "$STORAGE" = disk ] && printf '\n[cache.disk]\npath = "%s"\nmax_bytes = %d\n' "$store/edge" $((CACHE_MB * 1048576)))
 
 [origin]
 urls = ["http://$ORIGIN"]
@@ -404,7 +431,7 @@ pids+=("$origin_pid:TERM")
 nginx_pid=$!
 pids+=("$nginx_pid:TERM")
 "${on_server[@]}" /usr/sbin/varnishd -F -j none -a "$VARNISH" -T "$VARNISH_ADMIN" -n "$work/varnish" \
-  -f "$work/varnish.vcl" -s "malloc,${CACHE_MB}M" -P "$work/varnish.pid" "${varnish_params[@]}" \
+  -f "$work/varnish.vcl" -s "$varnish_storage" -P "$work/varnish.pid" "${varnish_params[@]}" \
   >"$work/varnish.log" 2>&1 &
 varnish_pid=$!
 pids+=("$varnish_pid:TERM")
@@ -702,6 +729,29 @@ fi
 if [ "$dict_fill" = 3 ]; then ok "origin dictionary requests: 3 (one per edge)"
 else bad "origin dictionary requests: $dict_fill, want 3 (one per edge)"; fi
 [ "$fails" = 0 ] || die "$fails correctness check(s) failed: not timing broken configurations"
+if [ "$STORAGE" = disk ]; then
+  # cdn-edge writes slices to disk behind the requests that filled them, and a full write
+  # queue skips a write: until every slice is on disk, a hit run would ask the origin.
+  edge_metric() { curl -s -m 5 "http://$CDN_ADMIN/metrics" | awk -v m="$1" '$1 == m { printf "%.0f\n", $2 }'; }
+  on_disk=0
+  for pass in 1 2 3 4 5; do
+    for _ in $(seq 1 300); do # until the writer has settled (up to 30 s)
+      w0=$(edge_metric cdn_edge_disk_writes_total)
+      sleep 0.1
+      [ "$(edge_metric cdn_edge_disk_writes_total)" = "$w0" ] && break
+    done
+    on_disk=$(edge_metric 'cdn_edge_cache_entries{tier="disk"}')
+    [ "${on_disk:-0}" -ge "$slices" ] && break
+    echo "  cdn-edge disk tier holds ${on_disk:-0} of $slices slices (pass $pass): the whole object again"
+    curl -s -m 120 -o /dev/null "http://$CDN/?$cdn_q" || true
+  done
+  if [ "${on_disk:-0}" -ge "$slices" ]; then
+    ok "cdn-edge disk tier holds all $slices slices ($(edge_metric 'cdn_edge_cache_entries{tier="memory"}') in its memory tier)"
+  else
+    die "cdn-edge disk tier holds ${on_disk:-0} of $slices slices after 5 passes"
+  fi
+  echo "  on disk: $(du -sh "$store/edge" | cut -f1) cdn-edge, $(du -sh "$store/video" | cut -f1) nginx, $(du -sh --apparent-size "$store/varnish.bin" | cut -f1) Varnish file (apparent size)"
+fi
 echo
 
 # ---------------------------------------------------------------- load runs
@@ -1034,7 +1084,7 @@ else
   echo "used, in % of one cpu (unpinned: the server may use more than one)."
 fi
 echo
-echo "1. random 310,491-byte range hits of the warm $((SIZE / 1048576)) MiB object (same seeded sequence for all;"
+echo "1. random 310,491-byte range hits of the warm $((SIZE / 1048576)) MiB object (same seeded sequence for all;$([ "$STORAGE" = disk ] && echo " from DISK:")"
 echo "   ratios against cdn-edge's / + Range form, the same request the peers get; (...) against /range/a-b)"
 table range cdn-header "${range_systems[@]}"
 echo
