@@ -1141,7 +1141,7 @@ impl Metrics {
             r,
             IntGauge::new(
                 "cdn_edge_response_pinned_bytes",
-                "Bytes of slices held by video responses in flight (a slice held by two responses counts twice).",
+                "Bytes of slices held by video responses in flight (a slice held by several responses counts once).",
             )
             .expect("valid metric"),
         );

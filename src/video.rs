@@ -258,7 +258,7 @@ async fn respond(
             Err(e) => return failed_before_header(state, session, e).await,
         },
     };
-    pinned.hold(current.len());
+    pinned.hold(&current);
     let chunk = match piece_of(&current, piece, slice_bytes, meta.size, &obj) {
         Ok(c) => c,
         Err(_) => {
@@ -292,7 +292,7 @@ async fn respond(
         let fetch = async {
             let fetched = state.store.slice(&obj, next.index, meta).await;
             if let Ok(s) = &fetched {
-                pinned.hold(s.bytes.len());
+                pinned.hold(&s.bytes);
             }
             fetched
         };
@@ -303,7 +303,7 @@ async fn respond(
         }
         current = match fetched {
             Ok(s) => {
-                pinned.release(current.len());
+                pinned.release(&current);
                 s.bytes
             }
             Err(e) => {

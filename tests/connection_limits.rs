@@ -155,6 +155,48 @@ async fn video_responses_over_the_pinned_budget_get_503_until_slow_ones_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_responses_sharing_cached_slices_count_them_once() {
+    // 8 MiB slices, more than loopback socket buffers take: a response to a client that
+    // reads nothing stays on slice 0, with slice 1 fetched. Room for three slices.
+    const SLICE: usize = 8 << 20;
+    let origin = origin_with(4 * SLICE).await;
+    let mut opts = limited(&origin, &format!("max_pinned_bytes = {}", 3 * SLICE));
+    opts.slice_bytes = SLICE as u64;
+    opts.memory_bytes = 64 << 20;
+    let edge = Edge::start(opts).await;
+    let q = signed("movie", "1");
+    let target = format!("/range/0-{}?{q}", 4 * SLICE - 1);
+    let mut slow = vec![stalled_get(edge.http, &target).await];
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", (2 * SLICE) as f64)
+        .await;
+    // Players of one hot title: every response holds the same two cached slices.
+    for _ in 0..9 {
+        slow.push(stalled_get(edge.http, &target).await);
+    }
+    for sock in &mut slow {
+        let mut status = [0u8; 12];
+        sock.read_exact(&mut status).await.unwrap();
+        assert_eq!(&status, b"HTTP/1.1 200", "every slow response is admitted");
+    }
+    assert_eq!(
+        edge.metric("cdn_edge_response_pinned_bytes").await,
+        (2 * SLICE) as f64,
+        "two slices held by ten responses count once"
+    );
+    let r = edge.get(&format!("/range/0-99?{q}"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, object_bytes(5, 100));
+    assert_eq!(
+        edge.metric("cdn_edge_client_refusals_total{reason=\"pinned_bytes\"}")
+            .await,
+        0.0
+    );
+    drop(slow);
+    edge.wait_for_metric_exact("cdn_edge_response_pinned_bytes", 0.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reading_a_trickle_is_cut_off_and_its_slices_let_go() {
     let origin = origin_with(BIG).await;
     let edge = Edge::start(limited(
