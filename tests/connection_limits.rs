@@ -124,6 +124,49 @@ async fn failed_handshakes_and_ip_sni_are_counted_without_error_or_warning_lines
     );
 }
 
+/// Private memory of a process (`RssAnon`), in bytes.
+fn private_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssAnon in /proc/<pid>/status");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_costs_the_edge_a_few_pages() {
+    const CONNS: usize = 400;
+    let origin = origin_with(1000).await;
+    let edge = Edge::start(EdgeOptions::new(vec![origin.url()])).await;
+    let target = format!("/range/0-99?{}", signed("movie", "1"));
+    // The object's metadata and slice, and the runtime's first allocations.
+    let mut warm = Vec::new();
+    for _ in 0..50 {
+        warm.push(answered(edge.http, &target).await);
+    }
+    drop(warm);
+    edge.wait_for_metric_exact("cdn_edge_client_connections", 0.0)
+        .await;
+    let before = private_bytes(edge.pid());
+    let mut held = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        held.push(answered(edge.http, &target).await);
+    }
+    edge.wait_for_metric_exact("cdn_edge_client_connections", CONNS as f64)
+        .await;
+    let per_connection = private_bytes(edge.pid()).saturating_sub(before) / CONNS as u64;
+    eprintln!("private memory per open connection: {per_connection} bytes");
+    // Open after a request, waiting for the next one; a 64 KiB read buffer per
+    // connection alone would be over the bound.
+    assert!(
+        per_connection < 40 << 10,
+        "{per_connection} bytes of private memory per open connection"
+    );
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn video_responses_over_the_pinned_budget_get_503_until_slow_ones_end() {
     let origin = origin_with(BIG).await;
