@@ -225,7 +225,10 @@ mod tests {
     #[tokio::test]
     async fn a_windowed_tier_moves_what_leaves_the_window_to_its_main_part() {
         // 2 slices of window, 2 of main.
-        let tier = MemoryTier::new(4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200, MemoryPolicy::Windowed);
+        let tier = MemoryTier::new(
+            4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200,
+            MemoryPolicy::Windowed,
+        );
         let bytes = |i: u64| Bytes::from(vec![i as u8; 4000]);
         for i in 0..3 {
             tier.fills().insert(key(i), slice(bytes(i))).await;
@@ -247,7 +250,10 @@ mod tests {
 
     #[tokio::test]
     async fn removal_reaches_both_parts_of_a_windowed_tier() {
-        let tier = MemoryTier::new(4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200, MemoryPolicy::Windowed);
+        let tier = MemoryTier::new(
+            4 * (4000 + u64::from(ENTRY_OVERHEAD)) + 200,
+            MemoryPolicy::Windowed,
+        );
         for i in 0..3 {
             tier.fills()
                 .insert(key(i), slice(Bytes::from(vec![0u8; 4000])))
