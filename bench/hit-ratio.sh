@@ -15,7 +15,7 @@
 #   BUILD       1: cargo build --release first; 0: use target/release/cdn-edge as it is
 #   SYSTEMS     which systems to replay through, in this order
 #   EDGE_POLICIES  cdn-edge's cache.memory_policy values to replay with, one run each
-#               (default "windowed", the default; e.g. "windowed lru tinylfu")
+#               (default "windowed", the default; e.g. "video windowed lru tinylfu")
 #   EDGE_DISK_MB  with a size, a second cdn-edge run ("cdn-edge+disk") keeps CACHE_MB in
 #               its memory tier and EDGE_DISK_MB more in its disk tier (not comparable to
 #               the peers' single cache of CACHE_MB: reported apart)
@@ -51,7 +51,7 @@ for s in $SYSTEMS; do
   case $s in cdn-edge | nginx | varnish) ;; *) echo "SYSTEMS: cdn-edge, nginx, varnish" >&2; exit 2 ;; esac
 done
 for p in $EDGE_POLICIES; do
-  case $p in windowed | lru | tinylfu) ;; *) echo "EDGE_POLICIES: windowed, lru, tinylfu" >&2; exit 2 ;; esac
+  case $p in video | windowed | lru | tinylfu) ;; *) echo "EDGE_POLICIES: video, windowed, lru, tinylfu" >&2; exit 2 ;; esac
 done
 runs=""
 for s in $SYSTEMS; do

@@ -211,6 +211,11 @@ pub enum MemoryPolicy {
     #[default]
     #[serde(rename = "windowed")]
     Windowed,
+    /// Scores each slice by its title's recent reads and by how far into the title it
+    /// is, keeps a slice a read ended inside for the player's next segment, and drops
+    /// the lowest score of a sample when full.
+    #[serde(rename = "video")]
+    Video,
 }
 
 #[derive(Debug, Clone)]
@@ -1318,6 +1323,7 @@ urls = ["http://127.0.0.1:9000"]
             ("lru", MemoryPolicy::Lru),
             ("tinylfu", MemoryPolicy::TinyLfu),
             ("windowed", MemoryPolicy::Windowed),
+            ("video", MemoryPolicy::Video),
         ] {
             let toml = format!("{MINIMAL}\n[cache]\nmemory_policy = \"{text}\"\n");
             let c = Config::from_toml_with_env(&toml, no_env).unwrap();

@@ -233,6 +233,7 @@ async fn respond(
             return Ok(Responded::Sent(0));
         }
     };
+    state.store.note_read(obj.id, body_range, meta.size);
     let Some(mut pinned) = state.pinned.admit() else {
         return over_pinned_budget(state, session)
             .await

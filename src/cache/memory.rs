@@ -6,6 +6,11 @@
 //! than what it would replace. Video players read titles in consecutive segments, so a
 //! slice at a segment's end is asked for again a few seconds later by the same player:
 //! the window keeps those, the main part keeps what many players ask for.
+//!
+//! With the `video` policy it is one moka cache whose evictions [`video::VideoPolicy`]
+//! chooses, from how players read titles (told by [`MemoryTier::read`]).
+
+mod video;
 
 use std::sync::Arc;
 
@@ -13,8 +18,9 @@ use moka::future::Cache;
 use moka::notification::{ListenerFuture, RemovalCause};
 use moka::policy::EvictionPolicy;
 
-use super::{CachedSlice, SliceKey};
+use super::{CachedSlice, ObjectId, SliceKey};
 use crate::config::MemoryPolicy;
+use video::VideoPolicy;
 
 /// Bytes weighed per entry besides the slice's own: what an entry costs in memory (moka's
 /// records of it, the key, the `Bytes` header, its share of moka's frequency sketch;
@@ -36,6 +42,8 @@ pub struct MemoryTier {
     fills: Cache<SliceKey, CachedSlice>,
     /// The main part of a windowed tier.
     main: Option<Cache<SliceKey, CachedSlice>>,
+    /// What a `video` tier keeps.
+    video: Option<Arc<VideoPolicy>>,
 }
 
 fn slices(
@@ -47,11 +55,14 @@ fn slices(
         .name(name)
         .max_capacity(max_bytes)
         .eviction_policy(eviction)
-        .weigher(|_k: &SliceKey, v: &CachedSlice| {
-            u32::try_from(v.bytes.len())
-                .unwrap_or(u32::MAX)
-                .saturating_add(ENTRY_OVERHEAD)
-        })
+        .weigher(|_k: &SliceKey, v: &CachedSlice| weight(v.bytes.len()))
+}
+
+/// What a slice of `len` bytes weighs against the budget.
+fn weight(len: usize) -> u32 {
+    u32::try_from(len)
+        .unwrap_or(u32::MAX)
+        .saturating_add(ENTRY_OVERHEAD)
 }
 
 /// The keys `pick` picks in `part`, with their slices' lengths.
@@ -73,11 +84,31 @@ impl MemoryTier {
             MemoryPolicy::Lru => Self {
                 fills: slices("slices", max_bytes, EvictionPolicy::lru()).build(),
                 main: None,
+                video: None,
             },
             MemoryPolicy::TinyLfu => Self {
                 fills: slices("slices", max_bytes, EvictionPolicy::tiny_lfu()).build(),
                 main: None,
+                video: None,
             },
+            MemoryPolicy::Video => {
+                let policy = Arc::new(VideoPolicy::new(max_bytes));
+                let told = policy.clone();
+                // The policy evicts before moka's own LRU would; what moka still evicts
+                // (a fill landing before its admission ran) the policy forgets.
+                let fills = slices("slices", max_bytes, EvictionPolicy::lru())
+                    .eviction_listener(move |key: Arc<SliceKey>, _, cause| {
+                        if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                            told.forget(&key);
+                        }
+                    })
+                    .build();
+                Self {
+                    fills,
+                    main: None,
+                    video: Some(policy),
+                }
+            }
             MemoryPolicy::Windowed => {
                 let window_bytes = max_bytes / 100 * WINDOW_PERCENT;
                 let main = slices(
@@ -102,6 +133,7 @@ impl MemoryTier {
                 Self {
                     fills,
                     main: Some(main),
+                    video: None,
                 }
             }
         }
@@ -127,8 +159,37 @@ impl MemoryTier {
         &self.fills
     }
 
+    /// A fill put `key`'s slice of `len` bytes in the tier (`entry().is_fresh()`). With
+    /// the `video` policy this drops what it displaces, or the slice itself.
+    pub async fn filled(&self, key: &SliceKey, len: usize) {
+        let Some(policy) = &self.video else {
+            return;
+        };
+        for doomed in policy.filled(*key, u64::from(weight(len))) {
+            self.fills.invalidate(&doomed).await;
+        }
+    }
+
+    /// A client read slices `first..=last` of `object`, stopping inside `last` when
+    /// `ends_inside` (the `video` policy's input; nothing for the others).
+    pub fn read(
+        &self,
+        object: ObjectId,
+        first: u64,
+        last: u64,
+        ends_inside: bool,
+        slice_bytes: u64,
+    ) {
+        if let Some(policy) = &self.video {
+            policy.read(object, first, last, ends_inside, slice_bytes);
+        }
+    }
+
     /// Drops the slice from every part of the tier.
     pub async fn invalidate(&self, key: &SliceKey) {
+        if let Some(policy) = &self.video {
+            policy.forget(key);
+        }
         self.fills.invalidate(key).await;
         if let Some(main) = &self.main {
             main.invalidate(key).await;
@@ -275,6 +336,60 @@ mod tests {
         assert!(tier.get(&key(2)).await.is_none());
         tier.invalidate(&key(1)).await;
         assert!(!tier.contains(&key(1)));
+    }
+
+    #[tokio::test]
+    async fn a_video_tier_keeps_a_popular_title_over_a_title_read_once() {
+        // Room for 2 slices; the popular title's 2 are held.
+        let s = 4000 + u64::from(ENTRY_OVERHEAD);
+        let tier = MemoryTier::new(2 * s + 200, MemoryPolicy::Video);
+        let popular = ObjectId::new("popular", "v");
+        let once = ObjectId::new("once", "v");
+        let at = |object, index| SliceKey { object, index };
+        for _ in 0..5 {
+            tier.read(popular, 0, 1, false, 1 << 20);
+        }
+        for i in 0..2 {
+            let key = at(popular, i);
+            tier.fills()
+                .insert(key, slice(Bytes::from(vec![0u8; 4000])))
+                .await;
+            tier.filled(&key, 4000).await;
+        }
+        // A title nobody read before: its slice is served but not kept (LRU would
+        // have dropped the popular title's slice 0 for it).
+        tier.read(once, 0, 0, false, 1 << 20);
+        let key = at(once, 0);
+        tier.fills()
+            .insert(key, slice(Bytes::from(vec![1u8; 4000])))
+            .await;
+        tier.filled(&key, 4000).await;
+        tier.sync().await;
+        assert!(tier.contains(&at(popular, 0)) && tier.contains(&at(popular, 1)));
+        assert!(!tier.contains(&key));
+        // A read that stopped inside a slice keeps it for the next segment, whatever
+        // its title's count.
+        tier.read(once, 0, 0, true, 1 << 20);
+        tier.fills()
+            .insert(key, slice(Bytes::from(vec![1u8; 4000])))
+            .await;
+        tier.filled(&key, 4000).await;
+        tier.sync().await;
+        assert!(tier.contains(&key));
+        assert_eq!(tier.entries(), 2);
+        assert_eq!(tier.keys().count(), 2);
+        assert!(tier.weighted_bytes() <= 2 * s + 200);
+        // Purges reach it, and free its room in the policy.
+        let removed = tier.remove_where(|k| k.object == once).await;
+        assert_eq!(removed, [(key, 4000)]);
+        let back = at(popular, 5);
+        tier.fills()
+            .insert(back, slice(Bytes::from(vec![2u8; 4000])))
+            .await;
+        tier.filled(&back, 4000).await;
+        tier.sync().await;
+        assert!(tier.contains(&back), "the purged slice's room was free");
+        assert_eq!(tier.entries(), 2);
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use crate::config::KeepNonOwned;
 use crate::metrics::{MetaCheck, Metrics};
 use crate::origin::OriginError;
-use crate::range::slice_bounds;
+use crate::range::{slice_bounds, ByteRange};
 use crate::sources::{Filled, Sources};
 
 use disk::{DiskStats, DiskTier};
@@ -333,6 +333,16 @@ impl SliceStore {
         }
     }
 
+    /// A client reads `range` of an object of `size` bytes (what the memory tier's
+    /// `video` policy learns from; called before the slices are looked up).
+    pub fn note_read(&self, object: ObjectId, range: ByteRange, size: u64) {
+        let first = range.start / self.slice_bytes;
+        let last = range.end / self.slice_bytes;
+        let ends_inside = (range.end + 1) % self.slice_bytes != 0 && range.end + 1 < size;
+        self.memory
+            .read(object, first, last, ends_inside, self.slice_bytes);
+    }
+
     /// Slice `index` of `obj` as the tiers (or the origin) have it, under whatever
     /// metadata it was cut. A disk or origin result is put in memory; an origin result is
     /// also queued for the disk. `use_disk` false skips the disk tier.
@@ -398,6 +408,7 @@ impl SliceStore {
                 Source::Coalesced
             }
             (true, from) => {
+                self.memory.filled(&key, entry.value().bytes.len()).await;
                 self.purges.names().note(obj.id, obj.o);
                 if self.purges.purged_after(obj.o, &obj.id, started)
                     || (from == FROM_PEER && self.keeps_nothing_from_peers())

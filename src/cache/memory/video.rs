@@ -1,0 +1,283 @@
+//! The `video` memory policy: which slices to keep, from what a video cache knows about
+//! how players read titles.
+//!
+//! Players read a title from its beginning, segment after segment, and stop after a
+//! few: the value of a slice is how often its title is read lately times the share of
+//! sessions that get as far as the slice, `reads(title) · exp(-offset / READ_SPAN)`.
+//! A request that ends inside a slice is nearly always followed, a few seconds later, by
+//! the same player's next segment starting in that slice: such a slice is kept until
+//! it is read again (or for [`PENDING_FOR`]), whatever its score.
+//!
+//! moka keeps the slices (lookups, coalesced fills, purges); this decides what leaves.
+//! When a fill takes the tier over its budget, the policy samples [`SAMPLE`] held slices
+//! and drops the one with the lowest score, or the new slice itself when it scores no
+//! higher than every sampled one (it was still served to its readers). moka has no
+//! eviction by a score of the caller's, hence the sample (as Redis does it).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::cache::{ObjectId, SliceKey};
+
+/// Mean bytes a session reads from where it starts (6 segments of 1-4 MiB on the replay
+/// trace): a slice this far into a title is reached by 1/e of the sessions that start at
+/// the beginning. Chosen on the hit-ratio simulation (docs/performance.md).
+const READ_SPAN: f64 = 16.0 * 1_048_576.0;
+
+/// How many held slices each eviction compares.
+const SAMPLE: usize = 16;
+
+/// A slice a request ended inside is kept this long for the player's next segment.
+const PENDING_FOR: Duration = Duration::from_secs(30);
+
+/// Title read counts are halved after reads of this many times the budget (TinyLFU's
+/// aging), so that popularity follows what players watch now.
+const AGING_BUDGETS: u64 = 4;
+
+/// Score of a slice awaiting its player's next segment: above any title's count.
+const PENDING_SCORE: f64 = 1e12;
+
+pub struct VideoPolicy {
+    budget: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Recent reads per title, in slices read, halved every aging period.
+    titles: HashMap<ObjectId, u32>,
+    /// Slices a request ended inside, with when that was.
+    pending: HashMap<SliceKey, Instant>,
+    /// Held slices and their weights, for sampling; `at` gives each one's place.
+    held: Vec<(SliceKey, u64)>,
+    at: HashMap<SliceKey, usize>,
+    held_bytes: u64,
+    /// Bytes read since the last aging.
+    read_bytes: u64,
+    slice_bytes: u64,
+    rng: u64,
+}
+
+impl State {
+    fn score(&self, key: &SliceKey, now: Instant) -> f64 {
+        if self
+            .pending
+            .get(key)
+            .is_some_and(|at| now.duration_since(*at) < PENDING_FOR)
+        {
+            return PENDING_SCORE;
+        }
+        let reads = self.titles.get(&key.object).copied().unwrap_or(0);
+        let offset = key.index.saturating_mul(self.slice_bytes) as f64;
+        f64::from(reads) * (-offset / READ_SPAN).exp()
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64: sampling needs no more.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    fn remove(&mut self, key: &SliceKey) -> bool {
+        let Some(i) = self.at.remove(key) else {
+            return false;
+        };
+        let (_, weight) = self.held.swap_remove(i);
+        self.held_bytes -= weight;
+        if let Some((moved, _)) = self.held.get(i) {
+            self.at.insert(*moved, i);
+        }
+        true
+    }
+
+    fn age(&mut self, now: Instant) {
+        self.titles.retain(|_, n| {
+            *n /= 2;
+            *n > 0
+        });
+        self.pending
+            .retain(|_, at| now.duration_since(*at) < PENDING_FOR);
+    }
+}
+
+impl VideoPolicy {
+    /// A policy keeping at most `budget` weighed bytes.
+    pub fn new(budget: u64) -> Self {
+        Self {
+            budget,
+            state: Mutex::new(State {
+                titles: HashMap::new(),
+                pending: HashMap::new(),
+                held: Vec::new(),
+                at: HashMap::new(),
+                held_bytes: 0,
+                read_bytes: 0,
+                slice_bytes: 1 << 20,
+                rng: 0x9E37_79B9_7F4A_7C15,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics under this lock; a poisoned one still holds consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A client read slices `first..=last` of `object` (of `slice_bytes` each); `ends_inside`:
+    /// the read stopped inside slice `last`, before the object's end.
+    pub fn read(
+        &self,
+        object: ObjectId,
+        first: u64,
+        last: u64,
+        ends_inside: bool,
+        slice_bytes: u64,
+    ) {
+        let now = Instant::now();
+        let slices = last.saturating_sub(first) + 1;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.slice_bytes = slice_bytes;
+        let n = st.titles.entry(object).or_insert(0);
+        *n = n.saturating_add(u32::try_from(slices).unwrap_or(u32::MAX));
+        // The player's previous read ended in `first`: that wait is over.
+        st.pending.remove(&SliceKey {
+            object,
+            index: first,
+        });
+        if ends_inside {
+            st.pending.insert(
+                SliceKey {
+                    object,
+                    index: last,
+                },
+                now,
+            );
+        }
+        st.read_bytes = st
+            .read_bytes
+            .saturating_add(slices.saturating_mul(slice_bytes));
+        if st.read_bytes >= self.budget.saturating_mul(AGING_BUDGETS) {
+            st.read_bytes = 0;
+            st.age(now);
+        }
+    }
+
+    /// A slice of `weight` bytes entered the tier. Returns the slices to drop to stay
+    /// within the budget: sampled ones of lower score, or `key` itself.
+    pub fn filled(&self, key: SliceKey, weight: u64) -> Vec<SliceKey> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.at.contains_key(&key) {
+            return Vec::new();
+        }
+        let mine = st.score(&key, now);
+        st.at.insert(key, st.held.len());
+        st.held.push((key, weight));
+        st.held_bytes += weight;
+        let mut doomed = Vec::new();
+        while st.held_bytes > self.budget && st.at.contains_key(&key) {
+            let mut worst = (mine, key);
+            for _ in 0..SAMPLE {
+                let i = (st.next_random() % st.held.len() as u64) as usize;
+                let candidate = st.held[i].0;
+                let score = st.score(&candidate, now);
+                if score < worst.0 {
+                    worst = (score, candidate);
+                }
+            }
+            st.remove(&worst.1);
+            doomed.push(worst.1);
+        }
+        doomed
+    }
+
+    /// The slice left the tier (purged, invalidated, or evicted by moka itself).
+    pub fn forget(&self, key: &SliceKey) {
+        self.lock().remove(key);
+    }
+
+    /// Bytes the policy counts as held.
+    #[cfg(test)]
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slice size of these tests; budgets and weights are in slices, as the edge's are.
+    const S: u64 = 1 << 20;
+
+    fn key(o: &str, index: u64) -> SliceKey {
+        SliceKey {
+            object: ObjectId::new(o, "v"),
+            index,
+        }
+    }
+
+    #[test]
+    fn a_new_slice_of_an_unread_title_is_not_kept_over_slices_of_a_popular_one() {
+        let policy = VideoPolicy::new(4 * S);
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 3, false, S);
+        }
+        for i in 0..4 {
+            assert!(policy.filled(key("hit", i), S).is_empty());
+        }
+        assert_eq!(policy.filled(key("once", 0), S), [key("once", 0)]);
+        assert_eq!(policy.held_bytes(), 4 * S);
+    }
+
+    #[test]
+    fn early_slices_of_a_title_outweigh_late_ones() {
+        let policy = VideoPolicy::new(2 * S);
+        policy.read(ObjectId::new("t", "v"), 0, 0, false, S);
+        assert!(policy.filled(key("t", 200), S).is_empty());
+        assert!(policy.filled(key("t", 100), S).is_empty());
+        // Slice 0 of the same title displaces one of the late slices.
+        let doomed = policy.filled(key("t", 0), S);
+        assert_eq!(doomed.len(), 1);
+        assert_ne!(doomed[0], key("t", 0));
+    }
+
+    #[test]
+    fn a_slice_a_read_ended_inside_is_kept_until_it_is_read_again() {
+        let policy = VideoPolicy::new(2 * S);
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
+        }
+        assert!(policy.filled(key("hit", 0), S).is_empty());
+        assert!(policy.filled(key("hit", 1), S).is_empty());
+        // A player of an unpopular title stopped inside its slice 5: kept over the others.
+        policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
+        let doomed = policy.filled(key("rare", 5), S);
+        assert_eq!(doomed.len(), 1);
+        assert_ne!(doomed[0], key("rare", 5));
+        // Its next segment read it: it is worth its title's reads again.
+        policy.read(ObjectId::new("rare", "v"), 5, 6, false, S);
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
+        }
+        let lost = if doomed[0] == key("hit", 0) { 0 } else { 1 };
+        assert_eq!(policy.filled(key("hit", lost), S), [key("rare", 5)]);
+    }
+
+    #[test]
+    fn forgetting_a_slice_frees_its_bytes() {
+        let policy = VideoPolicy::new(2 * S);
+        assert!(policy.filled(key("t", 0), S).is_empty());
+        assert!(policy.filled(key("t", 1), S).is_empty());
+        policy.forget(&key("t", 0));
+        policy.forget(&key("t", 0));
+        assert_eq!(policy.held_bytes(), S);
+        assert!(policy.filled(key("u", 0), S).is_empty());
+    }
+}
