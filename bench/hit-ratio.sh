@@ -15,7 +15,7 @@
 #   BUILD       1: cargo build --release first; 0: use target/release/cdn-edge as it is
 #   SYSTEMS     which systems to replay through, in this order
 #   EDGE_POLICIES  cdn-edge's cache.memory_policy values to replay with, one run each
-#               (default "windowed", the default; e.g. "video windowed lru tinylfu")
+#               (default "video", the default; e.g. "video windowed lru tinylfu")
 #   EDGE_DISK_MB  with a size, a second cdn-edge run ("cdn-edge+disk") keeps CACHE_MB in
 #               its memory tier and EDGE_DISK_MB more in its disk tier (not comparable to
 #               the peers' single cache of CACHE_MB: reported apart)
@@ -41,7 +41,7 @@ CONNS=${CONNS:-16}
 BUILD=${BUILD:-1}
 SYSTEMS=${SYSTEMS:-cdn-edge nginx varnish}
 EDGE_DISK_MB=${EDGE_DISK_MB:-0}
-EDGE_POLICIES=${EDGE_POLICIES:-windowed}
+EDGE_POLICIES=${EDGE_POLICIES:-video}
 TRACE_ARGS=${TRACE_ARGS:-}
 for n in "$SEED" "$CACHE_MB" "$REQUESTS" "$TITLES" "$CONNS"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "SEED, CACHE_MB, REQUESTS, TITLES, CONNS: positive integers" >&2; exit 2; }

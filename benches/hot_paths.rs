@@ -140,9 +140,9 @@ fn slice_lookup(c: &mut Criterion) {
         let tier = MemoryTier::new(1 << 30, policy);
         rt.block_on(async {
             for index in 0..1000 {
-                tier.fills()
-                    .insert(SliceKey { object, index }, slice.clone())
-                    .await;
+                let key = SliceKey { object, index };
+                tier.fills().insert(key, slice.clone()).await;
+                tier.filled(&key, slice.bytes.len()).await;
                 tier.sync().await;
             }
         });
@@ -150,6 +150,7 @@ fn slice_lookup(c: &mut Criterion) {
     };
     let lru = filled(MemoryPolicy::Lru);
     let tier = filled(MemoryPolicy::Windowed);
+    let video = filled(MemoryPolicy::Video);
     let mut g = c.benchmark_group("cache");
     g.bench_function("object_id", |b| {
         b.iter(|| ObjectId::new(black_box("81234567"), black_box("1080p-h264")))
@@ -174,6 +175,16 @@ fn slice_lookup(c: &mut Criterion) {
             })
         });
     }
+    // Video: one lookup, and the request's read told to the policy (once per request).
+    g.bench_function("memory_hit_video", |b| {
+        b.to_async(&rt).iter(|| async {
+            video.read(object, 900, 900, true, 1 << 20);
+            video
+                .get(black_box(&SliceKey { object, index: 900 }))
+                .await
+                .unwrap()
+        })
+    });
     g.bench_function("memory_contains", |b| {
         b.iter(|| tier.contains(black_box(&SliceKey { object, index: 900 })))
     });

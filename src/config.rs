@@ -208,12 +208,12 @@ pub enum MemoryPolicy {
     TinyLfu,
     /// W-TinyLFU: half the budget is an LRU window every filled slice enters; what
     /// leaves the window competes by TinyLFU for the other half.
-    #[default]
     #[serde(rename = "windowed")]
     Windowed,
     /// Scores each slice by its title's recent reads and by how far into the title it
     /// is, keeps a slice a read ended inside for the player's next segment, and drops
     /// the lowest score of a sample when full.
+    #[default]
     #[serde(rename = "video")]
     Video,
 }
@@ -1316,9 +1316,9 @@ urls = ["http://127.0.0.1:9000"]
     }
 
     #[test]
-    fn memory_policy_defaults_to_windowed_and_names_a_bad_value() {
+    fn memory_policy_defaults_to_video_and_names_a_bad_value() {
         let c = Config::from_toml_with_env(MINIMAL, no_env).unwrap();
-        assert_eq!(c.cache.memory_policy, MemoryPolicy::Windowed);
+        assert_eq!(c.cache.memory_policy, MemoryPolicy::Video);
         for (text, want) in [
             ("lru", MemoryPolicy::Lru),
             ("tinylfu", MemoryPolicy::TinyLfu),

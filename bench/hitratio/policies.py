@@ -5,9 +5,12 @@ Used to choose the edge's memory-tier policy: each policy sees the same slice
 accesses as the offline optimum, with a capacity in slices. Prints byte hit ratio
 (1 - origin bytes / client bytes) per policy.
 
-Usage: trace.py --trace T ... ; policies.py T CACHE_MB
+Usage: trace.py --trace T ... ; policies.py T CACHE_MB [DISK_MB]
+  With DISK_MB, also a memory tier of CACHE_MB in front of a disk tier of DISK_MB.
 """
 
+import math
+import random
 import sys
 from collections import OrderedDict
 
@@ -15,6 +18,9 @@ MIB = 1 << 20
 
 
 def load(path):
+    """Slice accesses ((title, index), bytes, ends_inside) in order, and client bytes.
+    ends_inside: the request stopped inside this slice, before the title's end (the
+    same player's next segment will start in it)."""
     sizes, reqs = {}, []
     for line in open(path):
         f = line.split()
@@ -24,8 +30,10 @@ def load(path):
             reqs.append((f[1], int(f[2]), int(f[3])))
     acc = []
     for t, a, b in reqs:
-        for i in range(a // MIB, b // MIB + 1):
-            acc.append(((t, i), min(MIB, sizes[t] - i * MIB)))
+        last = b // MIB
+        inside = (b + 1) % MIB != 0 and b + 1 < sizes[t]
+        for i in range(a // MIB, last + 1):
+            acc.append(((t, i), min(MIB, sizes[t] - i * MIB), inside and i == last))
     client = sum(b - a + 1 for _, a, b in reqs)
     return acc, client
 
@@ -49,7 +57,7 @@ class Sketch:
 
 def lru(acc, cap, admit=None):
     cache, origin = OrderedDict(), 0
-    for k, b in acc:
+    for k, b, *_ in acc:
         if k in cache:
             cache.move_to_end(k)
             continue
@@ -81,7 +89,7 @@ def tinylfu(acc, cap, period_mult=10):
     LRU victim only if it was seen more often recently."""
     sk = Sketch(period_mult * cap)
     cache, origin = OrderedDict(), 0
-    for k, b in acc:
+    for k, b, *_ in acc:
         sk.add(k)
         if k in cache:
             cache.move_to_end(k)
@@ -106,7 +114,7 @@ def wtinylfu(acc, cap, window=0.01, period_mult=10):
     pcap = int(mcap * 0.8)
     win, prob, prot = OrderedDict(), OrderedDict(), OrderedDict()
     origin = 0
-    for k, b in acc:
+    for k, b, *_ in acc:
         sk.add(k)
         if k in win:
             win.move_to_end(k)
@@ -135,6 +143,138 @@ def wtinylfu(acc, cap, window=0.01, period_mult=10):
     return origin
 
 
+class Video:
+    """The edge's `video` policy (src/cache/memory/video.rs): score = the title's recent
+    reads (halved every `aging` x capacity slices read) x exp(-index / span), where
+    span is the mean slices a session reads; a slice a request ended inside scores
+    above everything until it is read again (or `pending` accesses later). When full,
+    the lowest score of `sample` held slices, or the new slice if it scores no higher
+    than all of them, is dropped."""
+
+    def __init__(self, cap, span=16.0, sample=16, aging=4, pending=1500, cont=True,
+                 by_title=True, seed=0):
+        self.cap, self.span, self.sample, self.cont = cap, span, sample, cont
+        self.by_title, self.pending_for = by_title, pending
+        self.reads = Sketch(aging * cap)
+        self.reads.add = self._add_unbounded(self.reads)
+        self.keys, self.at, self.pending = [], {}, {}
+        self.rng = random.Random(seed)
+        self.now = 0
+
+    @staticmethod
+    def _add_unbounded(sk):
+        def add(k):
+            sk.c[k] = sk.c.get(k, 0) + 1
+            sk.n += 1
+            if sk.n >= sk.period:
+                sk.n = 0
+                sk.c = {k: v >> 1 for k, v in sk.c.items() if v > 1}
+        return add
+
+    def score(self, k):
+        if self.pending.get(k, -1) >= self.now:
+            return math.inf
+        if self.by_title:
+            return self.reads.get(k[0]) * math.exp(-k[1] / self.span)
+        return self.reads.get(k)
+
+    def read(self, k, inside):
+        """A client reads slice k; inside: its request stopped inside it."""
+        self.now += 1
+        self.reads.add(k[0] if self.by_title else k)
+        if self.cont and inside:
+            self.pending[k] = self.now + self.pending_for
+        else:
+            self.pending.pop(k, None)
+
+    def __contains__(self, k):
+        return k in self.at
+
+    def fill(self, k):
+        if len(self.keys) >= self.cap:
+            worst, victim = self.score(k), k
+            for _ in range(self.sample):
+                c = self.keys[self.rng.randrange(len(self.keys))]
+                s = self.score(c)
+                if s < worst:
+                    worst, victim = s, c
+            if victim == k:
+                return
+            i = self.at.pop(victim)
+            last = self.keys.pop()
+            if last != victim:
+                self.keys[i] = last
+                self.at[last] = i
+        self.at[k] = len(self.keys)
+        self.keys.append(k)
+
+
+def video(acc, cap, **kw):
+    v, origin = Video(cap, **kw), 0
+    for k, b, inside in acc:
+        v.read(k, inside)
+        if k not in v:
+            origin += b
+            v.fill(k)
+    return origin
+
+
+def title_wtinylfu(acc, cap, window=0.5):
+    """W-TinyLFU whose sketch counts titles, not slices."""
+    titled = [((k[0], k), b, i) for k, b, i in acc]
+    sk = Sketch(10 * cap)
+    wcap = max(1, int(cap * window))
+    win, main = OrderedDict(), OrderedDict()
+    origin = 0
+    for (t, k), b, _ in titled:
+        sk.add(t)
+        if k in win:
+            win.move_to_end(k)
+            continue
+        if k in main:
+            main.move_to_end(k)
+            continue
+        origin += b
+        win[k] = b
+        if len(win) > wcap:
+            cand, cb = win.popitem(last=False)
+            if len(main) < cap - wcap:
+                main[cand] = cb
+            elif sk.get(cand[0]) > sk.get(next(iter(main))[0]):
+                main.popitem(last=False)
+                main[cand] = cb
+    return origin
+
+
+def pair(acc, mem_cap, disk_cap, disk_video):
+    """A video memory tier in front of a disk tier: a memory miss reads the disk, a
+    disk miss the origin; what the origin sends goes to both tiers (as the edge does).
+    The disk tier is LRU, or with disk_video the same video policy."""
+    mem = Video(mem_cap)
+    disk = Video(disk_cap, seed=1) if disk_video else OrderedDict()
+    origin = 0
+    for k, b, inside in acc:
+        mem.read(k, inside)
+        if disk_video:
+            disk.read(k, inside)
+        if k in mem:
+            continue
+        if k in disk:
+            if not disk_video:
+                disk.move_to_end(k)
+            mem.fill(k)
+            continue
+        origin += b
+        mem.fill(k)
+        if disk_video:
+            disk.fill(k)
+        else:
+            disk[k] = b
+            if len(disk) > disk_cap:
+                disk.popitem(last=False)
+    return origin
+
+
 def main():
     acc, client = load(sys.argv[1])
     cap = int(sys.argv[2])  # MiB = slices
@@ -146,7 +286,23 @@ def main():
         ("W-TinyLFU 1% window", wtinylfu(acc, cap)),
         ("W-TinyLFU 10% window", wtinylfu(acc, cap, 0.10)),
         ("W-TinyLFU 30% window", wtinylfu(acc, cap, 0.30)),
+        ("W-TinyLFU 50% window (the edge's windowed)", wtinylfu(acc, cap, 0.50)),
+        ("W-TinyLFU 50% window, sketch on titles", title_wtinylfu(acc, cap, 0.50)),
+        ("video (the edge's video policy)", video(acc, cap)),
+        ("video, without the next-segment hold", video(acc, cap, cont=False)),
+        ("video, without position (title reads only)", video(acc, cap, span=1e9)),
+        ("video, slice reads instead of title reads", video(acc, cap, by_title=False)),
+        ("video, span 8 slices", video(acc, cap, span=8.0)),
+        ("video, span 32 slices", video(acc, cap, span=32.0)),
+        ("video, sample of 64", video(acc, cap, sample=64)),
     ]
+    if len(sys.argv) > 3:
+        disk = int(sys.argv[3])
+        rows += [
+            (f"video memory + LRU disk of {disk}", pair(acc, cap, disk, False)),
+            (f"video memory + video disk of {disk}", pair(acc, cap, disk, True)),
+            (f"LRU of {cap + disk} (one tier)", lru(acc, cap + disk)),
+        ]
     for name, o in rows:
         print(f"{name:50s} {1 - o / client:.3f}")
 

@@ -1,14 +1,15 @@
 //! Memory tier: moka caches of slices, bounded in bytes.
 //!
-//! With the `windowed` policy (the default) it is two caches, as in W-TinyLFU: every
+//! With the `windowed` policy it is two caches, as in W-TinyLFU: every
 //! filled slice enters an LRU window; a slice pushed out of the window competes by
 //! TinyLFU for the main part, which keeps it only if it was asked for more often lately
 //! than what it would replace. Video players read titles in consecutive segments, so a
 //! slice at a segment's end is asked for again a few seconds later by the same player:
 //! the window keeps those, the main part keeps what many players ask for.
 //!
-//! With the `video` policy it is one moka cache whose evictions [`video::VideoPolicy`]
-//! chooses, from how players read titles (told by [`MemoryTier::read`]).
+//! With the `video` policy (the default) it is one moka cache whose evictions
+//! [`video::VideoPolicy`] chooses, from how players read titles (told by
+//! [`MemoryTier::read`]).
 
 mod video;
 

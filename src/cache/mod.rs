@@ -338,7 +338,7 @@ impl SliceStore {
     pub fn note_read(&self, object: ObjectId, range: ByteRange, size: u64) {
         let first = range.start / self.slice_bytes;
         let last = range.end / self.slice_bytes;
-        let ends_inside = (range.end + 1) % self.slice_bytes != 0 && range.end + 1 < size;
+        let ends_inside = !(range.end + 1).is_multiple_of(self.slice_bytes) && range.end + 1 < size;
         self.memory
             .read(object, first, last, ends_inside, self.slice_bytes);
     }
