@@ -9,6 +9,7 @@ Usage: trace.py --trace T ... ; policies.py T CACHE_MB [DISK_MB]
   With DISK_MB, also a memory tier of CACHE_MB in front of a disk tier of DISK_MB.
 """
 
+import bisect
 import math
 import random
 import sys
@@ -219,6 +220,34 @@ def video(acc, cap, **kw):
     return origin
 
 
+class Oracle(Video):
+    """The video policy's eviction with a perfect popularity estimate: a slice's score is
+    how often it will be read in the next `ahead` slice reads (an offline bound on what
+    estimating popularity better could give)."""
+
+    def __init__(self, cap, acc, ahead):
+        super().__init__(cap)
+        self.ahead, self.times = ahead, {}
+        for n, (k, _, _) in enumerate(acc):
+            self.times.setdefault(k, []).append(n + 1)
+
+    def score(self, k):
+        if self.pending.get(k, -1) >= self.now:
+            return math.inf
+        t = self.times[k]
+        return bisect.bisect_right(t, self.now + self.ahead) - bisect.bisect_right(t, self.now)
+
+
+def oracle(acc, cap, ahead):
+    v, origin = Oracle(cap, acc, ahead), 0
+    for k, b, inside in acc:
+        v.read(k, inside)
+        if k not in v:
+            origin += b
+            v.fill(k)
+    return origin
+
+
 def title_wtinylfu(acc, cap, window=0.5):
     """W-TinyLFU whose sketch counts titles, not slices."""
     titled = [((k[0], k), b, i) for k, b, i in acc]
@@ -295,6 +324,9 @@ def main():
         ("video, span 8 slices", video(acc, cap, span=8.0)),
         ("video, span 32 slices", video(acc, cap, span=32.0)),
         ("video, sample of 64", video(acc, cap, sample=64)),
+        ("video's eviction, knowing the next 3,000 reads", oracle(acc, cap, 3000)),
+        ("video's eviction, knowing the next 10,000 reads", oracle(acc, cap, 10000)),
+        ("video's eviction, knowing the next 30,000 reads", oracle(acc, cap, 30000)),
     ]
     if len(sys.argv) > 3:
         disk = int(sys.argv[3])
