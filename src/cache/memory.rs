@@ -47,23 +47,31 @@ pub struct MemoryTier {
     video: Option<Arc<VideoPolicy>>,
 }
 
+/// Bytes the `video` policy's own records of a slice cost besides [`ENTRY_OVERHEAD`]: its
+/// place in the sample vector and in the index of places (48 bytes each, about 160 with
+/// the spare room of a growing `Vec` and `HashMap`; from the types' sizes).
+const VIDEO_ENTRY_OVERHEAD: u32 = 160;
+
+/// A moka cache of slices, each weighing its length plus [`ENTRY_OVERHEAD`] and `extra`.
 fn slices(
     name: &str,
     max_bytes: u64,
     eviction: EvictionPolicy,
+    extra: u32,
 ) -> moka::future::CacheBuilder<SliceKey, CachedSlice, Cache<SliceKey, CachedSlice>> {
     Cache::builder()
         .name(name)
         .max_capacity(max_bytes)
         .eviction_policy(eviction)
-        .weigher(|_k: &SliceKey, v: &CachedSlice| weight(v.bytes.len()))
+        .weigher(move |_k: &SliceKey, v: &CachedSlice| weight(v.bytes.len(), extra))
 }
 
 /// What a slice of `len` bytes weighs against the budget.
-fn weight(len: usize) -> u32 {
+fn weight(len: usize, extra: u32) -> u32 {
     u32::try_from(len)
         .unwrap_or(u32::MAX)
         .saturating_add(ENTRY_OVERHEAD)
+        .saturating_add(extra)
 }
 
 /// The keys `pick` picks in `part`, with their slices' lengths.
@@ -83,12 +91,12 @@ impl MemoryTier {
     pub fn new(max_bytes: u64, policy: MemoryPolicy) -> Self {
         match policy {
             MemoryPolicy::Lru => Self {
-                fills: slices("slices", max_bytes, EvictionPolicy::lru()).build(),
+                fills: slices("slices", max_bytes, EvictionPolicy::lru(), 0).build(),
                 main: None,
                 video: None,
             },
             MemoryPolicy::TinyLfu => Self {
-                fills: slices("slices", max_bytes, EvictionPolicy::tiny_lfu()).build(),
+                fills: slices("slices", max_bytes, EvictionPolicy::tiny_lfu(), 0).build(),
                 main: None,
                 video: None,
             },
@@ -97,13 +105,18 @@ impl MemoryTier {
                 let told = policy.clone();
                 // The policy evicts before moka's own LRU would; what moka still evicts
                 // (a fill landing before its admission ran) the policy forgets.
-                let fills = slices("slices", max_bytes, EvictionPolicy::lru())
-                    .eviction_listener(move |key: Arc<SliceKey>, _, cause| {
-                        if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
-                            told.forget(&key);
-                        }
-                    })
-                    .build();
+                let fills = slices(
+                    "slices",
+                    max_bytes,
+                    EvictionPolicy::lru(),
+                    VIDEO_ENTRY_OVERHEAD,
+                )
+                .eviction_listener(move |key: Arc<SliceKey>, _, cause| {
+                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                        told.forget(&key);
+                    }
+                })
+                .build();
                 Self {
                     fills,
                     main: None,
@@ -116,10 +129,11 @@ impl MemoryTier {
                     "slices-main",
                     max_bytes - window_bytes,
                     EvictionPolicy::tiny_lfu(),
+                    0,
                 )
                 .build();
                 let to_main = main.clone();
-                let fills = slices("slices-window", window_bytes, EvictionPolicy::lru())
+                let fills = slices("slices-window", window_bytes, EvictionPolicy::lru(), 0)
                     .async_eviction_listener(
                         move |key: Arc<SliceKey>, slice, cause| -> ListenerFuture {
                             let main = to_main.clone();
@@ -166,7 +180,7 @@ impl MemoryTier {
         let Some(policy) = &self.video else {
             return;
         };
-        for doomed in policy.filled(*key, u64::from(weight(len))) {
+        for doomed in policy.filled(*key, u64::from(weight(len, VIDEO_ENTRY_OVERHEAD))) {
             self.fills.invalidate(&doomed).await;
         }
     }
@@ -342,7 +356,7 @@ mod tests {
     #[tokio::test]
     async fn a_video_tier_keeps_a_popular_title_over_a_title_read_once() {
         // Room for 2 slices; the popular title's 2 are held.
-        let s = 4000 + u64::from(ENTRY_OVERHEAD);
+        let s = u64::from(weight(4000, VIDEO_ENTRY_OVERHEAD));
         let tier = MemoryTier::new(2 * s + 200, MemoryPolicy::Video);
         let popular = ObjectId::new("popular", "v");
         let once = ObjectId::new("once", "v");

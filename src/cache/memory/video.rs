@@ -36,6 +36,9 @@ const PENDING_FOR: Duration = Duration::from_secs(30);
 /// aging), so that popularity follows what players watch now.
 const AGING_BUDGETS: u64 = 4;
 
+/// Holds kept before expired ones are looked for (see `State::pending_limit`).
+const PENDING_MIN_LIMIT: usize = 4096;
+
 /// Score of a slice awaiting its player's next segment: above any title's count.
 const PENDING_SCORE: f64 = 1e12;
 
@@ -49,6 +52,9 @@ struct State {
     titles: HashMap<ObjectId, u32>,
     /// Slices a request ended inside, with when that was.
     pending: HashMap<SliceKey, Instant>,
+    /// `pending` is rid of expired holds when it grows past this (besides at aging), so
+    /// that it stays bounded however rarely aging comes.
+    pending_limit: usize,
     /// Held slices and their weights, for sampling; `at` gives each one's place.
     held: Vec<(SliceKey, u64)>,
     at: HashMap<SliceKey, usize>,
@@ -113,6 +119,7 @@ impl VideoPolicy {
             state: Mutex::new(State {
                 titles: HashMap::new(),
                 pending: HashMap::new(),
+                pending_limit: PENDING_MIN_LIMIT,
                 held: Vec::new(),
                 at: HashMap::new(),
                 held_bytes: 0,
@@ -151,6 +158,11 @@ impl VideoPolicy {
             index: first,
         });
         if ends_inside {
+            if st.pending.len() >= st.pending_limit {
+                st.pending
+                    .retain(|_, at| now.duration_since(*at) < PENDING_FOR);
+                st.pending_limit = (2 * st.pending.len()).max(PENDING_MIN_LIMIT);
+            }
             st.pending.insert(
                 SliceKey {
                     object,
