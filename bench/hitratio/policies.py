@@ -106,9 +106,11 @@ def tinylfu(acc, cap, period_mult=10):
     return origin
 
 
-def wtinylfu(acc, cap, window=0.01, period_mult=10):
+def wtinylfu(acc, cap, window=0.01, period_mult=10, by_title=False):
     """Caffeine's W-TinyLFU: a small LRU window admits everything; what leaves it
-    competes by TinyLFU for the main segmented LRU (20% probation, 80% protected)."""
+    competes by TinyLFU for the main segmented LRU (20% probation, 80% protected).
+    by_title: the sketch counts titles, not slices."""
+    counted = (lambda k: k[0]) if by_title else (lambda k: k)
     sk = Sketch(period_mult * cap)
     wcap = max(1, int(cap * window))
     mcap = cap - wcap
@@ -116,7 +118,7 @@ def wtinylfu(acc, cap, window=0.01, period_mult=10):
     win, prob, prot = OrderedDict(), OrderedDict(), OrderedDict()
     origin = 0
     for k, b, *_ in acc:
-        sk.add(k)
+        sk.add(counted(k))
         if k in win:
             win.move_to_end(k)
             continue
@@ -138,7 +140,7 @@ def wtinylfu(acc, cap, window=0.01, period_mult=10):
                 prob[cand] = cb
             else:
                 victim = next(iter(prob)) if prob else next(iter(prot))
-                if sk.get(cand) > sk.get(victim):
+                if sk.get(counted(cand)) > sk.get(counted(victim)):
                     (prob if victim in prob else prot).pop(victim)
                     prob[cand] = cb
     return origin
@@ -248,33 +250,6 @@ def oracle(acc, cap, ahead):
     return origin
 
 
-def title_wtinylfu(acc, cap, window=0.5):
-    """W-TinyLFU whose sketch counts titles, not slices."""
-    titled = [((k[0], k), b, i) for k, b, i in acc]
-    sk = Sketch(10 * cap)
-    wcap = max(1, int(cap * window))
-    win, main = OrderedDict(), OrderedDict()
-    origin = 0
-    for (t, k), b, _ in titled:
-        sk.add(t)
-        if k in win:
-            win.move_to_end(k)
-            continue
-        if k in main:
-            main.move_to_end(k)
-            continue
-        origin += b
-        win[k] = b
-        if len(win) > wcap:
-            cand, cb = win.popitem(last=False)
-            if len(main) < cap - wcap:
-                main[cand] = cb
-            elif sk.get(cand[0]) > sk.get(next(iter(main))[0]):
-                main.popitem(last=False)
-                main[cand] = cb
-    return origin
-
-
 def pair(acc, mem_cap, disk_cap, disk_video):
     """A video memory tier in front of a disk tier: a memory miss reads the disk, a
     disk miss the origin; what the origin sends goes to both tiers (as the edge does).
@@ -316,7 +291,7 @@ def main():
         ("W-TinyLFU 10% window", wtinylfu(acc, cap, 0.10)),
         ("W-TinyLFU 30% window", wtinylfu(acc, cap, 0.30)),
         ("W-TinyLFU 50% window (the edge's windowed)", wtinylfu(acc, cap, 0.50)),
-        ("W-TinyLFU 50% window, sketch on titles", title_wtinylfu(acc, cap, 0.50)),
+        ("W-TinyLFU 50% window, sketch on titles", wtinylfu(acc, cap, 0.50, by_title=True)),
         ("video (the edge's video policy)", video(acc, cap)),
         ("video, without the next-segment hold", video(acc, cap, cont=False)),
         ("video, without position (title reads only)", video(acc, cap, span=1e9)),
