@@ -212,8 +212,9 @@ class Video:
         self.keys.append(k)
 
 
-def video(acc, cap, **kw):
-    v, origin = Video(cap, **kw), 0
+def video(acc, cap, policy=None, **kw):
+    """Origin bytes of the video policy (or of `policy`, a Video) over acc."""
+    v, origin = policy or Video(cap, **kw), 0
     for k, b, inside in acc:
         v.read(k, inside)
         if k not in v:
@@ -238,16 +239,6 @@ class Oracle(Video):
             return math.inf
         t = self.times[k]
         return bisect.bisect_right(t, self.now + self.ahead) - bisect.bisect_right(t, self.now)
-
-
-def oracle(acc, cap, ahead):
-    v, origin = Oracle(cap, acc, ahead), 0
-    for k, b, inside in acc:
-        v.read(k, inside)
-        if k not in v:
-            origin += b
-            v.fill(k)
-    return origin
 
 
 def pair(acc, mem_cap, disk_cap, disk_video):
@@ -299,9 +290,9 @@ def main():
         ("video, span 8 slices", video(acc, cap, span=8.0)),
         ("video, span 32 slices", video(acc, cap, span=32.0)),
         ("video, sample of 64", video(acc, cap, sample=64)),
-        ("video's eviction, knowing the next 3,000 reads", oracle(acc, cap, 3000)),
-        ("video's eviction, knowing the next 10,000 reads", oracle(acc, cap, 10000)),
-        ("video's eviction, knowing the next 30,000 reads", oracle(acc, cap, 30000)),
+        ("video's eviction, knowing the next 3,000 reads", video(acc, cap, Oracle(cap, acc, 3000))),
+        ("video's eviction, knowing the next 10,000 reads", video(acc, cap, Oracle(cap, acc, 10000))),
+        ("video's eviction, knowing the next 30,000 reads", video(acc, cap, Oracle(cap, acc, 30000))),
     ]
     if len(sys.argv) > 3:
         disk = int(sys.argv[3])
