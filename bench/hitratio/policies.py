@@ -150,14 +150,15 @@ class Video:
     """The edge's `video` policy (src/cache/memory/video.rs): score = the title's recent
     reads (halved every `aging` x capacity slices read) x exp(-index / span), where
     span is the mean slices a session reads; a slice a request ended inside scores
-    above everything until it is read again (or `pending` accesses later). When full,
+    above everything until it is read again (or `pending` reads later, by default a
+    capacity's worth, as the edge's hold ends after reads of one budget). When full,
     the lowest score of `sample` held slices, or the new slice if it scores no higher
     than all of them, is dropped."""
 
-    def __init__(self, cap, span=16.0, sample=16, aging=4, pending=1500, cont=True,
+    def __init__(self, cap, span=16.0, sample=16, aging=4, pending=None, cont=True,
                  by_title=True, seed=0):
         self.cap, self.span, self.sample, self.cont = cap, span, sample, cont
-        self.by_title, self.pending_for = by_title, pending
+        self.by_title, self.pending_for = by_title, pending or cap
         self.reads = Sketch(aging * cap)
         self.reads.add = self._add_unbounded(self.reads)
         self.keys, self.at, self.pending = [], {}, {}
