@@ -159,7 +159,6 @@ impl AppState {
             config.cache.slice_bytes,
             MemoryTier::new(config.cache.memory_bytes, config.cache.memory_policy),
             config.cache.meta_ttl,
-            pages,
             disk,
             Sources::new(origin.clone(), site.clone(), config.origin.mode),
             metrics.clone(),

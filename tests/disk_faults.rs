@@ -98,7 +98,6 @@ impl Store {
             SLICE,
             MemoryTier::new(memory_bytes, MemoryPolicy::default()),
             Duration::from_secs(3600),
-            None,
             Some(disk.unwrap()),
             Sources::new(Arc::new(client.unwrap()), None, config.origin.mode),
             metrics.clone(),
@@ -228,6 +227,40 @@ async fn a_read_that_hangs_is_given_up_and_the_slice_refetched() {
     // Other slices are still read from the disk meanwhile.
     assert_eq!(s.get(3).await, Source::Disk);
     s.faults.release();
+}
+
+/// A disk slice the memory tier would not keep (its `video` policy holds slices that
+/// score at least as high) is read once for all the requests waiting on it, served
+/// byte-exact to each, and left on disk only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_slice_memory_would_not_keep_is_read_once_for_all_its_readers() {
+    let origin = TestOrigin::start().await;
+    // Room for two slices: the fill keeps slices 0 and 1 (no reads were told to the
+    // policy, so no later slice scores higher than they do).
+    let s = Store::open(&origin, 2 * (SLICE + 1024), |_| {}).await;
+    s.fill().await;
+    assert_eq!(s.get(0).await, Source::Memory);
+    assert_eq!(s.store.stats().memory_entries, 2);
+    let reads = s.faults.reads();
+    let misses = s.metrics.memory.misses.get();
+    s.faults.on_read(4, ReadFault::Hang);
+    // All in this task: when the eighth request has missed memory, it waits on the fill.
+    let release = async {
+        until("eight memory misses", || {
+            s.metrics.memory.misses.get() == misses + 8
+        })
+        .await;
+        s.faults.release();
+    };
+    let (sources, ()) = tokio::join!(futures::future::join_all((0..8).map(|_| s.get(4))), release);
+    let from_disk = sources.iter().filter(|&&x| x == Source::Disk).count();
+    let coalesced = sources.iter().filter(|&&x| x == Source::Coalesced).count();
+    assert_eq!((from_disk, coalesced), (1, 7), "{sources:?}");
+    assert_eq!(s.faults.reads(), reads + 1);
+    assert_eq!(s.get(4).await, Source::Disk, "not kept in memory");
+    assert_eq!(s.faults.reads(), reads + 2);
+    assert_eq!(s.store.stats().memory_entries, 2);
+    assert_eq!(origin.requests(), SLICES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

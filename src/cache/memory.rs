@@ -185,6 +185,15 @@ impl MemoryTier {
         }
     }
 
+    /// Whether a slice of `len` bytes not in the tier would be kept if filled now (see
+    /// [`video::VideoPolicy::would_keep`]); always with the moka-only policies, which
+    /// decide after the insert.
+    pub fn would_keep(&self, key: &SliceKey, len: usize) -> bool {
+        self.video.as_ref().is_none_or(|policy| {
+            policy.would_keep(key, u64::from(weight(len, VIDEO_ENTRY_OVERHEAD)))
+        })
+    }
+
     /// A client read slices `first..=last` of `object`, stopping inside `last` when
     /// `ends_inside` (the `video` policy's input; nothing for the others).
     pub fn read(

@@ -52,7 +52,6 @@ use memory::MemoryTier;
 pub use meta::ObjectMeta;
 use meta::{unix_ms, Answer, Verdict};
 use missing::{ColdObjects, MissingObjects, Turn};
-use pages::PagePool;
 use purge::Purges;
 
 /// Most objects whose metadata is remembered.
@@ -208,8 +207,6 @@ pub struct CacheStats {
 pub struct SliceStore {
     slice_bytes: u64,
     memory: MemoryTier,
-    /// Where memory-tier slices are kept when they can be sent by file offset.
-    pages: Option<PagePool>,
     disk: Option<DiskTier>,
     meta: moka::future::Cache<ObjectId, Arc<ObjectMeta>>,
     /// How long metadata from a single origin answer is used before it is re-checked.
@@ -230,6 +227,9 @@ enum Refused {
     /// Its object was purged while it was in flight: the slice goes to the requests
     /// that waited for it, and nowhere else.
     Purged(CachedSlice),
+    /// Read from disk and not worth a place in memory ([`MemoryTier::would_keep`]): the
+    /// slice goes to the requests that waited for it, and stays on disk only.
+    NotKept(CachedSlice),
 }
 
 /// How a memory miss was filled ([`SliceStore::fill`]).
@@ -244,7 +244,6 @@ impl SliceStore {
         slice_bytes: u64,
         memory: MemoryTier,
         meta_ttl: Duration,
-        pages: Option<PagePool>,
         disk: Option<DiskTier>,
         sources: Sources,
         metrics: Arc<Metrics>,
@@ -253,7 +252,6 @@ impl SliceStore {
         Self {
             slice_bytes,
             memory,
-            pages,
             disk,
             meta: metadata_cache(),
             meta_ttl_ms: meta_ttl.as_millis() as u64,
@@ -387,12 +385,15 @@ impl SliceStore {
             .entry(key)
             .or_try_insert_with(async {
                 led.store(true, Ordering::Relaxed);
-                let slice = self
+                let (slice, keep) = self
                     .fill(obj, key, &from, use_disk, started)
                     .await
                     .map_err(Refused::Origin)?;
                 if self.purges.purged_after(obj.o, &obj.id, started) {
                     return Err(Refused::Purged(slice));
+                }
+                if !keep {
+                    return Err(Refused::NotKept(slice));
                 }
                 Ok(slice)
             })
@@ -428,7 +429,7 @@ impl SliceStore {
     }
 
     /// The answer to a request whose fill put nothing in memory: its error, or the slice
-    /// of a fill purged in flight.
+    /// of a fill purged in flight or not kept.
     async fn refused(
         &self,
         obj: &ObjectRef<'_>,
@@ -438,6 +439,16 @@ impl SliceStore {
     ) -> Result<Slice, Arc<OriginError>> {
         match refused {
             Refused::Origin(e) => Err(Arc::new(e.clone())),
+            Refused::NotKept(slice) => Ok(Slice {
+                bytes: slice.bytes.clone(),
+                meta: slice.meta.clone(),
+                source: if led {
+                    source_of(from.load(Ordering::Relaxed))
+                } else {
+                    self.metrics.coalesced_waits.inc();
+                    Source::Coalesced
+                },
+            }),
             Refused::Purged(slice) => {
                 let source = if led {
                     self.metrics.purge.fills_discarded.inc();
@@ -702,7 +713,15 @@ impl SliceStore {
     /// Fills one memory miss from disk, the slice's owner in the site, the parent tier
     /// or the origin ([`Sources`]); runs once per cold slice however many requests wait
     /// on it. Sets `from` to say where the slice came from. A disk slice cut under
-    /// metadata other than the object's current one is dropped, not used.
+    /// metadata other than the object's current one is dropped, not used. With the
+    /// slice, whether it goes into memory: a disk slice the memory tier would not keep
+    /// is served to its readers only.
+    ///
+    /// A disk slice stays in the buffer it was read into, also when it is kept in
+    /// memory: putting it in the page pool costs fresh shmem pages and freeing them
+    /// again, about 1 ms per MiB on the benchmark box, where reading and checking the
+    /// file costs about 0.1 ms. It is then sent by copy rather than by `sendfile`
+    /// (docs/performance.md, "Range hits from the disk tier").
     async fn fill(
         &self,
         obj: &ObjectRef<'_>,
@@ -710,7 +729,7 @@ impl SliceStore {
         from: &AtomicU8,
         use_disk: bool,
         started: u64,
-    ) -> Result<CachedSlice, OriginError> {
+    ) -> Result<(CachedSlice, bool), OriginError> {
         if let Some(disk) = self.disk.as_ref().filter(|_| use_disk) {
             // After a start, not before this node knows what its peers purged meanwhile.
             self.purges.wait_synced().await;
@@ -736,10 +755,13 @@ impl SliceStore {
                 match meta {
                     Some(meta) => {
                         from.store(FROM_DISK, Ordering::Relaxed);
-                        return Ok(CachedSlice {
-                            bytes: self.adopt(cached.bytes),
+                        // Kept as read, not copied into the page pool: see `fill`.
+                        let keep = self.memory.would_keep(&key, cached.bytes.len());
+                        let slice = CachedSlice {
+                            bytes: cached.bytes,
                             meta,
-                        });
+                        };
+                        return Ok((slice, keep));
                     }
                     None => {
                         self.metrics.stale_slices.inc();
@@ -772,7 +794,7 @@ impl SliceStore {
                         }
                     }
                 }
-                Ok(cached)
+                Ok((cached, true))
             }
             Err(OriginError::NotSatisfiable { size }) => {
                 self.record_answer(obj, &Answer::size_only(size)).await?;
@@ -791,14 +813,6 @@ impl SliceStore {
         self.sources
             .site()
             .is_some_and(|s| s.keep_non_owned == KeepNonOwned::None)
-    }
-
-    /// The bytes of a slice entering the memory tier, in the page pool when there is one.
-    fn adopt(&self, bytes: Bytes) -> Bytes {
-        match &self.pages {
-            Some(pages) => pages.adopt(bytes),
-            None => bytes,
-        }
     }
 
     /// Forgets that an origin said (o, v) does not exist (for a purge): the next request

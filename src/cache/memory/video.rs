@@ -228,6 +228,28 @@ impl VideoPolicy {
         doomed
     }
 
+    /// Whether a slice of `weight` bytes not yet held would be kept if it were filled
+    /// now: there is room, or it scores above one of [`SAMPLE`] sampled held slices.
+    /// Changes nothing but the sampling's random state. A slice read from disk that
+    /// would not be kept is served without a copy into the page pool.
+    pub fn would_keep(&self, key: &SliceKey, weight: u64) -> bool {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.at.contains_key(key) || st.held_bytes + weight <= self.budget {
+            return true;
+        }
+        if weight > self.budget || st.held.is_empty() {
+            return false;
+        }
+        let mine = st.score(key, now);
+        (0..SAMPLE).any(|_| {
+            let i = (st.next_random() % st.held.len() as u64) as usize;
+            let candidate = st.held[i].0;
+            st.score(&candidate, now) < mine
+        })
+    }
+
     /// The slice left the tier (purged, invalidated, or evicted by moka itself).
     pub fn forget(&self, key: &SliceKey) {
         self.lock().remove(key);
@@ -314,6 +336,32 @@ mod tests {
         // Others read two slices (a budget's worth) since: the hold is over.
         policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
         assert_eq!(policy.filled(key("hit", 1), S), [key("rare", 5)]);
+    }
+
+    #[test]
+    fn a_slice_is_foretold_kept_when_there_is_room_or_it_outscores_what_is_held() {
+        let policy = VideoPolicy::new(2 * S);
+        assert!(policy.would_keep(&key("t", 0), S), "room");
+        assert!(
+            !policy.would_keep(&key("t", 0), 3 * S),
+            "over the whole budget"
+        );
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
+        }
+        assert!(policy.filled(key("hit", 0), S).is_empty());
+        assert!(policy.filled(key("hit", 1), S).is_empty());
+        assert!(policy.would_keep(&key("hit", 1), S), "already held");
+        assert!(!policy.would_keep(&key("once", 0), S));
+        assert!(!policy.would_keep(&key("hit", 40), S), "far into the title");
+        assert_eq!(policy.held_bytes(), 2 * S, "asking changes nothing");
+        for _ in 0..100 {
+            policy.read(ObjectId::new("new", "v"), 0, 0, false, S);
+        }
+        assert!(policy.would_keep(&key("new", 0), S));
+        // A slice a read ended inside is kept over anything.
+        policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
+        assert!(policy.would_keep(&key("rare", 5), S));
     }
 
     #[test]
