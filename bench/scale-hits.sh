@@ -106,7 +106,7 @@ access = false
 TOML
   CDN_EDGE_LOG=warn taskset -c 0 "$BIN" serve --conf "$dir/edge.toml" >"$dir/edge.log" 2>&1 &
   edge=$!
-  pids+=($edge)
+  pids+=("$edge")
   wait_http "http://$admin/healthz"
   rss_empty=$(rss_kb $edge)
   # Fill: every object whole, 16 at a time.

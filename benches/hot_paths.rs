@@ -188,7 +188,55 @@ fn slice_lookup(c: &mut Criterion) {
     g.bench_function("memory_contains", |b| {
         b.iter(|| tier.contains(black_box(&SliceKey { object, index: 900 })))
     });
+    // Hits from several threads at once, each on a title of its own: the time per hit
+    // as each thread sees it. The `video` policy takes one lock per request (`read`),
+    // LRU none of its own; a time that grows with the threads is contention.
+    let threads_max = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (name, tier) in [("lru", &lru), ("video", &video)] {
+        for threads in [1, 2, 4, 8].into_iter().filter(|&n| n <= threads_max) {
+            let id = format!("memory_hit_{name}_{threads}_threads");
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| parallel_hits(tier, &slice, threads, iters))
+            });
+        }
+    }
     g.finish();
+}
+
+/// Wall time for `threads` threads to make `iters` memory hits each, each thread on a
+/// title of its own (a slice of it filled first), telling the policy of each read.
+fn parallel_hits(
+    tier: &MemoryTier,
+    slice: &CachedSlice,
+    threads: usize,
+    iters: u64,
+) -> std::time::Duration {
+    let start = std::sync::Barrier::new(threads + 1);
+    let mut began = std::time::Instant::now();
+    // The scope returns when every thread has made its hits.
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let start = &start;
+            s.spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let object = ObjectId::new(&format!("title-{t}"), "v");
+                let key = SliceKey { object, index: 0 };
+                rt.block_on(async {
+                    tier.fills().insert(key, slice.clone()).await;
+                    start.wait();
+                    for _ in 0..iters {
+                        tier.read(object, 0, 0, true, 1 << 20);
+                        black_box(tier.get(black_box(&key)).await.unwrap());
+                    }
+                });
+            });
+        }
+        start.wait();
+        began = std::time::Instant::now();
+    });
+    began.elapsed()
 }
 
 fn dictionary_key(c: &mut Criterion) {
