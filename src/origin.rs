@@ -27,7 +27,7 @@ use pingora::ErrorType;
 use std::sync::Arc;
 
 use crate::cache::meta::{Answer, Validator, MAX_CONTENT_TYPE};
-use crate::cache::pages::{PagePool, SlotWriter};
+use crate::cache::pages::{Landing, PagePool, SlotWriter};
 use crate::config::{self, PathTemplate};
 use crate::metrics::{Metrics, OriginResult};
 use crate::range::ByteRange;
@@ -218,12 +218,13 @@ impl OriginClient {
     }
 
     /// Fetches `range` of object (o, v), trying healthy origins first, each in
-    /// configured order.
+    /// configured order; the body lands as `landing` says.
     pub async fn fetch_slice(
         &self,
         o: &str,
         v: &str,
         range: ByteRange,
+        landing: Landing,
     ) -> Result<SliceBody, OriginError> {
         let path = self.path.render(o, v);
         let mut last_error = None;
@@ -232,16 +233,18 @@ impl OriginClient {
                 self.metrics.origin_failovers.inc();
             }
             let started = Instant::now();
-            let result =
-                match tokio::time::timeout(self.timeout, self.fetch_from(origin, &path, range))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(OriginError::Timeout {
-                        origin: origin.url.clone(),
-                        ms: self.timeout.as_millis() as u64,
-                    }),
-                };
+            let result = match tokio::time::timeout(
+                self.timeout,
+                self.fetch_from(origin, &path, range, landing),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(OriginError::Timeout {
+                    origin: origin.url.clone(),
+                    ms: self.timeout.as_millis() as u64,
+                }),
+            };
             self.metrics
                 .origin_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -320,6 +323,7 @@ impl OriginClient {
         origin: &Origin,
         path: &str,
         range: ByteRange,
+        landing: Landing,
     ) -> Result<SliceBody, OriginError> {
         let unreachable = |e: Box<pingora::Error>| transport_error(origin, &e, self.timeout);
         // A pooled connection may have been closed by the origin while idle: one retry
@@ -339,7 +343,7 @@ impl OriginClient {
                 }
                 return Err(unreachable(e));
             }
-            let pages = self.pages.as_ref();
+            let pages = landing.pool(self.pages.as_ref());
             let body = read_slice(&origin.url, &mut session, range, pages).await?;
             self.connector
                 .release_http_session(session, &origin.peer, Some(POOL_IDLE))

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::pages::Landing;
 use crate::cache::ObjectRef;
 use crate::cluster::site::Site;
 use crate::config::OriginMode;
@@ -49,16 +50,18 @@ impl Sources {
         self.site.as_deref()
     }
 
-    /// Fetches slice `index` (bytes `range`) of `obj` for a miss.
+    /// Fetches slice `index` (bytes `range`) of `obj` for a miss, its body landing as
+    /// `landing` says.
     pub async fn fetch(
         &self,
         obj: &ObjectRef<'_>,
         index: u64,
         range: ByteRange,
+        landing: Landing,
     ) -> Result<(SliceBody, Filled), OriginError> {
         if let Some(site) = &self.site {
             if !obj.via.sibling && !obj.via.fill {
-                if let Some(answer) = site.from_owner(obj, index, range).await {
+                if let Some(answer) = site.from_owner(obj, index, range, landing).await {
                     return answer.map(|b| (b, Filled::Peer));
                 }
             }
@@ -66,7 +69,7 @@ impl Sources {
         if self.mode == OriginMode::Directed && !obj.via.fill {
             return Err(OriginError::NotHeld);
         }
-        self.pull(obj, index, range)
+        self.pull(obj, index, range, landing)
             .await
             .map(|b| (b, Filled::Upstream))
     }
@@ -88,10 +91,13 @@ impl Sources {
                 start: 0,
                 end: slice_bytes - 1,
             };
-            return self.fetch(obj, 0, slice0).await.map(|(b, _)| b);
+            return self
+                .fetch(obj, 0, slice0, Landing::Pool)
+                .await
+                .map(|(b, _)| b);
         }
         self.origin
-            .fetch_slice(obj.o, obj.v, ByteRange { start: 0, end: 0 })
+            .fetch_slice(obj.o, obj.v, ByteRange { start: 0, end: 0 }, Landing::Heap)
             .await
     }
 
@@ -101,12 +107,13 @@ impl Sources {
         obj: &ObjectRef<'_>,
         index: u64,
         range: ByteRange,
+        landing: Landing,
     ) -> Result<SliceBody, OriginError> {
         if let Some(site) = &self.site {
-            if let Some(answer) = site.from_parents(obj, index, range).await {
+            if let Some(answer) = site.from_parents(obj, index, range, landing).await {
                 return answer;
             }
         }
-        self.origin.fetch_slice(obj.o, obj.v, range).await
+        self.origin.fetch_slice(obj.o, obj.v, range, landing).await
     }
 }

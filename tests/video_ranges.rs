@@ -441,6 +441,53 @@ async fn warm_slices_are_sent_by_file_offset_unless_turned_off() {
     }
 }
 
+/// A slice fetched from the origin that the memory tier's `video` policy would not keep
+/// is read onto the heap, not into the page pool (a slot taken and freed at once costs
+/// fresh pages): it is sent by copy, byte-exact, and not kept; slices the tier keeps
+/// still leave by `sendfile`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_slice_the_memory_tier_would_not_keep_stays_out_of_the_page_pool() {
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(43, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let mut opts = EdgeOptions::new(vec![origin.url()]);
+    // Room for two slices.
+    opts.memory_bytes = 2 * (SLICE + 1024);
+    let edge = Edge::start(opts).await;
+    let q = signed("movie", "v1");
+    // Whole slices: a read that ends on a slice boundary sets no hold for the next one.
+    let get = |index: u64| {
+        let (a, b) = (index * SLICE, (index + 1) * SLICE - 1);
+        let edge = &edge;
+        let q = &q;
+        let bytes = &bytes;
+        async move {
+            let r = edge
+                .get(&format!("/?{q}"), &[("Range", &format!("bytes={a}-{b}"))])
+                .await;
+            assert_eq!(r.status, 206);
+            assert!(r.body == bytes[a as usize..=b as usize], "slice {index}");
+        }
+    };
+    let sendfile = || edge.metric("cdn_edge_client_sendfile_bytes_total");
+    get(0).await;
+    get(1).await;
+    assert_eq!(
+        sendfile().await,
+        2.0 * SLICE as f64,
+        "kept: sent from the pool"
+    );
+    // Slice 8 of the same title scores below slices 0 and 1 (fewer sessions get that
+    // far), and the tier is full: it is fetched onto the heap, each time it is asked.
+    get(8).await;
+    get(8).await;
+    assert_eq!(origin.requests(), 4, "{:?}", origin.log());
+    assert_eq!(sendfile().await, 2.0 * SLICE as f64, "not kept: copied");
+    get(0).await;
+    assert_eq!(sendfile().await, 3.0 * SLICE as f64);
+    assert_eq!(origin.requests(), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditional_requests_follow_rfc_9110() {
     let (origin, edge, bytes) = setup().await;

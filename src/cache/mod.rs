@@ -52,6 +52,7 @@ use memory::MemoryTier;
 pub use meta::ObjectMeta;
 use meta::{unix_ms, Answer, Verdict};
 use missing::{ColdObjects, MissingObjects, Turn};
+use pages::Landing;
 use purge::Purges;
 
 /// Most objects whose metadata is remembered.
@@ -227,8 +228,9 @@ enum Refused {
     /// Its object was purged while it was in flight: the slice goes to the requests
     /// that waited for it, and nowhere else.
     Purged(CachedSlice),
-    /// Read from disk and not worth a place in memory ([`MemoryTier::would_keep`]): the
-    /// slice goes to the requests that waited for it, and stays on disk only.
+    /// Not worth a place in memory ([`MemoryTier::would_keep`], asked before the disk
+    /// read or the fetch): the slice goes to the requests that waited for it, and to
+    /// the disk tier when it came from upstream, not to memory.
     NotKept(CachedSlice),
 }
 
@@ -714,8 +716,9 @@ impl SliceStore {
     /// or the origin ([`Sources`]); runs once per cold slice however many requests wait
     /// on it. Sets `from` to say where the slice came from. A disk slice cut under
     /// metadata other than the object's current one is dropped, not used. With the
-    /// slice, whether it goes into memory: a disk slice the memory tier would not keep
-    /// is served to its readers only.
+    /// slice, whether it goes into memory: one the memory tier would not keep is served
+    /// to its readers only, and a fetched one is read onto the heap, not into the page
+    /// pool.
     ///
     /// A disk slice stays in the buffer it was read into, also when it is kept in
     /// memory: putting it in the page pool costs fresh shmem pages and freeing them
@@ -775,7 +778,10 @@ impl SliceStore {
             return Err(OriginError::RememberedNotFound);
         }
         let range = slice_bounds(key.index, self.slice_bytes);
-        match self.sources.fetch(obj, key.index, range).await {
+        // A slice the memory tier would not keep is read onto the heap, not into a slot.
+        let keep = self.memory.would_keep(&key, range.len() as usize);
+        let landing = if keep { Landing::Pool } else { Landing::Heap };
+        match self.sources.fetch(obj, key.index, range, landing).await {
             Ok((body, filled)) => {
                 // The object exists after all (it appeared since an origin said not).
                 self.missing.forget(&obj.id).await;
@@ -794,7 +800,7 @@ impl SliceStore {
                         }
                     }
                 }
-                Ok((cached, true))
+                Ok((cached, keep))
             }
             Err(OriginError::NotSatisfiable { size }) => {
                 self.record_answer(obj, &Answer::size_only(size)).await?;

@@ -28,6 +28,22 @@ use bytes::Bytes;
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
+/// Where a slice body read from an upstream (the origin, a peer) lands: in a page-pool
+/// slot as it arrives, or on the heap for a slice the memory tier will not keep (a slot
+/// taken and freed at once costs fresh shmem pages for nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    Pool,
+    Heap,
+}
+
+impl Landing {
+    /// `pages` when the body is to land in the pool.
+    pub fn pool(self, pages: Option<&PagePool>) -> Option<&PagePool> {
+        pages.filter(|_| self == Self::Pool)
+    }
+}
+
 /// Writes shorter than this are copied: below it `sendfile` saves little.
 pub const SENDFILE_MIN: usize = 32 << 10;
 

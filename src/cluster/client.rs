@@ -14,7 +14,7 @@ use pingora::upstreams::peer::HttpPeer;
 use super::auth::{self, Claim, Kind};
 use super::metrics::{Asked, ClusterMetrics};
 use crate::cache::meta::Validator;
-use crate::cache::pages::PagePool;
+use crate::cache::pages::{Landing, PagePool};
 use crate::cache::ObjectRef;
 use crate::origin::{self, OriginError, SliceBody};
 use crate::range::ByteRange;
@@ -67,7 +67,10 @@ impl PeerClient {
         }
     }
 
-    /// Asks `to` for slice `index` (bytes `range`) of `obj`, signed with `secret`.
+    /// Asks `to` for slice `index` (bytes `range`) of `obj`, signed with `secret`; the
+    /// body lands as `landing` says.
+    // The peer, the request's signature and the slice: each from a different place.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch(
         &self,
         to: SocketAddr,
@@ -76,6 +79,7 @@ impl PeerClient {
         obj: &ObjectRef<'_>,
         index: u64,
         range: ByteRange,
+        landing: Landing,
     ) -> Result<SliceBody, PeerFailure> {
         let hops = match kind {
             Kind::Child => obj.via.hops.saturating_add(1),
@@ -93,7 +97,7 @@ impl PeerClient {
         };
         let result = match tokio::time::timeout(
             self.timeout,
-            self.exchange(to, &claim, secret, range),
+            self.exchange(to, &claim, secret, range, landing),
         )
         .await
         {
@@ -123,6 +127,7 @@ impl PeerClient {
         claim: &Claim<'_>,
         secret: &[u8],
         range: ByteRange,
+        landing: Landing,
     ) -> Result<SliceBody, PeerFailure> {
         let label = format!("peer {to}");
         let down = |e: Box<pingora::Error>| PeerFailure::Down(e.to_string());
@@ -168,7 +173,8 @@ impl PeerClient {
                 }
                 (status, _) => return Err(PeerFailure::Down(format!("answered {status}"))),
             }
-            let read = origin::read_slice(&label, &mut session, range, self.pages.as_ref()).await;
+            let pages = landing.pool(self.pages.as_ref());
+            let read = origin::read_slice(&label, &mut session, range, pages).await;
             let mut body = match read {
                 Ok(body) => body,
                 Err(e @ (OriginError::NotFound { .. } | OriginError::NotSatisfiable { .. })) => {

@@ -13,7 +13,7 @@ use super::auth::Kind;
 use super::client::{PeerClient, PeerFailure};
 use super::metrics::ClusterMetrics;
 use super::ring::{MemberState, Ring, RingError};
-use crate::cache::pages::PagePool;
+use crate::cache::pages::{Landing, PagePool};
 use crate::cache::ObjectRef;
 use crate::config::{Cluster, KeepNonOwned};
 use crate::metrics::Metrics;
@@ -112,11 +112,20 @@ impl Site {
         obj: &ObjectRef<'_>,
         index: u64,
         range: ByteRange,
+        landing: Landing,
     ) -> Option<Result<SliceBody, OriginError>> {
         let owner = self.ring.owner(&obj.id, index).filter(|&o| o != self.me)?;
         match self
             .client
-            .fetch(owner, Kind::Sibling, &self.secret, obj, index, range)
+            .fetch(
+                owner,
+                Kind::Sibling,
+                &self.secret,
+                obj,
+                index,
+                range,
+                landing,
+            )
             .await
         {
             Ok(body) => Some(Ok(body)),
@@ -138,6 +147,7 @@ impl Site {
         obj: &ObjectRef<'_>,
         index: u64,
         range: ByteRange,
+        landing: Landing,
     ) -> Option<Result<SliceBody, OriginError>> {
         let parents = self.parents.as_ref()?;
         if obj.via.hops >= MAX_HOPS {
@@ -153,7 +163,15 @@ impl Site {
             tried.push(parent);
             match self
                 .client
-                .fetch(parent, Kind::Child, &self.parent_secret, obj, index, range)
+                .fetch(
+                    parent,
+                    Kind::Child,
+                    &self.parent_secret,
+                    obj,
+                    index,
+                    range,
+                    landing,
+                )
                 .await
             {
                 Ok(body) => return Some(Ok(body)),
