@@ -102,6 +102,21 @@ impl State {
         x
     }
 
+    /// The lowest-scoring of [`SAMPLE`] held slices sampled at random, or `key` (of
+    /// score `mine`) when none scores lower. `held` must not be empty.
+    fn lowest_sampled(&mut self, key: SliceKey, mine: f64, now: Instant) -> SliceKey {
+        let mut worst = (mine, key);
+        for _ in 0..SAMPLE {
+            let i = (self.next_random() % self.held.len() as u64) as usize;
+            let candidate = self.held[i].0;
+            let score = self.score(&candidate, now);
+            if score < worst.0 {
+                worst = (score, candidate);
+            }
+        }
+        worst.1
+    }
+
     fn remove(&mut self, key: &SliceKey) -> bool {
         let Some(i) = self.at.remove(key) else {
             return false;
@@ -213,25 +228,17 @@ impl VideoPolicy {
         st.held_bytes += weight;
         let mut doomed = Vec::new();
         while st.held_bytes > self.budget && st.at.contains_key(&key) {
-            let mut worst = (mine, key);
-            for _ in 0..SAMPLE {
-                let i = (st.next_random() % st.held.len() as u64) as usize;
-                let candidate = st.held[i].0;
-                let score = st.score(&candidate, now);
-                if score < worst.0 {
-                    worst = (score, candidate);
-                }
-            }
-            st.remove(&worst.1);
-            doomed.push(worst.1);
+            let worst = st.lowest_sampled(key, mine, now);
+            st.remove(&worst);
+            doomed.push(worst);
         }
         doomed
     }
 
     /// Whether a slice of `weight` bytes not yet held would be kept if it were filled
     /// now: there is room, or it scores above one of [`SAMPLE`] sampled held slices.
-    /// Changes nothing but the sampling's random state. A slice read from disk that
-    /// would not be kept is served without a copy into the page pool.
+    /// Changes nothing but the sampling's random state. A slice that would not be kept
+    /// is served to its readers without entering the tier or the page pool.
     pub fn would_keep(&self, key: &SliceKey, weight: u64) -> bool {
         let now = Instant::now();
         let mut guard = self.lock();
@@ -243,11 +250,7 @@ impl VideoPolicy {
             return false;
         }
         let mine = st.score(key, now);
-        (0..SAMPLE).any(|_| {
-            let i = (st.next_random() % st.held.len() as u64) as usize;
-            let candidate = st.held[i].0;
-            st.score(&candidate, now) < mine
-        })
+        st.lowest_sampled(*key, mine, now) != *key
     }
 
     /// The slice left the tier (purged, invalidated, or evicted by moka itself).
