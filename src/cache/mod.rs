@@ -439,35 +439,27 @@ impl SliceStore {
         led: bool,
         from: &AtomicU8,
     ) -> Result<Slice, Arc<OriginError>> {
-        match refused {
-            Refused::Origin(e) => Err(Arc::new(e.clone())),
-            Refused::NotKept(slice) => Ok(Slice {
-                bytes: slice.bytes.clone(),
-                meta: slice.meta.clone(),
-                source: if led {
-                    source_of(from.load(Ordering::Relaxed))
-                } else {
-                    self.metrics.coalesced_waits.inc();
-                    Source::Coalesced
-                },
-            }),
-            Refused::Purged(slice) => {
-                let source = if led {
-                    self.metrics.purge.fills_discarded.inc();
-                    // What the fill learnt of the object is as old as its bytes.
-                    self.meta.invalidate(&obj.id).await;
-                    source_of(from.load(Ordering::Relaxed))
-                } else {
-                    self.metrics.coalesced_waits.inc();
-                    Source::Coalesced
-                };
-                Ok(Slice {
-                    bytes: slice.bytes.clone(),
-                    meta: slice.meta.clone(),
-                    source,
-                })
+        let (slice, purged) = match refused {
+            Refused::Origin(e) => return Err(Arc::new(e.clone())),
+            Refused::Purged(slice) => (slice, true),
+            Refused::NotKept(slice) => (slice, false),
+        };
+        let source = if led {
+            if purged {
+                self.metrics.purge.fills_discarded.inc();
+                // What the fill learnt of the object is as old as its bytes.
+                self.meta.invalidate(&obj.id).await;
             }
-        }
+            source_of(from.load(Ordering::Relaxed))
+        } else {
+            self.metrics.coalesced_waits.inc();
+            Source::Coalesced
+        };
+        Ok(Slice {
+            bytes: slice.bytes.clone(),
+            meta: slice.meta.clone(),
+            source,
+        })
     }
 
     /// Returns the object's metadata, reading slice `hint_index` (the one the request
