@@ -4,7 +4,8 @@
 # on the same trace (bench/hitratio/trace.py says what the trace is).
 #
 # Usage: [SEED=1] [CACHE_MB=1024] [REQUESTS=12000] [TITLES=200] [CONNS=16] [BUILD=1] \
-#        [SYSTEMS="cdn-edge nginx varnish"] [EDGE_DISK_MB=0] [TRACE_ARGS=...] bench/hit-ratio.sh
+#        [SYSTEMS="cdn-edge nginx varnish"] [EDGE_DISK_MB=0] [EDGE_DISK_POLICIES=video] \
+#        [TRACE_ARGS=...] bench/hit-ratio.sh
 #
 #   SEED        the trace's seed: the same seed gives the same trace, byte for byte
 #   CACHE_MB    cache of every system: cdn-edge's memory tier, nginx's proxy_cache
@@ -18,7 +19,10 @@
 #               (default "video", the default; e.g. "video windowed lru tinylfu")
 #   EDGE_DISK_MB  with a size, a second cdn-edge run ("cdn-edge+disk") keeps CACHE_MB in
 #               its memory tier and EDGE_DISK_MB more in its disk tier (not comparable to
-#               the peers' single cache of CACHE_MB: reported apart)
+#               the peers' single cache of CACHE_MB: reported apart), named
+#               "cdn-edge+disk:<memory policy>/<disk policy>"
+#   EDGE_DISK_POLICIES  cache.disk.policy values for those runs, one run each
+#               (default "video", the default; "video lru" compares them)
 #   TRACE_ARGS  more options for trace.py (--alpha, --one-hit, --drift, ...)
 #   KEEP        1: keep the temp dirs (configs, logs, trace) for a look afterwards
 #
@@ -42,6 +46,7 @@ BUILD=${BUILD:-1}
 SYSTEMS=${SYSTEMS:-cdn-edge nginx varnish}
 EDGE_DISK_MB=${EDGE_DISK_MB:-0}
 EDGE_POLICIES=${EDGE_POLICIES:-video}
+EDGE_DISK_POLICIES=${EDGE_DISK_POLICIES:-video}
 TRACE_ARGS=${TRACE_ARGS:-}
 for n in "$SEED" "$CACHE_MB" "$REQUESTS" "$TITLES" "$CONNS"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "SEED, CACHE_MB, REQUESTS, TITLES, CONNS: positive integers" >&2; exit 2; }
@@ -53,6 +58,9 @@ done
 for p in $EDGE_POLICIES; do
   case $p in video | windowed | lru | tinylfu) ;; *) echo "EDGE_POLICIES: video, windowed, lru, tinylfu" >&2; exit 2 ;; esac
 done
+for p in $EDGE_DISK_POLICIES; do
+  case $p in video | lru) ;; *) echo "EDGE_DISK_POLICIES: video, lru" >&2; exit 2 ;; esac
+done
 runs=""
 for s in $SYSTEMS; do
   if [ "$s" = cdn-edge ]; then
@@ -61,7 +69,9 @@ for s in $SYSTEMS; do
     runs="$runs $s"
   fi
 done
-[ "$EDGE_DISK_MB" = 0 ] || runs="$runs cdn-edge+disk:${EDGE_POLICIES%% *}"
+if [ "$EDGE_DISK_MB" != 0 ]; then
+  for p in $EDGE_DISK_POLICIES; do runs="$runs cdn-edge+disk:${EDGE_POLICIES%% *}/$p"; done
+fi
 SYSTEMS=$runs
 
 SLICE=1048576 SECRET=hit-ratio-secret-7d2e
@@ -184,7 +194,9 @@ start_system() { # name: start it with an empty cache; sets target and form
         rm -rf "$work/disk" && mkdir -p "$work/disk"
         disk="[cache.disk]
 path = \"$work/disk\"
-max_bytes = $((EDGE_DISK_MB * 1048576))"
+max_bytes = $((EDGE_DISK_MB * 1048576))
+policy = \"${policy#*/}\""
+        policy=${policy%/*}
       fi
       cat >"$work/edge.toml" <<EOF
 [listen]

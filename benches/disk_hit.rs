@@ -36,6 +36,7 @@ fn disk_hit(c: &mut Criterion) {
     let cfg = DiskCache {
         path: dir.path().to_path_buf(),
         max_bytes: 1 << 30,
+        policy: cdn_edge::config::DiskPolicy::Video,
     };
     let metrics = Arc::new(Metrics::new());
     let purges = Arc::new(Purges::in_memory());

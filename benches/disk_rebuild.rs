@@ -92,6 +92,7 @@ fn main() {
     let cfg = DiskCache {
         path: dir.path().to_path_buf(),
         max_bytes: 1 << 50,
+        policy: cdn_edge::config::DiskPolicy::Video,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

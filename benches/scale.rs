@@ -191,7 +191,7 @@ fn slices(c: &mut Criterion<ThreadCpu>) {
         });
         drop(tier);
 
-        let index = new_index(n * (1 << 20) * 3 / 2, |_| {});
+        let index = new_index(n * (1 << 20) * 3 / 2, |_, _| {});
         for i in 0..n {
             index.insert(slice_key(&ids, i), 1 << 20);
         }

@@ -184,7 +184,7 @@ fn child(what: &str, n: u64, s: u64) {
             (taken, payload, n)
         }),
         "disk" => {
-            let index = new_index(two_thirds_full(n, u64::from(FILE_LEN)), |_| {});
+            let index = new_index(two_thirds_full(n, u64::from(FILE_LEN)), |_, _| {});
             let start = Live::now();
             for i in 0..n {
                 index.insert(key(i), FILE_LEN);

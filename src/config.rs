@@ -222,6 +222,22 @@ pub enum MemoryPolicy {
 pub struct DiskCache {
     pub path: PathBuf,
     pub max_bytes: u64,
+    /// What the disk tier keeps when it is full: `cache.disk.policy`.
+    pub policy: DiskPolicy,
+}
+
+/// The disk tier's replacement policy (`cache.disk.policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum DiskPolicy {
+    /// Least recently used: every slice fetched from upstream is written, the longest
+    /// unused file goes.
+    #[serde(rename = "lru")]
+    Lru,
+    /// The memory tier's `video` scoring with the disk's budget: a slice that scores
+    /// below what the tier holds is not written.
+    #[default]
+    #[serde(rename = "video")]
+    Video,
 }
 
 #[derive(Debug, Clone)]
@@ -645,6 +661,8 @@ mod file {
     pub struct Disk {
         pub path: PathBuf,
         pub max_bytes: u64,
+        #[serde(default)]
+        pub policy: super::DiskPolicy,
     }
 
     #[derive(Deserialize)]
@@ -1021,6 +1039,7 @@ fn validate_cache(raw: file::Cache) -> Result<Cache, ConfigError> {
             Some(DiskCache {
                 path: d.path,
                 max_bytes: d.max_bytes,
+                policy: d.policy,
             })
         }
         None => None,
@@ -1334,6 +1353,24 @@ urls = ["http://127.0.0.1:9000"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("memory_policy"), "{err}");
+    }
+
+    #[test]
+    fn disk_policy_defaults_to_video_and_names_a_bad_value() {
+        let disk = |line: &str| {
+            format!("{MINIMAL}\n[cache.disk]\npath = \"/tmp/c\"\nmax_bytes = 1073741824\n{line}")
+        };
+        let c = Config::from_toml_with_env(&disk(""), no_env).unwrap();
+        assert_eq!(c.cache.disk.unwrap().policy, DiskPolicy::Video);
+        for (text, want) in [("lru", DiskPolicy::Lru), ("video", DiskPolicy::Video)] {
+            let toml = disk(&format!("policy = \"{text}\"\n"));
+            let c = Config::from_toml_with_env(&toml, no_env).unwrap();
+            assert_eq!(c.cache.disk.unwrap().policy, want);
+        }
+        let err = Config::from_toml_with_env(&disk("policy = \"tinylfu\"\n"), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy"), "{err}");
     }
 
     #[test]

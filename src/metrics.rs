@@ -508,6 +508,7 @@ pub struct Metrics {
     pub metadata_entries: IntGauge,
     pub disk_writes: IntCounter,
     pub disk_writes_dropped: IntCounter,
+    pub disk_writes_declined: IntCounter,
     pub disk_write_errors_no_space: IntCounter,
     pub disk_write_errors_io: IntCounter,
     pub disk_read_errors_io: IntCounter,
@@ -675,6 +676,10 @@ impl Metrics {
         let disk_writes_dropped = counter(
             "cdn_edge_disk_writes_dropped_total",
             "Slices not written to disk because the write queue was full or writes were paused after an error.",
+        );
+        let disk_writes_declined = counter(
+            "cdn_edge_disk_writes_declined_total",
+            "Slices not written to disk because the disk tier's video policy would not keep them (they score below every file it would have to displace).",
         );
         let write_errors = registered(
             r,
@@ -1207,6 +1212,7 @@ impl Metrics {
             metadata_entries,
             disk_writes,
             disk_writes_dropped,
+            disk_writes_declined,
             disk_write_errors_no_space,
             disk_write_errors_io,
             disk_read_errors_io,

@@ -92,6 +92,7 @@ impl Store {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: cdn_edge::config::DiskPolicy::Video,
         };
         let disk = DiskTier::open_with(&cfg, SLICE, metrics.clone(), purges.clone(), options);
         let store = SliceStore::new(
@@ -328,6 +329,7 @@ fn small_tier(faults: &Faults, metrics: &Arc<Metrics>, dir: &Path, pause: Durati
     let cfg = DiskCache {
         path: dir.to_path_buf(),
         max_bytes: 1 << 30,
+        policy: cdn_edge::config::DiskPolicy::Video,
     };
     let options = Options {
         storage: faults.storage(),
@@ -414,6 +416,7 @@ async fn a_directory_the_edge_cannot_write_fails_the_open_unless_it_is_full() {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: cdn_edge::config::DiskPolicy::Video,
         };
         let options = Options {
             storage: faults.storage(),

@@ -14,6 +14,7 @@ const SLICE: u64 = 64 * 1024;
 const SIZE: usize = 1_000_003; // 16 slices
 const WRITES: &str = "cdn_edge_disk_writes_total";
 const CORRUPT: &str = "cdn_edge_cache_corrupt_total";
+const DECLINED: &str = "cdn_edge_disk_writes_declined_total";
 
 fn opts(origin: &TestOrigin, dir: &Path, max_bytes: u64) -> EdgeOptions {
     let mut o = EdgeOptions::new(vec![origin.url()]);
@@ -192,6 +193,7 @@ async fn eviction_keeps_the_directory_within_max_bytes() {
     let max = 10 * SLICE + 10 * 100; // room for ten slice files
     let mut o = disk_only(&origin, dir.path());
     o.disk = Some((dir.path().to_path_buf(), max));
+    o.disk_policy = Some("lru");
     let edge = Edge::start(o).await;
     fill_all(&edge, &bytes).await;
     let files = slice_files(dir.path());
@@ -324,4 +326,52 @@ async fn an_object_that_was_uploading_is_served_whole_across_a_restart() {
     let r = edge.get(&format!("/?{q}"), &[]).await;
     assert!(r.status == 200 && r.complete && r.body == bytes);
     check_ranges(&edge, &bytes).await;
+}
+
+/// `cache.disk.policy = "video"` (the default): when the directory is full, a slice
+/// that scores below every file it would displace is not written. Slices of one title
+/// read one at a time from the start: the later a slice, the lower its score, so the
+/// first ten stay and the last six are declined, not written over them (LRU would keep
+/// the last ten, which fewer players reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_video_disk_policy_keeps_a_titles_first_slices_when_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(26, SIZE);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    // Room for ten slice files (headers included), not for an eleventh, even the short last.
+    let max = 10 * SLICE + 10 * 200;
+    let mut o = disk_only(&origin, dir.path());
+    o.disk = Some((dir.path().to_path_buf(), max));
+    let edge = Edge::start(o).await;
+    let q = signed("movie", "v1");
+    let slices = SIZE.div_ceil(SLICE as usize);
+    for i in 0..slices {
+        let (a, b) = (i * SLICE as usize, ((i + 1) * SLICE as usize).min(SIZE) - 1);
+        let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+        assert!(r.body == bytes[a..=b], "slice {i}");
+        // Each slice is decided before the next is read.
+        edge.wait_for_metrics_sum(&[WRITES, DECLINED], (i + 1) as f64)
+            .await;
+    }
+    assert_eq!(edge.metric(WRITES).await, 10.0);
+    assert_eq!(edge.metric(DECLINED).await, 6.0);
+    assert_eq!(edge.metric("cdn_edge_disk_evictions_total").await, 0.0);
+    let files = slice_files(dir.path());
+    assert_eq!(files.len(), 10);
+    for i in 0..10 {
+        slice_file(dir.path(), i); // kept, or it panics
+    }
+    // The kept slices come from disk; the declined ones from the origin, correctly.
+    let before = origin.requests();
+    let kept = edge
+        .get(&format!("/range/0-{}?{q}", 10 * SLICE - 1), &[])
+        .await;
+    assert!(kept.body == bytes[..10 * SLICE as usize]);
+    assert_eq!(origin.requests(), before, "kept slices come from disk");
+    let rest = edge
+        .get(&format!("/range/{}-{}?{q}", 10 * SLICE, SIZE - 1), &[])
+        .await;
+    assert!(rest.body == bytes[10 * SLICE as usize..]);
+    assert_eq!(origin.requests(), before + 6);
 }

@@ -147,7 +147,7 @@ def wtinylfu(acc, cap, window=0.01, period_mult=10, by_title=False):
 
 
 class Video:
-    """The edge's `video` policy (src/cache/memory/video.rs): score = the title's recent
+    """The edge's `video` policy (src/cache/video_policy.rs): score = the title's recent
     reads (halved every `aging` x capacity slices read) x exp(-index / span), where
     span is the mean slices a session reads; a slice a request ended inside scores
     above everything until it is read again (or `pending` reads later, by default a

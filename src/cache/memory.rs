@@ -8,10 +8,8 @@
 //! the window keeps those, the main part keeps what many players ask for.
 //!
 //! With the `video` policy (the default) it is one moka cache whose evictions
-//! [`video::VideoPolicy`] chooses, from how players read titles (told by
+//! [`VideoPolicy`] chooses, from how players read titles (told by
 //! [`MemoryTier::read`]).
-
-mod video;
 
 use std::sync::Arc;
 
@@ -19,9 +17,9 @@ use moka::future::Cache;
 use moka::notification::{ListenerFuture, RemovalCause};
 use moka::policy::EvictionPolicy;
 
+use super::video_policy::VideoPolicy;
 use super::{CachedSlice, ObjectId, SliceKey};
 use crate::config::MemoryPolicy;
-use video::VideoPolicy;
 
 /// Bytes weighed per entry besides the slice's own: what an entry costs in memory (moka's
 /// records of it, the key, the `Bytes` header, its share of moka's frequency sketch;
@@ -186,7 +184,7 @@ impl MemoryTier {
     }
 
     /// Whether a slice of `len` bytes not in the tier would be kept if filled now (see
-    /// [`video::VideoPolicy::would_keep`]); always with the moka-only policies, which
+    /// [`VideoPolicy::would_keep`]); always with the moka-only policies, which
     /// decide after the insert.
     pub fn would_keep(&self, key: &SliceKey, len: usize) -> bool {
         self.video.as_ref().is_none_or(|policy| {

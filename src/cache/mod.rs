@@ -32,6 +32,7 @@ pub mod meta;
 pub mod missing;
 pub mod pages;
 pub mod purge;
+pub mod video_policy;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -333,14 +334,27 @@ impl SliceStore {
         }
     }
 
-    /// A client reads `range` of an object of `size` bytes (what the memory tier's
-    /// `video` policy learns from; called before the slices are looked up).
+    /// A client reads `range` of an object of `size` bytes (what the tiers' `video`
+    /// policies learn from; called before the slices are looked up).
     pub fn note_read(&self, object: ObjectId, range: ByteRange, size: u64) {
         let first = range.start / self.slice_bytes;
         let last = range.end / self.slice_bytes;
         let ends_inside = !(range.end + 1).is_multiple_of(self.slice_bytes) && range.end + 1 < size;
+        self.noted(object, first, last, ends_inside);
+    }
+
+    /// A fill job is about to fetch slice `index` of `object`: it counts as one read of
+    /// it, so that the title it places is worth keeping as it fills (SPEC 7).
+    pub fn note_fill(&self, object: ObjectId, index: u64) {
+        self.noted(object, index, index, false);
+    }
+
+    fn noted(&self, object: ObjectId, first: u64, last: u64, ends_inside: bool) {
         self.memory
             .read(object, first, last, ends_inside, self.slice_bytes);
+        if let Some(policy) = self.disk.as_ref().and_then(DiskTier::video_policy) {
+            policy.read(object, first, last, ends_inside, self.slice_bytes);
+        }
     }
 
     /// Slice `index` of `obj` as the tiers (or the origin) have it, under whatever

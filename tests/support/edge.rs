@@ -24,6 +24,8 @@ pub struct EdgeOptions {
     pub sendfile: bool,
     /// `[cache.disk]`: directory and byte budget.
     pub disk: Option<(PathBuf, u64)>,
+    /// `cache.disk.policy`; `None` leaves the default (`video`).
+    pub disk_policy: Option<&'static str>,
     /// `cache.meta_ttl_secs`; `None` leaves the default.
     pub meta_ttl_secs: Option<u64>,
     pub retry_unhealthy_ms: u64,
@@ -65,6 +67,7 @@ impl EdgeOptions {
             clock_skew_secs: 30,
             sendfile: true,
             disk: None,
+            disk_policy: None,
             meta_ttl_secs: None,
             retry_unhealthy_ms: 10_000,
             negative_ttl_secs: None,
@@ -411,6 +414,26 @@ impl Edge {
             .await
     }
 
+    /// Waits (bounded) until the sum of `series` is at least `value`.
+    pub async fn wait_for_metrics_sum(&self, series: &[&str], value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut sum = 0.0;
+            for s in series {
+                sum += self.metric(s).await;
+            }
+            if sum >= value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{series:?} summed to {sum}, expected at least {value}; edge log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits (bounded) until `series` is exactly `value` (a gauge going back down).
     pub async fn wait_for_metric_exact(&self, series: &str, value: f64) {
         self.wait_for_metric_where(series, |now| now == value, &value.to_string())
@@ -477,8 +500,10 @@ fn config_text(opts: &EdgeOptions, ports: &Ports, dir: &std::path::Path) -> Stri
     let origins: Vec<String> = opts.origins.iter().map(|o| format!("{o:?}")).collect();
     let disk = match &opts.disk {
         Some((path, max)) => format!(
-            "[cache.disk]\npath = {:?}\nmax_bytes = {max}\n",
-            path.display().to_string()
+            "[cache.disk]\npath = {:?}\nmax_bytes = {max}\n{}",
+            path.display().to_string(),
+            opts.disk_policy
+                .map_or(String::new(), |p| format!("policy = {p:?}\n"))
         ),
         None => String::new(),
     };

@@ -13,8 +13,13 @@
 //! 4. Requests never block on a disk read: reads run on the blocking pool, at most
 //!    [`MAX_CONCURRENT_READS`] at a time, and a request waits for one (its turn
 //!    included) at most [`READ_TIMEOUT`], then fetches the slice elsewhere (counted).
-//! 5. The index (moka, LRU, weighed by file length) bounds the directory at
-//!    `cache.disk.max_bytes`; its eviction listener deletes evicted files.
+//! 5. The index (moka, weighed by file length) bounds the directory at
+//!    `cache.disk.max_bytes`. With `cache.disk.policy = "lru"` moka's LRU chooses what
+//!    goes and its eviction listener deletes evicted files. With `"video"` (the default)
+//!    a [`VideoPolicy`] with the disk's budget, told of every client read, chooses: the
+//!    writer asks it before writing (a slice scoring below what the tier holds is not
+//!    written, counted) and deletes what a write displaces. A fill job's slices, and
+//!    files found at start, are placed whatever they score; only others are displaced.
 //! 6. At start the index is rebuilt from file headers in the background
 //!    ([`rebuild`]); until it is done, a slice missing from the index is looked for at
 //!    its path before going to the origin. Leftover `tmp/` files are removed first.
@@ -68,12 +73,14 @@ use bytes::Bytes;
 use http::HeaderValue;
 
 use super::meta::Validator;
+use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use tokio::sync::Semaphore;
 
 use super::purge::Purges;
+use super::video_policy::VideoPolicy;
 use super::{CachedSlice, ObjectMeta, ObjectRef, SliceKey};
-use crate::config::DiskCache;
+use crate::config::{DiskCache, DiskPolicy};
 use crate::metrics::Metrics;
 use format::{decode_file, slice_path, MAX_HEADER, SLICES_DIR, TMP_DIR};
 use storage::{is_no_space, is_shortage};
@@ -141,6 +148,8 @@ pub struct Shared {
     root: PathBuf,
     slice_bytes: u64,
     index: moka::sync::Cache<SliceKey, u32>,
+    /// What the tier keeps, with `cache.disk.policy = "video"`; moka's LRU without.
+    policy: Option<Arc<VideoPolicy>>,
     rebuilt: AtomicBool,
     /// Set once the directory belongs to another process: no more writes or deletions.
     handed_over: Arc<AtomicBool>,
@@ -232,8 +241,16 @@ impl DiskTier {
         let evict_metrics = metrics.clone();
         let handed_over = Arc::new(AtomicBool::new(false));
         let evict_handed_over = handed_over.clone();
-        let index = new_index(cfg.max_bytes, move |key| {
-            if !evict_handed_over.load(Ordering::Acquire) {
+        let policy =
+            (cfg.policy == DiskPolicy::Video).then(|| Arc::new(VideoPolicy::new(cfg.max_bytes)));
+        let told = policy.clone();
+        let index = new_index(cfg.max_bytes, move |key, cause| {
+            if cause != RemovalCause::Replaced {
+                if let Some(policy) = &told {
+                    policy.forget(key);
+                }
+            }
+            if cause.was_evicted() && !evict_handed_over.load(Ordering::Acquire) {
                 let _ = std::fs::remove_file(slice_path(&evict_root, key));
                 evict_metrics.disk_evictions.inc();
             }
@@ -242,6 +259,7 @@ impl DiskTier {
             root: root.clone(),
             slice_bytes,
             index,
+            policy,
             rebuilt: AtomicBool::new(false),
             handed_over,
             metrics,
@@ -278,6 +296,12 @@ impl DiskTier {
     /// Whether the index lists this slice (no I/O).
     pub fn contains(&self, key: &SliceKey) -> bool {
         self.shared.index.contains_key(key)
+    }
+
+    /// What the tier keeps with `cache.disk.policy = "video"`, to be told of client
+    /// reads ([`VideoPolicy::read`]); none with `lru`.
+    pub fn video_policy(&self) -> Option<&VideoPolicy> {
+        self.shared.policy.as_deref()
     }
 
     /// Reads and checks a slice, with the purge stamp of the fill that cut it (0 for
@@ -348,6 +372,7 @@ impl DiskTier {
                 .validator()
                 .map_or_else(Bytes::new, |v| Bytes::copy_from_slice(v.as_bytes())),
             recheck_at: slice.meta.recheck_at(),
+            placed: obj.via.fill,
         };
         match self.jobs.try_send(job) {
             Ok(()) => {}
@@ -423,7 +448,7 @@ impl Shared {
             Ok((header, payload)) => {
                 // Touch the LRU; before the rebuild is done, also index what we found.
                 if self.index.get(key).is_none() && !self.rebuilt.load(Ordering::Acquire) {
-                    self.index.insert(*key, header.file_len() as u32);
+                    self.index_file(*key, header.file_len() as u32, true);
                 }
                 let content_type = HeaderValue::from_bytes(&header.content_type)
                     .ok()
@@ -449,6 +474,51 @@ impl Shared {
         }
     }
 
+    /// Whether the `video` policy would keep a slice file of `len` bytes not yet held
+    /// (always with `lru`).
+    fn would_keep(&self, key: &SliceKey, len: u32) -> bool {
+        self.policy
+            .as_ref()
+            .is_none_or(|p| p.would_keep(key, u64::from(len)))
+    }
+
+    /// Indexes the slice file of `len` bytes now at `key`'s path. With the `video`
+    /// policy, the files it displaces are deleted here (callers are never on the async
+    /// runtime); false when the policy turned this one away (the caller deletes it).
+    /// `placed`: it stays whatever it scores ([`VideoPolicy::placed`]).
+    fn index_file(&self, key: SliceKey, len: u32, placed: bool) -> bool {
+        if let Some(policy) = &self.policy {
+            let doomed = if placed {
+                policy.placed(key, u64::from(len))
+            } else {
+                policy.filled(key, u64::from(len))
+            };
+            let mut kept = true;
+            for d in doomed {
+                if d == key {
+                    kept = false;
+                } else {
+                    self.evict(&d);
+                }
+            }
+            if !kept {
+                return false;
+            }
+        }
+        // The policy first: a purge between the two finds the entry and tells it.
+        self.index.insert(key, len);
+        true
+    }
+
+    /// A file the `video` policy displaced: out of the index, deleted, counted.
+    fn evict(&self, key: &SliceKey) {
+        self.index.invalidate(key);
+        if !self.handed_over.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(slice_path(&self.root, key));
+            self.metrics.disk_evictions.inc();
+        }
+    }
+
     /// Takes a slice out of the index and deletes its file (unless the directory has
     /// been handed over).
     fn drop_file(&self, key: &SliceKey, path: &Path) {
@@ -465,22 +535,19 @@ impl Shared {
 }
 
 /// The index of a disk tier: slice → file length, LRU, bounded at `max_bytes` of files.
-/// `evicted` is called for each slice evicted to make room (not for one invalidated).
-/// Public so that the scale benches measure the structure [`DiskTier::open`] builds.
+/// `left` is called for each slice that leaves it, with why (evicted to make room,
+/// invalidated, replaced). Public so that the scale benches measure the structure
+/// [`DiskTier::open`] builds.
 pub fn new_index(
     max_bytes: u64,
-    evicted: impl Fn(&SliceKey) + Send + Sync + 'static,
+    left: impl Fn(&SliceKey, RemovalCause) + Send + Sync + 'static,
 ) -> moka::sync::Cache<SliceKey, u32> {
     moka::sync::Cache::builder()
         .name("disk-index")
         .eviction_policy(EvictionPolicy::lru())
         .max_capacity(max_bytes)
         .weigher(|_k: &SliceKey, len: &u32| *len)
-        .eviction_listener(move |key: Arc<SliceKey>, _len, cause| {
-            if cause.was_evicted() {
-                evicted(&key);
-            }
-        })
+        .eviction_listener(move |key: Arc<SliceKey>, _len, cause| left(&key, cause))
         .build()
 }
 
@@ -588,6 +655,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: DiskPolicy::Video,
         };
         let options = Options {
             storage: Box::new(storage),
@@ -627,12 +695,98 @@ mod tests {
         assert_eq!(leftovers, 0, "a failed write leaves no temp file");
     }
 
+    /// Slice `index` of title `o`, 4 KiB.
+    fn title_slice(o: &str, index: u64) -> (SliceKey, CachedSlice) {
+        let object = ObjectId::new(o, "v");
+        let meta = Arc::new(ObjectMeta::new(&object, 1 << 20, None));
+        let key = SliceKey { object, index };
+        let bytes = Bytes::from(vec![index as u8; 4096]);
+        (key, CachedSlice { bytes, meta })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_video_policy_writes_what_outscores_the_held_files_and_a_fills_slices() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 4 * (4096 + 200), // four slice files
+            policy: DiskPolicy::Video,
+        };
+        let tier = DiskTier::open(&cfg, 4096, metrics.clone(), purges()).unwrap();
+        until("index rebuild", || tier.stats().index_ready).await;
+        let decided = || metrics.disk_writes.get() + metrics.disk_writes_declined.get();
+        let store = |(key, slice): (SliceKey, CachedSlice), obj: &ObjectRef<'_>| {
+            tier.store(key, &slice, obj, 1);
+        };
+        let hit = ObjectId::new("hit", "v");
+        let policy = tier.video_policy().unwrap();
+        for _ in 0..10 {
+            policy.read(hit, 0, 3, false, 4096);
+        }
+        for i in 0..4 {
+            store(title_slice("hit", i), &OBJ);
+        }
+        until("four writes", || metrics.disk_writes.get() == 4).await;
+
+        // A title read once scores below all of them: not written.
+        policy.read(ObjectId::new("once", "v"), 0, 0, false, 4096);
+        store(title_slice("once", 0), &OBJ);
+        until("declined", || decided() == 5).await;
+        assert_eq!(metrics.disk_writes_declined.get(), 1);
+        assert!(!tier.contains(&title_slice("once", 0).0));
+
+        // A fill job's slice is written whatever it scores, in place of a held one.
+        let fill = ObjectRef {
+            via: crate::cache::Via::FILL,
+            ..OBJ
+        };
+        store(title_slice("placed", 0), &fill);
+        until("the fill's write", || metrics.disk_writes.get() == 5).await;
+        tier.sync_blocking();
+        assert!(tier.contains(&title_slice("placed", 0).0));
+        assert_eq!(metrics.disk_evictions.get(), 1);
+        assert_eq!(tier.stats().entries, 4);
+        assert_eq!(slice_files(dir.path()), 4);
+
+        // A file dropped from the index is forgotten by the policy: its room is free.
+        let gone = (0..4)
+            .map(|i| title_slice("hit", i).0)
+            .find(|k| tier.contains(k))
+            .unwrap();
+        tier.discard(gone);
+        store(title_slice("once", 1), &OBJ);
+        until("a write into the freed room", || {
+            metrics.disk_writes.get() == 6
+        })
+        .await;
+        assert_eq!(metrics.disk_writes_declined.get(), 1);
+        assert_eq!(metrics.disk_evictions.get(), 1);
+    }
+
+    /// The slice files under `dir`.
+    fn slice_files(dir: &Path) -> usize {
+        let mut n = 0;
+        let mut stack = vec![dir.join(SLICES_DIR)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_missing_directory_that_cannot_be_created_is_a_clear_error() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let cfg = DiskCache {
             path: file.path().join("cache"),
             max_bytes: 1 << 20,
+            policy: DiskPolicy::Video,
         };
         let err = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges())
             .err()
@@ -649,6 +803,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.to_path_buf(),
             max_bytes: 1 << 30,
+            policy: DiskPolicy::Video,
         };
         let (a, sa) = slice(1);
         {
@@ -675,6 +830,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: DiskPolicy::Video,
         };
         let (a, mut sa) = slice(1);
         let (b, sb) = slice(2);
@@ -753,6 +909,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: DiskPolicy::Video,
         };
         let first = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges()).unwrap();
         let second = DiskTier::open(&cfg, 4096, Arc::new(Metrics::new()), purges());

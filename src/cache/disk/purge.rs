@@ -113,6 +113,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.to_path_buf(),
             max_bytes: 1 << 30,
+            policy: crate::config::DiskPolicy::Video,
         };
         let metrics = Arc::new(Metrics::new());
         let options = Options {

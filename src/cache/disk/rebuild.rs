@@ -110,7 +110,9 @@ fn index_file(shared: &Shared, path: &Path) -> bool {
         }
         Ok(header) => {
             // A slice written since start is newer; keep its entry.
-            shared.index.entry(key).or_insert(header.file_len() as u32);
+            if !shared.index.contains_key(&key) {
+                shared.index_file(key, header.file_len() as u32, true);
+            }
             if let Some(o) = header.object_name() {
                 shared.purges.names().note(key.object, o);
             }
@@ -142,6 +144,7 @@ mod tests {
         let cfg = DiskCache {
             path: dir.path().to_path_buf(),
             max_bytes: 1 << 30,
+            policy: crate::config::DiskPolicy::Video,
         };
         let metrics = Arc::new(Metrics::new());
         let options = Options {

@@ -1,7 +1,8 @@
 //! The disk writer: one thread that turns queued slices into files, off the request path.
 //!
 //! Each slice is written to `tmp/`, then renamed to its place, then indexed: a reader
-//! never sees a partial file under a slice's name. A slice whose object was purged
+//! never sees a partial file under a slice's name. With the `video` policy a slice it
+//! would not keep is not written, and the files a write displaces are deleted here. A slice whose object was purged
 //! since its fill started is not written, and one purged while it was being written is
 //! deleted once indexed (`cache::purge`). When a write fails (a full file system, a
 //! failing device, a directory turned read-only) the writer stops writing for the
@@ -42,6 +43,8 @@ pub struct WriteJob {
     pub validator: Bytes,
     /// When the object's metadata is due for a re-check (unix ms; `u64::MAX` confirmed).
     pub recheck_at: u64,
+    /// Written whatever the `video` policy thinks of it (a fill job's slice).
+    pub placed: bool,
 }
 
 /// Runs until every sender is gone.
@@ -77,6 +80,11 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>) {
             written_at: job.written_at,
         };
         let header = encode_header(&job.key, record, shared.slice_bytes as u32, &job.payload);
+        let len = (header.len() + job.payload.len()) as u32;
+        if !job.placed && !shared.would_keep(&job.key, len) {
+            shared.metrics.disk_writes_declined.inc();
+            continue;
+        }
         let bucket = [job.key.object.as_bytes()[0], job.key.object.as_bytes()[1]];
         let written = write_tmp(&*shared.storage, &tmp_dir, &tmp, &header, &job.payload)
             .and_then(|()| place(&tmp, &dst, made_dirs.contains(&bucket)));
@@ -85,8 +93,12 @@ pub fn run(shared: Arc<Shared>, jobs: Receiver<WriteJob>) {
         }
         match written {
             Ok(()) => {
-                let len = (header.len() + job.payload.len()) as u32;
-                shared.index.insert(job.key, len);
+                if !shared.index_file(job.key, len, job.placed) {
+                    // What it displaced changed since it was asked (rare): not kept.
+                    let _ = std::fs::remove_file(&dst);
+                    shared.metrics.disk_writes_declined.inc();
+                    continue;
+                }
                 shared.purges.names().note(job.key.object, &job.o);
                 if shared
                     .purges

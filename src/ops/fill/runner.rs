@@ -264,6 +264,7 @@ impl JobRun<'_> {
             return self.done().await;
         }
         let len = slice_len(index, store.slice_bytes(), p.meta.size);
+        store.note_fill(obj.id, index);
         for attempt in 1..=self.jobs.config.attempts {
             if self.jobs.is_handed_over() {
                 return;

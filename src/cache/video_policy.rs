@@ -1,5 +1,7 @@
-//! The `video` memory policy: which slices to keep, from what a video cache knows about
-//! how players read titles.
+//! The `video` policy: which slices a tier keeps, from what a video cache knows about
+//! how players read titles. The memory tier (`cache.memory_policy`) and the disk tier
+//! (`cache.disk.policy`) each have one, with their own budget; both are told of every
+//! client read.
 //!
 //! Players read a title from its beginning, segment after segment, and stop after a
 //! few: the value of a slice is how often its title is read lately times the share of
@@ -109,9 +111,18 @@ impl State {
         for _ in 0..SAMPLE {
             let i = (self.next_random() % self.held.len() as u64) as usize;
             let candidate = self.held[i].0;
+            if candidate == key {
+                continue;
+            }
             let score = self.score(&candidate, now);
             if score < worst.0 {
                 worst = (score, candidate);
+            }
+        }
+        if worst.1 == key && mine.is_infinite() {
+            // A slice that stays, and the sample met only itself: any other goes.
+            if let Some(&(other, _)) = self.held.iter().find(|(k, _)| *k != key) {
+                return other;
             }
         }
         worst.1
@@ -216,18 +227,42 @@ impl VideoPolicy {
     /// A slice of `weight` bytes entered the tier. Returns the slices to drop to stay
     /// within the budget: sampled ones of lower score, or `key` itself.
     pub fn filled(&self, key: SliceKey, weight: u64) -> Vec<SliceKey> {
+        self.enter(key, weight, false)
+    }
+
+    /// [`VideoPolicy::filled`] for a slice that stays whatever it scores now (one an
+    /// operator's fill job placed, or one found at start): only others are dropped.
+    pub fn placed(&self, key: SliceKey, weight: u64) -> Vec<SliceKey> {
+        self.enter(key, weight, true)
+    }
+
+    fn enter(&self, key: SliceKey, weight: u64, stays: bool) -> Vec<SliceKey> {
         let now = Instant::now();
         let mut guard = self.lock();
         let st = &mut *guard;
         if st.at.contains_key(&key) {
             return Vec::new();
         }
-        let mine = st.score(&key, now);
+        if weight > self.budget {
+            return vec![key];
+        }
+        // Above any held slice's score, the pending ones' included: never the lowest.
+        let mine = if stays {
+            f64::INFINITY
+        } else {
+            st.score(&key, now)
+        };
         st.at.insert(key, st.held.len());
         st.held.push((key, weight));
         st.held_bytes += weight;
         let mut doomed = Vec::new();
+        // A slice over the whole budget cannot stay, even when placed.
         while st.held_bytes > self.budget && st.at.contains_key(&key) {
+            if st.held.len() == 1 {
+                st.remove(&key);
+                doomed.push(key);
+                break;
+            }
             let worst = st.lowest_sampled(key, mine, now);
             st.remove(&worst);
             doomed.push(worst);
@@ -365,6 +400,26 @@ mod tests {
         // A slice a read ended inside is kept over anything.
         policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
         assert!(policy.would_keep(&key("rare", 5), S));
+    }
+
+    #[test]
+    fn a_placed_slice_stays_and_displaces_held_ones_whatever_they_score() {
+        let policy = VideoPolicy::new(2 * S);
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
+        }
+        assert!(policy.filled(key("hit", 0), S).is_empty());
+        // Even one a read ended inside (the highest score there is).
+        policy.read(ObjectId::new("hit", "v"), 0, 1, true, S);
+        assert!(policy.filled(key("hit", 1), S).is_empty());
+        let doomed = policy.placed(key("unread", 9), S);
+        assert_eq!(doomed.len(), 1);
+        assert_ne!(doomed[0], key("unread", 9));
+        assert!(policy.would_keep(&key("unread", 9), S), "held");
+        assert_eq!(policy.held_bytes(), 2 * S);
+        // A slice larger than the whole budget cannot stay, placed or not.
+        assert_eq!(policy.placed(key("big", 0), 3 * S), [key("big", 0)]);
+        assert_eq!(policy.held_bytes(), 2 * S, "nothing displaced for it");
     }
 
     #[test]
