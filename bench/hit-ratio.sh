@@ -20,7 +20,7 @@
 #   EDGE_DISK_MB  with a size, a second cdn-edge run ("cdn-edge+disk") keeps CACHE_MB in
 #               its memory tier and EDGE_DISK_MB more in its disk tier (not comparable to
 #               the peers' single cache of CACHE_MB: reported apart), named
-#               "cdn-edge+disk:<memory policy>/<disk policy>"
+#               "cdn-edge+disk:<memory policy>,<disk policy>"
 #   EDGE_DISK_POLICIES  cache.disk.policy values for those runs, one run each
 #               (default "video", the default; "video lru" compares them)
 #   TRACE_ARGS  more options for trace.py (--alpha, --one-hit, --drift, ...)
@@ -70,7 +70,7 @@ for s in $SYSTEMS; do
   fi
 done
 if [ "$EDGE_DISK_MB" != 0 ]; then
-  for p in $EDGE_DISK_POLICIES; do runs="$runs cdn-edge+disk:${EDGE_POLICIES%% *}/$p"; done
+  for p in $EDGE_DISK_POLICIES; do runs="$runs cdn-edge+disk:${EDGE_POLICIES%% *},$p"; done
 fi
 SYSTEMS=$runs
 
@@ -195,8 +195,8 @@ start_system() { # name: start it with an empty cache; sets target and form
         disk="[cache.disk]
 path = \"$work/disk\"
 max_bytes = $((EDGE_DISK_MB * 1048576))
-policy = \"${policy#*/}\""
-        policy=${policy%/*}
+policy = \"${policy#*,}\""
+        policy=${policy%,*}
       fi
       cat >"$work/edge.toml" <<EOF
 [listen]

@@ -8,7 +8,9 @@
 //! both times and what the index took in RSS; under `cargo test` it runs the same with
 //! 1,000 files. `DISK_REBUILD_FILES` and `DISK_REBUILD_PAYLOAD` (bytes) change the
 //! count and size of the files (mind the disk: each takes at least one block);
-//! `DISK_REBUILD_DIR` puts them under another directory than the target's.
+//! `DISK_REBUILD_DIR` puts them under another directory than the target's;
+//! `DISK_REBUILD_POLICY=lru` opens the tier with `cache.disk.policy = "lru"` (default
+//! `video`, whose records of each file the RSS figure then includes).
 //! Last results are in docs/performance.md.
 
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use bytes::Bytes;
 use cdn_edge::cache::disk::DiskTier;
 use cdn_edge::cache::purge::Purges;
 use cdn_edge::cache::{CachedSlice, ObjectId, ObjectMeta, ObjectRef, SliceKey};
-use cdn_edge::config::DiskCache;
+use cdn_edge::config::{DiskCache, DiskPolicy};
 use cdn_edge::metrics::Metrics;
 
 #[path = "../tests/counting/mod.rs"]
@@ -92,7 +94,11 @@ fn main() {
     let cfg = DiskCache {
         path: dir.path().to_path_buf(),
         max_bytes: 1 << 50,
-        policy: cdn_edge::config::DiskPolicy::Video,
+        policy: match std::env::var("DISK_REBUILD_POLICY").as_deref() {
+            Ok("lru") => DiskPolicy::Lru,
+            Ok("video") | Err(_) => DiskPolicy::Video,
+            Ok(other) => panic!("DISK_REBUILD_POLICY: video or lru, not {other}"),
+        },
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
