@@ -254,10 +254,7 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   -subj "/CN=cdn-compare" -addext "subjectAltName=IP:127.0.0.1" \
   -keyout "$key" -out "$cert" 2>/dev/null || die "openssl could not make the certificate"
 
-user_line=""
-[ "$(id -u)" = 0 ] && user_line="user root root;   # workers read and write only this run's temp dirs"
-temp_paths="client_body_temp_path $work/tmp/body; proxy_temp_path $work/tmp/proxy;
-  fastcgi_temp_path $work/tmp/fastcgi; uwsgi_temp_path $work/tmp/uwsgi; scgi_temp_path $work/tmp/scgi;"
+peers_nginx_paths "$work"
 workers=auto
 [ "$PIN" = 1 ] && workers=1
 
@@ -277,12 +274,7 @@ http {
   keepalive_requests 100000;
   server {
     listen $ORIGIN;
-    location ~ ^/objects/[^/]+/[^/]+\$ {
-      root $work/origin;
-      try_files /object.bin =404;
-      default_type video/mp4;
-      add_header Cache-Control "public, max-age=31536000, immutable";
-    }
+$(peers_origin_object "$work/origin")
     location = $DICT_PATH {
       default_type application/json;
       add_header Cache-Control "max-age=86400";
@@ -397,9 +389,7 @@ upstream = "http://$ORIGIN"
 
 [server]
 threads = $EDGE_THREADS
-grace_period_secs = 1
-shutdown_timeout_secs = 1
-upgrade_sock = "$work/upgrade.sock"
+$(peers_edge_quick_stop "$work")
 
 [log]
 level = "info"

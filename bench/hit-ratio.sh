@@ -145,10 +145,7 @@ EOF
 echo
 
 # ---------------------------------------------------------------- origins
-user_line=""
-[ "$(id -u)" = 0 ] && user_line="user root root;"
-temp_paths="client_body_temp_path $work/tmp/body; proxy_temp_path $work/tmp/proxy;
-  fastcgi_temp_path $work/tmp/fastcgi; uwsgi_temp_path $work/tmp/uwsgi; scgi_temp_path $work/tmp/scgi;"
+peers_nginx_paths "$work"
 origin_server() { # port name
   cat <<EOF
   server {
@@ -199,14 +196,7 @@ policy = \"${policy#*,}\""
         policy=${policy%,*}
       fi
       cat >"$work/edge.toml" <<EOF
-[listen]
-http = "$EDGE"
-admin = "$EDGE_ADMIN"
-
-[signing]
-[[signing.keys]]
-id = "k1"
-secret = "$SECRET"
+$(peers_edge_head "$EDGE" "$EDGE_ADMIN" "$SECRET")
 
 [cache]
 slice_bytes = $SLICE
@@ -219,9 +209,7 @@ urls = ["http://$origin"]
 path = "/objects/{o}/{v}"
 
 [server]
-grace_period_secs = 1
-shutdown_timeout_secs = 1
-upgrade_sock = "$work/upgrade.sock"
+$(peers_edge_quick_stop "$work")
 
 [log]
 access = false

@@ -230,10 +230,7 @@ echo
     -iv 00000000000000000000000000000000 -in /dev/zero 2>/dev/null | head -c "$size" >"$work/origin/object.bin"
 )
 [ "$(stat -c %s "$work/origin/object.bin")" = "$size" ] || die "could not write the origin object"
-user_line=""
-[ "$(id -u)" = 0 ] && user_line="user root root;   # workers read and write only this run's temp dirs"
-temp_paths="client_body_temp_path $work/tmp/body; proxy_temp_path $work/tmp/proxy;
-  fastcgi_temp_path $work/tmp/fastcgi; uwsgi_temp_path $work/tmp/uwsgi; scgi_temp_path $work/tmp/scgi;"
+peers_nginx_paths "$work"
 cat >"$work/origin.conf" <<EOF
 $user_line
 worker_processes 1;
@@ -248,12 +245,7 @@ http {
   keepalive_requests 100000;
   server {
     listen $ORIGIN;
-    location ~ ^/objects/[^/]+/[^/]+\$ {
-      root $work/origin;
-      try_files /object.bin =404;
-      default_type video/mp4;
-      add_header Cache-Control "public, max-age=31536000, immutable";
-    }
+$(peers_origin_object "$work/origin")
     location / { return 404; }
   }
 }
@@ -264,14 +256,7 @@ peers_wait_http origin "http://$ORIGIN/"
 
 # ---------------------------------------------------------------- systems
 cat >"$work/edge.toml" <<EOF
-[listen]
-http = "$EDGE"
-admin = "$EDGE_ADMIN"
-
-[signing]
-[[signing.keys]]
-id = "k1"
-secret = "$SECRET"
+$(peers_edge_head "$EDGE" "$EDGE_ADMIN" "$SECRET")
 
 [cache]
 slice_bytes = 1048576
@@ -283,9 +268,7 @@ path = "/objects/{o}/{v}"
 
 [server]
 threads = 1
-grace_period_secs = 1
-shutdown_timeout_secs = 1
-upgrade_sock = "$work/upgrade.sock"
+$(peers_edge_quick_stop "$work")
 
 [limits]
 max_connections = $((CONNS + 1000))

@@ -179,7 +179,9 @@ fn slice_lookup(c: &mut Criterion) {
     // Video: one lookup, and the request's read told to the policy (once per request).
     g.bench_function("memory_hit_video", |b| {
         b.to_async(&rt).iter(|| async {
-            video.read(object, 900, 900, true, 1 << 20);
+            if let Some(policy) = video.video_policy() {
+                policy.read(object, 900, 900, true, 1 << 20);
+            }
             video
                 .get(black_box(&SliceKey { object, index: 900 }))
                 .await
@@ -237,7 +239,9 @@ fn parallel_hits(
                     tier.fills().insert(key, slice.clone()).await;
                     start.wait();
                     for _ in 0..iters {
-                        tier.read(object, 0, 0, true, 1 << 20);
+                        if let Some(policy) = tier.video_policy() {
+                            policy.read(object, 0, 0, true, 1 << 20);
+                        }
                         black_box(tier.get(black_box(&key)).await.unwrap());
                     }
                 });

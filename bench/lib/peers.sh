@@ -90,3 +90,51 @@ peers_nginx_slices() {
       proxy_pass http://origin;
 EOF
 }
+
+# peers_nginx_paths WORK: sets user_line (root only: nginx's workers run as root, reading
+# and writing only this run's temp dirs) and temp_paths (every nginx temp path under
+# WORK/tmp) for the nginx configs a script writes.
+peers_nginx_paths() {
+  user_line=""
+  [ "$(id -u)" = 0 ] && user_line="user root root;   # workers read and write only this run's temp dirs"
+  temp_paths="client_body_temp_path $1/tmp/body; proxy_temp_path $1/tmp/proxy;
+  fastcgi_temp_path $1/tmp/fastcgi; uwsgi_temp_path $1/tmp/uwsgi; scgi_temp_path $1/tmp/scgi;"
+}
+
+# peers_origin_object ROOT: the location of an origin nginx answering every
+# /objects/{o}/{v} with ROOT/object.bin, immutable.
+peers_origin_object() {
+  cat <<EOF
+    location ~ ^/objects/[^/]+/[^/]+\$ {
+      root $1;
+      try_files /object.bin =404;
+      default_type video/mp4;
+      add_header Cache-Control "public, max-age=31536000, immutable";
+    }
+EOF
+}
+
+# peers_edge_head HTTP ADMIN SECRET: the [listen] and [signing] sections of a cdn-edge
+# under test (one HMAC key, k1).
+peers_edge_head() {
+  cat <<EOF
+[listen]
+http = "$1"
+admin = "$2"
+
+[signing]
+[[signing.keys]]
+id = "k1"
+secret = "$3"
+EOF
+}
+
+# peers_edge_quick_stop WORK: the [server] lines that let a cdn-edge under test stop
+# within a second, with its upgrade socket under WORK.
+peers_edge_quick_stop() {
+  cat <<EOF
+grace_period_secs = 1
+shutdown_timeout_secs = 1
+upgrade_sock = "$1/upgrade.sock"
+EOF
+}

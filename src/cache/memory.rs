@@ -18,7 +18,7 @@ use moka::notification::{ListenerFuture, RemovalCause};
 use moka::policy::EvictionPolicy;
 
 use super::video_policy::VideoPolicy;
-use super::{CachedSlice, ObjectId, SliceKey};
+use super::{CachedSlice, SliceKey};
 use crate::config::MemoryPolicy;
 
 /// Bytes weighed per entry besides the slice's own: what an entry costs in memory (moka's
@@ -192,19 +192,10 @@ impl MemoryTier {
         })
     }
 
-    /// A client read slices `first..=last` of `object`, stopping inside `last` when
-    /// `ends_inside` (the `video` policy's input; nothing for the others).
-    pub fn read(
-        &self,
-        object: ObjectId,
-        first: u64,
-        last: u64,
-        ends_inside: bool,
-        slice_bytes: u64,
-    ) {
-        if let Some(policy) = &self.video {
-            policy.read(object, first, last, ends_inside, slice_bytes);
-        }
+    /// What a `video` tier keeps, to be told of client reads ([`VideoPolicy::read`]);
+    /// none with the other policies.
+    pub fn video_policy(&self) -> Option<&VideoPolicy> {
+        self.video.as_deref()
     }
 
     /// Drops the slice from every part of the tier.
@@ -369,7 +360,9 @@ mod tests {
         let once = ObjectId::new("once", "v");
         let at = |object, index| SliceKey { object, index };
         for _ in 0..5 {
-            tier.read(popular, 0, 1, false, 1 << 20);
+            tier.video_policy()
+                .unwrap()
+                .read(popular, 0, 1, false, 1 << 20);
         }
         for i in 0..2 {
             let key = at(popular, i);
@@ -380,7 +373,9 @@ mod tests {
         }
         // A title nobody read before: its slice is served but not kept (LRU would
         // have dropped the popular title's slice 0 for it).
-        tier.read(once, 0, 0, false, 1 << 20);
+        tier.video_policy()
+            .unwrap()
+            .read(once, 0, 0, false, 1 << 20);
         let key = at(once, 0);
         tier.fills()
             .insert(key, slice(Bytes::from(vec![1u8; 4000])))
@@ -391,7 +386,7 @@ mod tests {
         assert!(!tier.contains(&key));
         // A read that stopped inside a slice keeps it for the next segment, whatever
         // its title's count.
-        tier.read(once, 0, 0, true, 1 << 20);
+        tier.video_policy().unwrap().read(once, 0, 0, true, 1 << 20);
         tier.fills()
             .insert(key, slice(Bytes::from(vec![1u8; 4000])))
             .await;

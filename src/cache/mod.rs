@@ -350,9 +350,8 @@ impl SliceStore {
     }
 
     fn noted(&self, object: ObjectId, first: u64, last: u64, ends_inside: bool) {
-        self.memory
-            .read(object, first, last, ends_inside, self.slice_bytes);
-        if let Some(policy) = self.disk.as_ref().and_then(DiskTier::video_policy) {
+        let disk = self.disk.as_ref().and_then(DiskTier::video_policy);
+        for policy in self.memory.video_policy().into_iter().chain(disk) {
             policy.read(object, first, last, ends_inside, self.slice_bytes);
         }
     }

@@ -410,46 +410,36 @@ impl Edge {
 
     /// Waits (bounded) until `series` reaches at least `value`.
     pub async fn wait_for_metric(&self, series: &str, value: f64) {
-        self.wait_for_metric_where(series, |now| now >= value, &format!("at least {value}"))
+        self.wait_for_sum_where(&[series], |now| now >= value, &format!("at least {value}"))
             .await
     }
 
     /// Waits (bounded) until the sum of `series` is at least `value`.
     pub async fn wait_for_metrics_sum(&self, series: &[&str], value: f64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut sum = 0.0;
-            for s in series {
-                sum += self.metric(s).await;
-            }
-            if sum >= value {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{series:?} summed to {sum}, expected at least {value}; edge log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.wait_for_sum_where(series, |now| now >= value, &format!("at least {value}"))
+            .await
     }
 
     /// Waits (bounded) until `series` is exactly `value` (a gauge going back down).
     pub async fn wait_for_metric_exact(&self, series: &str, value: f64) {
-        self.wait_for_metric_where(series, |now| now == value, &value.to_string())
+        self.wait_for_sum_where(&[series], |now| now == value, &value.to_string())
             .await
     }
 
-    async fn wait_for_metric_where(&self, series: &str, ok: impl Fn(f64) -> bool, want: &str) {
+    async fn wait_for_sum_where(&self, series: &[&str], ok: impl Fn(f64) -> bool, want: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let now = self.metric(series).await;
+            let mut now = 0.0;
+            for s in series {
+                now += self.metric(s).await;
+            }
             if ok(now) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{series} stayed at {now}, expected {want}; edge log:\n{}",
+                "{} stayed at {now}, expected {want}; edge log:\n{}",
+                series.join(" + "),
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
