@@ -38,10 +38,16 @@ if [ "$tier" = disk ]; then
   done
 fi
 curl -fs "http://$admin/status" | grep -E '"(memory_bytes|memory_entries|bytes|entries)"'
+failed=0
 for mode in path header; do
   echo "== $mode ($tier tier): wrk -t1 -c$conns -d${secs}s, random 310,491-byte hits"
-  QUERY=$query OBJECT_SIZE=$size MODE=$mode \
-    wrk -t1 -c"$conns" -d"${secs}s" --latency -s bench/wrk/random_range.lua "http://$http" |
-    grep -E "Requests/sec|Transfer/sec|p50_us|Non-2xx|Socket errors"
+  out=$(QUERY=$query OBJECT_SIZE=$size MODE=$mode \
+    wrk -t1 -c"$conns" -d"${secs}s" --latency -s bench/wrk/random_range.lua "http://$http")
+  grep -E "Requests/sec|Transfer/sec|p50_us|Non-2xx|Socket errors" <<<"$out"
+  if ! grep -q "non2xx=0$" <<<"$out"; then
+    echo "!! some answers were not 2xx: the figures above are not all hits"
+    failed=1
+  fi
 done
 curl -fs "http://$admin/metrics" | grep -E '^cdn_edge_(origin_requests_total\{result="ok"\}|cache_lookups_total|cache_corrupt_total)'
+exit "$failed"

@@ -273,7 +273,10 @@ stats = "http://{sink}"
 [server]
 grace_period_secs = 1
 shutdown_timeout_secs = 1
-{upgrade_sock}{cluster}"#,
+{upgrade_sock}{cluster}
+[limits]
+max_pinned_bytes = {pinned}
+"#,
         http = addrs.http,
         admin = addrs.admin,
         origin = addrs.origin,
@@ -281,6 +284,7 @@ shutdown_timeout_secs = 1
         sink = addrs.sink,
         spool = addrs.spool.display().to_string(),
         memory = addrs.memory_bytes,
+        pinned = pinned_budget(addrs),
         ed25519 = demo_ed25519_public_key(),
         disk = match &addrs.disk {
             Some(path) => format!(
@@ -292,6 +296,18 @@ shutdown_timeout_secs = 1
         },
     )
 }
+
+/// `limits.max_pinned_bytes` of the demo: its default, `cache.memory_bytes`, unless the
+/// memory tier is smaller than [`DEMO_MIN_PINNED`]. Slices read from a disk tier that the
+/// memory tier does not keep are held by the responses sending them alone, so a demo
+/// with a disk tier behind a memory tier of a few slices (`bench/wrk-ranges.sh disk`)
+/// would otherwise turn away all but a few concurrent range requests with 503.
+fn pinned_budget(addrs: &DemoOptions) -> u64 {
+    addrs.memory_bytes.max(DEMO_MIN_PINNED)
+}
+
+/// The least `limits.max_pinned_bytes` of the demo: 64 slices.
+const DEMO_MIN_PINNED: u64 = 64 << 20;
 
 /// The signed query of the sample object printed by the demo, valid for an hour.
 pub fn sample_query(now: u64) -> String {
@@ -454,5 +470,20 @@ mod tests {
             .unwrap();
         assert_eq!(ed, sample_query_ed25519(1_800_000_000));
         assert_eq!(v.verify(ed, 1_800_000_000).unwrap().object, "sample");
+    }
+
+    #[test]
+    fn a_small_memory_tier_does_not_shrink_the_demos_pinned_budget_below_64_slices() {
+        let mut addrs = DemoOptions::loopback();
+        assert_eq!(
+            demo_config(&addrs).unwrap().limits.max_pinned_bytes,
+            256 << 20
+        );
+        addrs.memory_bytes = 1 << 20;
+        addrs.disk = Some(std::env::temp_dir().join("cdn-edge-demo-disk"));
+        assert_eq!(
+            demo_config(&addrs).unwrap().limits.max_pinned_bytes,
+            64 << 20
+        );
     }
 }
