@@ -8,8 +8,8 @@
 //! the window keeps those, the main part keeps what many players ask for.
 //!
 //! With the `video` policy (the default) it is one moka cache whose evictions
-//! [`VideoPolicy`] chooses, from how players read titles (told by
-//! [`MemoryTier::read`]).
+//! [`VideoPolicy`] chooses, from how players read titles (the slice store tells it of
+//! each read through [`MemoryTier::video_policy`]).
 
 use std::sync::Arc;
 

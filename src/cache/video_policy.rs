@@ -30,13 +30,13 @@ use crate::cache::{ObjectId, SliceKey};
 const READ_SPAN: f64 = 16.0 * 1_048_576.0;
 
 /// How many held slices each eviction compares.
-const SAMPLE: usize = 16;
+pub const SAMPLE: usize = 16;
 
 /// A slice a request ended inside is kept at most this long for the player's next
 /// segment (and for reads of at most one budget of bytes: a hold as long as a turnover
 /// of the tier pins slices that players who stopped will never read; on the replay, 30 s
 /// alone cost 0.02 to 0.04 of byte hit ratio, docs/performance.md).
-const PENDING_FOR: Duration = Duration::from_secs(30);
+pub const PENDING_FOR: Duration = Duration::from_secs(30);
 
 /// Title read counts are halved after reads of this many times the budget (TinyLFU's
 /// aging), so that popularity follows what players watch now.
@@ -243,6 +243,7 @@ impl VideoPolicy {
         if st.at.contains_key(&key) {
             return Vec::new();
         }
+        // A slice over the whole budget cannot stay, even when placed; nothing goes for it.
         if weight > self.budget {
             return vec![key];
         }
@@ -256,13 +257,7 @@ impl VideoPolicy {
         st.held.push((key, weight));
         st.held_bytes += weight;
         let mut doomed = Vec::new();
-        // A slice over the whole budget cannot stay, even when placed.
         while st.held_bytes > self.budget && st.at.contains_key(&key) {
-            if st.held.len() == 1 {
-                st.remove(&key);
-                doomed.push(key);
-                break;
-            }
             let worst = st.lowest_sampled(key, mine, now);
             st.remove(&worst);
             doomed.push(worst);

@@ -510,11 +510,10 @@ impl Shared {
         true
     }
 
-    /// A file the `video` policy displaced: out of the index, deleted, counted.
+    /// A file the `video` policy displaced: dropped, and counted as an eviction.
     fn evict(&self, key: &SliceKey) {
-        self.index.invalidate(key);
+        self.drop_file(key, &slice_path(&self.root, key));
         if !self.handed_over.load(Ordering::Acquire) {
-            let _ = std::fs::remove_file(slice_path(&self.root, key));
             self.metrics.disk_evictions.inc();
         }
     }
@@ -619,19 +618,7 @@ mod tests {
     }
 
     fn slice(n: u8) -> (SliceKey, CachedSlice) {
-        let object = ObjectId::new("o", "v");
-        let key = SliceKey {
-            object,
-            index: u64::from(n),
-        };
-        let meta = Arc::new(ObjectMeta::new(&object, 1 << 20, None));
-        (
-            key,
-            CachedSlice {
-                bytes: Bytes::from(vec![n; 4096]),
-                meta,
-            },
-        )
+        title_slice("o", u64::from(n))
     }
 
     async fn until(what: &str, cond: impl Fn() -> bool) {
@@ -695,7 +682,7 @@ mod tests {
         assert_eq!(leftovers, 0, "a failed write leaves no temp file");
     }
 
-    /// Slice `index` of title `o`, 4 KiB.
+    /// Slice `index` of title `o`: 4 KiB of the byte `index`.
     fn title_slice(o: &str, index: u64) -> (SliceKey, CachedSlice) {
         let object = ObjectId::new(o, "v");
         let meta = Arc::new(ObjectMeta::new(&object, 1 << 20, None));

@@ -2,12 +2,13 @@
 //!
 //! Each slice is written to `tmp/`, then renamed to its place, then indexed: a reader
 //! never sees a partial file under a slice's name. With the `video` policy a slice it
-//! would not keep is not written, and the files a write displaces are deleted here. A slice whose object was purged
-//! since its fill started is not written, and one purged while it was being written is
-//! deleted once indexed (`cache::purge`). When a write fails (a full file system, a
-//! failing device, a directory turned read-only) the writer stops writing for the
-//! tier's write pause, [`WRITE_PAUSE`] (reads go on), and drops what is queued
-//! meanwhile, counting it: a failing disk is not hammered, and is logged once a pause.
+//! would not keep is not written, and the files a write displaces are deleted here. A
+//! slice whose object was purged since its fill started is not written, and one purged
+//! while it was being written is deleted once indexed (`cache::purge`). When a write
+//! fails (a full file system, a failing device, a directory turned read-only) the writer
+//! stops writing for the tier's write pause, [`WRITE_PAUSE`] (reads go on), and drops
+//! what is queued meanwhile, counting it: a failing disk is not hammered, and is logged
+//! once a pause.
 //! Directories removed from under the running edge (`tmp/`, `slices/…`) are made again.
 
 use std::collections::HashSet;
