@@ -1,10 +1,13 @@
-//! One disk-tier hit of a 1 MiB slice, and what putting it in the page pool adds.
+//! One disk-tier hit of a 1 MiB slice, whole or a 310 KB range of it, and what putting
+//! it in the page pool adds.
 //!
 //! Informs: what a range hit served from the disk tier costs the edge besides sending,
 //! and whether a slice read from disk should be copied into the memory tier's page pool
 //! (so that later memory hits leave by `sendfile`) or kept in the buffer it was read
-//! into. `read` is `DiskTier::read` (open, read the whole file, check its CRC-32s) on a
-//! file in the page cache; `read_into_pool` adds `PagePool::adopt`, the copy into fresh
+//! into; and what reading only the blocks a range lies in saves. `read_1MiB` is
+//! `DiskTier::read` (open, read the whole file, check its CRC-32s) on a file in the page
+//! cache; `read_310KB_part` is `DiskTier::read_part` of a 310,491-byte range, as a range
+//! hit that the memory tier would not keep reads it (six 64 KiB blocks); `read_1MiB_into_pool` adds `PagePool::adopt`, the copy into fresh
 //! shmem pages that every disk hit made before, including freeing the slot again when
 //! the slice is dropped. The files go to `DISK_HIT_DIR` (default the system's temporary
 //! directory). Last results are in docs/performance.md.
@@ -61,6 +64,15 @@ fn disk_hit(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let (read, _) = tier.read(&key).await.expect("a disk hit");
             assert_eq!(read.bytes.len(), SLICE as usize);
+        })
+    });
+    g.bench_function("read_310KB_part", |b| {
+        b.to_async(&rt).iter(|| async {
+            let part = tier
+                .read_part(&key, 300_000..610_491)
+                .await
+                .expect("a disk hit");
+            assert_eq!(part.slice.bytes.len(), 6 << 16);
         })
     });
     if let Some(pool) = pool {

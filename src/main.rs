@@ -176,6 +176,7 @@ enum OnOff {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    no_huge_pages();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -187,6 +188,16 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`),
+/// before anything is allocated. With them, a buffer of a few hundred KB that the
+/// allocator takes from a fresh region (a range read from disk, a slice read onto the
+/// heap) faulted in a whole 2 MiB page, which the kernel cleared first: on range hits
+/// from disk the clearing took 70% of the edge's CPU and halved its throughput
+/// (docs/performance.md). Kernels without the flag (before 3.15) leave THP as it is.
+fn no_huge_pages() {
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
 #[allow(clippy::print_stdout)]

@@ -509,6 +509,8 @@ pub struct Metrics {
     pub disk_writes: IntCounter,
     pub disk_writes_dropped: IntCounter,
     pub disk_writes_declined: IntCounter,
+    /// Bytes of slice files read to serve slices from the disk tier.
+    pub disk_read_bytes: IntCounter,
     pub disk_write_errors_no_space: IntCounter,
     pub disk_write_errors_io: IntCounter,
     pub disk_read_errors_io: IntCounter,
@@ -680,6 +682,10 @@ impl Metrics {
         let disk_writes_declined = counter(
             "cdn_edge_disk_writes_declined_total",
             "Slices not written to disk because the disk tier's video policy would not keep them (they score below every file it would have to displace).",
+        );
+        let disk_read_bytes = counter(
+            "cdn_edge_disk_read_bytes_total",
+            "Bytes of slice files read from the disk tier: whole files for slices read whole, the header and the blocks a range lies in otherwise.",
         );
         let write_errors = registered(
             r,
@@ -1213,6 +1219,7 @@ impl Metrics {
             disk_writes,
             disk_writes_dropped,
             disk_writes_declined,
+            disk_read_bytes,
             disk_write_errors_no_space,
             disk_write_errors_io,
             disk_read_errors_io,

@@ -138,6 +138,13 @@ pub struct SlicePiece {
     pub to: usize,
 }
 
+impl SlicePiece {
+    /// The piece's bytes in its slice, end exclusive.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.from as u64..self.to as u64
+    }
+}
+
 /// Splits a range into the slice pieces that cover it, in order.
 pub fn slice_pieces(range: ByteRange, slice_bytes: u64) -> impl Iterator<Item = SlicePiece> {
     let first = range.start / slice_bytes;

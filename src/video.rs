@@ -18,7 +18,7 @@ use pingora::{Error, ErrorType};
 
 use crate::app::AppState;
 use crate::auth::AuthFailure;
-use crate::cache::{ObjectMeta, ObjectRef, Source};
+use crate::cache::{ObjectMeta, ObjectRef, Slice, Source};
 use crate::conditional::{self, Decision};
 use crate::metrics::Refusal;
 use crate::origin::OriginError;
@@ -242,8 +242,18 @@ async fn respond(
     let mut pieces = slice_pieces(body_range, slice_bytes);
     let mut piece = pieces.next().expect("a range covers at least one slice");
     let (mut current, content_type) = match lookup.slice {
-        Some((index, bytes)) if index == piece.index => (bytes, meta.content_type.clone()),
-        _ => match state.store.slice(&obj, piece.index, meta).await {
+        Some((index, bytes)) if index == piece.index => (
+            Held {
+                bytes,
+                part_at: None,
+            },
+            meta.content_type.clone(),
+        ),
+        _ => match state
+            .store
+            .slice_part(&obj, piece.index, meta, piece.range())
+            .await
+        {
             Ok(s) => {
                 if s.source == Source::Peer {
                     cache_status = CACHE_PEER;
@@ -254,12 +264,12 @@ async fn respond(
                 } else {
                     s.meta.content_type.clone()
                 };
-                (s.bytes, content_type)
+                (Held::from(s), content_type)
             }
             Err(e) => return failed_before_header(state, session, e).await,
         },
     };
-    pinned.hold(&current);
+    pinned.hold(&current.bytes);
     let chunk = match piece_of(&current, piece, slice_bytes, meta.size, &obj) {
         Ok(c) => c,
         Err(_) => {
@@ -291,7 +301,10 @@ async fn respond(
         };
         // Performance: the next slice is fetched while this one drains to the socket.
         let fetch = async {
-            let fetched = state.store.slice(&obj, next.index, meta).await;
+            let fetched = state
+                .store
+                .slice_part(&obj, next.index, meta, next.range())
+                .await;
             if let Ok(s) = &fetched {
                 pinned.hold(&s.bytes);
             }
@@ -304,8 +317,8 @@ async fn respond(
         }
         current = match fetched {
             Ok(s) => {
-                pinned.release(&current);
-                s.bytes
+                pinned.release(&current.bytes);
+                Held::from(s)
             }
             Err(e) => {
                 state.metrics.stream_aborts.inc();
@@ -392,26 +405,54 @@ fn content_range(r: ByteRange, size: u64) -> HeaderValue {
 
 /// The piece of a slice a response needs, shared with the cache (no copy). The slice
 /// must be exactly as long as that slice of an object of `size` bytes.
+/// The bytes of a slice a response holds: all of the slice, or a part of it from
+/// `part_at` on (read from disk by blocks).
+struct Held {
+    bytes: Bytes,
+    part_at: Option<u64>,
+}
+
+impl From<Slice> for Held {
+    fn from(s: Slice) -> Self {
+        Self {
+            bytes: s.bytes,
+            part_at: s.part_at,
+        }
+    }
+}
+
+/// The bytes of `piece` in the slice held. A whole slice must be exactly as long as the
+/// object's size says that slice is; a part must lie in it and hold the piece.
 fn piece_of(
-    slice: &Bytes,
+    held: &Held,
     piece: SlicePiece,
     slice_bytes: u64,
     size: u64,
     obj: &ObjectRef<'_>,
 ) -> pingora::Result<Bytes> {
     let expected = slice_len(piece.index, slice_bytes, size);
-    if slice.len() as u64 != expected {
+    let start = held.part_at.unwrap_or(0);
+    let end = start + held.bytes.len() as u64;
+    let wanted = piece.range();
+    let fits = match held.part_at {
+        None => end == expected,
+        Some(_) => end <= expected && start <= wanted.start && wanted.end <= end,
+    };
+    if !fits {
         tracing::error!(
             object = obj.o,
             version = obj.v,
             slice = piece.index,
-            len = slice.len(),
+            len = held.bytes.len(),
+            part_at = start,
             expected,
             "slice length disagrees with the object size; not served"
         );
         return Error::e_explain(ErrorType::InternalError, "slice length mismatch");
     }
-    Ok(slice.slice(piece.from..piece.to))
+    Ok(held
+        .bytes
+        .slice((wanted.start - start) as usize..(wanted.end - start) as usize))
 }
 
 async fn not_satisfiable(session: &mut Session, meta: &ObjectMeta) -> pingora::Result<u64> {

@@ -5,6 +5,7 @@ mod support;
 
 use std::path::Path;
 
+use cdn_edge::cache::disk::format::MAX_HEADER;
 use support::client::Response;
 use support::edge::{signed, Edge, EdgeOptions};
 use support::origin::TestOrigin;
@@ -374,4 +375,71 @@ async fn the_video_disk_policy_keeps_a_titles_first_slices_when_full() {
         .await;
     assert!(rest.body == bytes[10 * SLICE as usize..]);
     assert_eq!(origin.requests(), before + 6);
+}
+
+/// A range whose slice the memory tier would not keep is read from disk by the 64 KiB
+/// blocks it lies in, each checked, not as the whole 1 MiB slice; a block damaged on disk
+/// is found by the first range that needs it, never served, and refetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_from_disk_reads_and_checks_only_the_blocks_it_lies_in() {
+    const BIG: usize = 1 << 20;
+    const BLOCK: usize = 64 << 10;
+    const READ: &str = "cdn_edge_disk_read_bytes_total";
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(27, 3 * BIG + 5);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let mut o = opts(&origin, dir.path(), 1 << 30);
+    // One slice of memory, which the `video` policy cannot give a slice and its overhead.
+    (o.slice_bytes, o.memory_bytes) = (BIG as u64, BIG as u64);
+    let edge = Edge::start(o).await;
+    let q = signed("movie", "v1");
+    for i in 0..4 {
+        let (a, b) = (i * BIG, ((i + 1) * BIG).min(bytes.len()) - 1);
+        let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+        assert!(r.body == bytes[a..=b], "slice {i}");
+    }
+    edge.wait_for_metric(WRITES, 4.0).await;
+    edge.wait_for_metric("cdn_edge_disk_index_ready", 1.0).await;
+    let before = origin.requests();
+
+    // Bytes in blocks 2 and 3 of slice 1.
+    let (a, b) = (BIG + 2 * BLOCK + 100, BIG + 3 * BLOCK + 50);
+    let read = edge.metric(READ).await;
+    let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+    assert!(r.complete && r.body == bytes[a..=b]);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+    assert_eq!(
+        edge.metric(READ).await - read,
+        (MAX_HEADER + 2 * BLOCK) as f64,
+        "the header's bytes and two blocks"
+    );
+
+    let file = slice_file(dir.path(), 1);
+    let header_len = std::fs::metadata(&file).unwrap().len() as usize - BIG;
+    flip_byte(&file, header_len + 5 * BLOCK + 7);
+    let r = edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await;
+    assert!(r.body == bytes[a..=b], "blocks 2 and 3 are still sound");
+    assert_eq!(edge.metric(CORRUPT).await, 0.0);
+    assert_eq!(origin.requests(), before);
+
+    let c = BIG + 5 * BLOCK;
+    let r = edge.get(&format!("/range/{c}-{}?{q}", c + 1000), &[]).await;
+    assert!(r.complete && r.body == bytes[c..=c + 1000]);
+    assert_eq!(edge.metric(CORRUPT).await, 1.0);
+    assert_eq!(origin.requests(), before + 1, "the slice is fetched again");
+}
+
+/// Transparent huge pages are off for the edge process: with them, each buffer of a
+/// range read from disk could fault in (and clear) a whole 2 MiB page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let edge = Edge::start(opts(&origin, dir.path(), 1 << 30)).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", edge.pid())).unwrap();
+    assert!(
+        status.lines().any(|l| l == "THP_enabled:\t0"),
+        "THP still enabled:\n{status}"
+    );
 }

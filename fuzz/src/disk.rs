@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use cdn_edge::cache::disk::format::{
     decode_file, decode_header, encode_header, file_name, parse_file_name, FormatError,
-    ObjectRecord, MAX_HEADER, VERSION,
+    ObjectRecord, BLOCK_BYTES, MAX_HEADER, VERSION,
 };
 use cdn_edge::cache::meta::{MAX_CONTENT_TYPE, MAX_VALIDATOR};
 use cdn_edge::cache::{ObjectId, SliceKey};
@@ -18,7 +18,8 @@ use crate::Cursor;
 ///
 /// Invariants: a decoded header fits in the bytes it came from and in [`MAX_HEADER`],
 /// names (from version 4) the object its id says, and decodes the same from its own
-/// bytes alone; a decoded file has exactly the header's length and payload; a version 4
+/// bytes alone; a decoded file has exactly the header's length and payload, and each
+/// part of it checks from the blocks that cover it; a current version
 /// file encodes back to the same bytes (reserved bytes zero); a parsed name is the name of its key; whatever
 /// is encoded decodes to the same fields.
 pub fn disk_slice(data: &[u8]) {
@@ -54,9 +55,25 @@ fn whole_file(data: &[u8]) {
     assert_eq!(data.len() as u64, h.file_len());
     assert_eq!(payload.len(), h.payload_len as usize);
     assert_eq!(&data[header_len..], &payload[..]);
-    // Version 4 writes zeros at 86..88 and does not check them (the header CRC covers
-    // them): a file with other bytes there decodes but is not what the writer makes.
-    if u16::from_le_bytes([data[8], data[9]]) == VERSION && data[86..88] == [0, 0] {
+    // Every part of a valid file checks, from the blocks that hold it.
+    let len = u64::from(h.payload_len);
+    for (a, b) in [(0, 1), (len / 3, len / 2 + 1), (len - 1, len), (0, len)] {
+        if let Some(blocks) = h.covering_blocks(a..b) {
+            assert!(
+                blocks.start <= a && b <= blocks.end && blocks.end <= len,
+                "{blocks:?}"
+            );
+            let part = &payload[blocks.start as usize..blocks.end as usize];
+            assert_eq!(h.check_blocks(blocks.start, part), Ok(()));
+        }
+    }
+    // The current version writes zeros at 86..88 and does not check them (the header CRC
+    // covers them), and blocks of `BLOCK_BYTES`: a file with other bytes there, or other
+    // blocks, decodes but is not what the writer makes.
+    if u16::from_le_bytes([data[8], data[9]]) == VERSION
+        && data[86..88] == [0, 0]
+        && data[68..72] == BLOCK_BYTES.to_le_bytes()
+    {
         let record = ObjectRecord {
             size: h.object_size,
             content_type: &h.content_type,

@@ -34,6 +34,7 @@ pub mod pages;
 pub mod purge;
 pub mod video_policy;
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +46,7 @@ use sha2::{Digest, Sha256};
 use crate::config::KeepNonOwned;
 use crate::metrics::{MetaCheck, Metrics};
 use crate::origin::OriginError;
-use crate::range::{slice_bounds, ByteRange};
+use crate::range::{slice_bounds, slice_len, ByteRange};
 use crate::sources::{Filled, Sources};
 
 use disk::{DiskStats, DiskTier};
@@ -177,7 +178,11 @@ pub struct CachedSlice {
 
 #[derive(Debug, Clone)]
 pub struct Slice {
+    /// The slice's bytes: all of them, or (from [`SliceStore::slice_part`]) a part
+    /// that holds at least the bytes asked for.
     pub bytes: Bytes,
+    /// `Some(offset)`: `bytes` is a part of the slice, starting at `offset`.
+    pub part_at: Option<u64>,
     pub meta: Arc<ObjectMeta>,
     pub source: Source,
 }
@@ -288,7 +293,46 @@ impl SliceStore {
         index: u64,
         expect: &ObjectMeta,
     ) -> Result<Slice, Arc<OriginError>> {
-        let slice = self.lookup(obj, index, true).await?;
+        self.slice_within(obj, index, expect, None).await
+    }
+
+    /// [`SliceStore::slice`] for a response that needs only the slice's bytes `within`
+    /// (end exclusive): a slice that the memory tier holds, or will keep, comes whole;
+    /// one the disk tier holds and the memory tier would not keep is read from disk in
+    /// part, the blocks `within` lies in ([`DiskTier::read_part`]), by this request
+    /// alone. `Slice::part_at` says where a part starts.
+    pub async fn slice_part(
+        &self,
+        obj: &ObjectRef<'_>,
+        index: u64,
+        expect: &ObjectMeta,
+        within: Range<u64>,
+    ) -> Result<Slice, Arc<OriginError>> {
+        self.slice_within(obj, index, expect, Some(within)).await
+    }
+
+    async fn slice_within(
+        &self,
+        obj: &ObjectRef<'_>,
+        index: u64,
+        expect: &ObjectMeta,
+        within: Option<Range<u64>>,
+    ) -> Result<Slice, Arc<OriginError>> {
+        let key = SliceKey {
+            object: obj.id,
+            index,
+        };
+        let part = match within {
+            Some(within) if !self.memory.contains(&key) => {
+                let len = slice_len(index, self.slice_bytes, expect.size) as usize;
+                Box::pin(self.disk_part(obj, key, len, within)).await
+            }
+            _ => None,
+        };
+        let slice = match part {
+            Some(part) => part,
+            None => self.lookup(obj, index, true).await?,
+        };
         if slice.meta.agrees_with(expect) {
             return Ok(slice);
         }
@@ -373,6 +417,7 @@ impl SliceStore {
             self.metrics.memory.hits.inc();
             return Ok(Slice {
                 bytes: cached.bytes,
+                part_at: None,
                 meta: cached.meta,
                 source: Source::Memory,
             });
@@ -438,6 +483,7 @@ impl SliceStore {
         let cached = entry.into_value();
         Ok(Slice {
             bytes: cached.bytes,
+            part_at: None,
             meta: cached.meta,
             source,
         })
@@ -470,6 +516,7 @@ impl SliceStore {
         };
         Ok(Slice {
             bytes: slice.bytes.clone(),
+            part_at: None,
             meta: slice.meta.clone(),
             source,
         })
@@ -742,41 +789,15 @@ impl SliceStore {
         if let Some(disk) = self.disk.as_ref().filter(|_| use_disk) {
             // After a start, not before this node knows what its peers purged meanwhile.
             self.purges.wait_synced().await;
-            let read = disk.read(&key).await;
-            let read = match read {
-                Some((cached, written_at))
-                    if self.purges.purged_after(obj.o, &obj.id, written_at) =>
-                {
-                    // Cut before a purge of its object that the sweep did not reach.
-                    self.metrics.purge.slices.inc();
-                    self.metrics.purge.bytes.inc_by(cached.bytes.len() as u64);
-                    disk.discard(key);
-                    None
-                }
-                other => other.map(|(cached, _)| cached),
+            let read = match disk.read(&key).await {
+                Some((cached, written_at)) => self.usable(obj, key, disk, cached, written_at).await,
+                None => None,
             };
             if let Some(cached) = read {
-                let meta = match self.meta.get(&obj.id).await {
-                    None => Some(cached.meta),
-                    Some(known) if known.agrees_with(&cached.meta) => Some(known),
-                    Some(_) => None,
-                };
-                match meta {
-                    Some(meta) => {
-                        from.store(FROM_DISK, Ordering::Relaxed);
-                        // Kept as read, not copied into the page pool: see `fill`.
-                        let keep = self.memory.would_keep(&key, cached.bytes.len());
-                        let slice = CachedSlice {
-                            bytes: cached.bytes,
-                            meta,
-                        };
-                        return Ok((slice, keep));
-                    }
-                    None => {
-                        self.metrics.stale_slices.inc();
-                        disk.discard(key);
-                    }
-                }
+                from.store(FROM_DISK, Ordering::Relaxed);
+                // Kept as read, not copied into the page pool: see `fill`.
+                let keep = self.memory.would_keep(&key, cached.bytes.len());
+                return Ok((cached, keep));
             }
         }
         if self.missing.contains(&obj.id).await {
@@ -818,6 +839,68 @@ impl SliceStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A slice read from disk (in part or whole), with the metadata of the object as this
+    /// node knows it; `None` when the file was cut before a purge of its object, or under
+    /// metadata the object no longer has: then it is dropped.
+    async fn usable(
+        &self,
+        obj: &ObjectRef<'_>,
+        key: SliceKey,
+        disk: &DiskTier,
+        cached: CachedSlice,
+        written_at: u64,
+    ) -> Option<CachedSlice> {
+        if self.purges.purged_after(obj.o, &obj.id, written_at) {
+            // Cut before a purge of its object that the sweep did not reach.
+            self.metrics.purge.slices.inc();
+            self.metrics.purge.bytes.inc_by(cached.bytes.len() as u64);
+            disk.discard(key);
+            return None;
+        }
+        let meta = match self.meta.get(&obj.id).await {
+            None => cached.meta,
+            Some(known) if known.agrees_with(&cached.meta) => known,
+            Some(_) => {
+                self.metrics.stale_slices.inc();
+                disk.discard(key);
+                return None;
+            }
+        };
+        Some(CachedSlice {
+            bytes: cached.bytes,
+            meta,
+        })
+    }
+
+    /// The part of a slice of `len` bytes that holds its bytes `within`, read from disk
+    /// when the disk tier lists it and the memory tier would not keep it: the memory
+    /// tier's miss, with no fill (the request reads its own blocks). `None`: look the
+    /// slice up whole.
+    async fn disk_part(
+        &self,
+        obj: &ObjectRef<'_>,
+        key: SliceKey,
+        len: usize,
+        within: Range<u64>,
+    ) -> Option<Slice> {
+        let disk = self.disk.as_ref().filter(|d| d.contains(&key))?;
+        if self.memory.would_keep(&key, len) {
+            return None;
+        }
+        self.purges.wait_synced().await;
+        let part = disk.read_part(&key, within).await?;
+        let cached = self
+            .usable(obj, key, disk, part.slice, part.written_at)
+            .await?;
+        self.metrics.memory.misses.inc();
+        Some(Slice {
+            bytes: cached.bytes,
+            part_at: Some(part.offset),
+            meta: cached.meta,
+            source: Source::Disk,
+        })
     }
 
     /// `cluster.keep_non_owned = "none"`: a slice from its owner is not kept here.

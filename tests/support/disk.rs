@@ -121,6 +121,14 @@ impl SliceStorage for FaultyStorage {
     }
 
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+        let file = self.open(path)?;
+        let mut data = Vec::new();
+        file.take(limit).read_to_end(&mut data)?;
+        Ok(data)
+    }
+
+    /// Opens the file, then does what the plan says before it is read.
+    fn open(&self, path: &Path) -> io::Result<File> {
         self.0.reads.fetch_add(1, Ordering::SeqCst);
         let fault = self.0.take_read_fault(path);
         if let Some(ReadFault::Error(errno)) = fault {
@@ -139,8 +147,6 @@ impl SliceStorage for FaultyStorage {
             Some(ReadFault::Hang) => self.0.hang(),
             Some(ReadFault::Error(_)) | None => {}
         }
-        let mut data = Vec::new();
-        file.take(limit).read_to_end(&mut data)?;
-        Ok(data)
+        Ok(file)
     }
 }

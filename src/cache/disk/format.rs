@@ -1,17 +1,17 @@
 //! Slice file format and naming. Pure: bytes in, bytes out.
 //!
-//! Version 4 (written):
+//! Version 5 (written):
 //! ```text
 //! offset size  field
 //!      0    8  magic "CDNSLICE"
-//!      8    2  format version (4), little endian (all integers are)
+//!      8    2  format version (5), little endian (all integers are)
 //!     10    2  content-type length C
 //!     12    4  payload length P
 //!     16    8  object size in bytes
 //!     24    8  slice index
 //!     32   32  object id (SHA-256 of o || 0 || v)
 //!     64    4  slice size the object was cut with
-//!     68    4  CRC-32 of the payload
+//!     68    4  block size B: a power of two, at least 64 KiB ([`BLOCK_BYTES`] written)
 //!     72    8  when the object's metadata is due for a re-check, unix ms
 //!              (all ones: confirmed, never re-checked; see `cache::meta`)
 //!     80    2  validator length V (at most 255)
@@ -20,25 +20,32 @@
 //!     86    2  zero
 //!     88    8  when the fill that cut the slice started: a purge stamp, unix ms
 //!              (`cache::purge`); a purge of the object made later retires the file
-//!     96    4  CRC-32 of bytes 0..96, the content type, the validator, o and v
+//!     96    4  CRC-32 of bytes 0..96, the content type, the validator, o, v and the
+//!              block table
 //!    100    C  content type (may be empty: unknown)
 //!  100+C    V  the origin's validator: `E` + ETag or `L` + Last-Modified (may be empty)
 //!      …    N  o
 //!      …    M  v
+//!      …  4·K  block table: the CRC-32 of each of the payload's K = ⌈P / B⌉ blocks
 //!      …    P  payload: the slice's bytes
 //! ```
-//! Version 3 (read, never written) is the same up to offset 82, then two zero bytes, a
+//! One checksum per block lets a read of part of a slice read and check only the blocks
+//! that part lies in ([`Header::covering_blocks`], [`Header::check_blocks`]).
+//! Version 4 (read, never written) is the same, but for the CRC-32 of the whole payload
+//! at 68 and no block table: a file of version 4 is read and checked whole.
+//! Version 3 (read, never written) is version 4 up to offset 82, then two zero bytes, a
 //! CRC-32 of bytes 0..84, the content type and the validator, and the content type at
 //! 88: its slices have no names and no fill time (0: older than any purge).
 //! Version 2 (read, never written) is the same up to offset 68, then a CRC-32 of bytes
 //! 0..72 and the content type at 72, the content type at 76 and the payload after it:
 //! its slices have no validator either, and their metadata is due for a re-check at once.
 //!
-//! A file is valid only if both checksums match, its length is exactly the header's
+//! A file is valid only if its checksums match, its length is exactly the header's
 //! plus P, the key in the header is the key its name says (and, from version 4, the
 //! object id is that of the o and v it records), it was cut with the configured slice
 //! size, and P is exactly the length that slice of an object of that size has.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -46,11 +53,13 @@ use bytes::Bytes;
 use crate::auth::MAX_ID_LEN;
 use crate::cache::meta::{MAX_CONTENT_TYPE, MAX_VALIDATOR};
 use crate::cache::{ObjectId, SliceKey};
+use crate::config::MAX_SLICE_BYTES;
 use crate::range::slice_len;
 
 pub const MAGIC: &[u8; 8] = b"CDNSLICE";
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Earlier versions, still read.
+pub const VERSION_4: u16 = 4;
 pub const VERSION_3: u16 = 3;
 pub const VERSION_2: u16 = 2;
 /// Fixed part of the header.
@@ -59,8 +68,17 @@ pub const FIXED_HEADER: usize = 100;
 const FIXED_HEADER_V3: usize = 88;
 /// Fixed part of a version 2 header.
 const FIXED_HEADER_V2: usize = 76;
-/// Longest header of any version: fixed part, content type, validator, o and v.
-pub const MAX_HEADER: usize = FIXED_HEADER + MAX_CONTENT_TYPE + MAX_VALIDATOR + 2 * MAX_ID_LEN;
+/// Block size of the files written: a 310 KB range of a 1 MiB slice reads 5 or 6 blocks,
+/// and the table of a 1 MiB slice is 64 bytes.
+pub const BLOCK_BYTES: u32 = 64 << 10;
+/// Smallest block size read: it bounds the block table.
+const MIN_BLOCK_BYTES: u32 = BLOCK_BYTES;
+/// Longest block table: that of the largest slice in the smallest blocks (4 KiB).
+const MAX_BLOCK_TABLE: usize = 4 * (MAX_SLICE_BYTES / MIN_BLOCK_BYTES as u64) as usize;
+/// Longest header of any version: fixed part, content type, validator, o, v and the
+/// block table.
+pub const MAX_HEADER: usize =
+    FIXED_HEADER + MAX_CONTENT_TYPE + MAX_VALIDATOR + 2 * MAX_ID_LEN + MAX_BLOCK_TABLE;
 /// Directory of slice files under the cache root.
 pub const SLICES_DIR: &str = "slices";
 /// Directory of files being written under the cache root.
@@ -73,7 +91,8 @@ pub struct Header {
     pub object_size: u64,
     pub payload_len: u32,
     pub slice_bytes: u32,
-    pub payload_crc: u32,
+    /// How the payload is checked.
+    pub check: PayloadCheck,
     pub content_type: Vec<u8>,
     /// The origin's validator as stored (empty: none).
     pub validator: Vec<u8>,
@@ -88,18 +107,72 @@ pub struct Header {
     fixed_len: usize,
 }
 
+/// The checksums of a slice file's payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayloadCheck {
+    /// One CRC-32 of the whole payload (versions 2 to 4).
+    Whole(u32),
+    /// A CRC-32 of each block of `size` bytes (the last one may be shorter).
+    Blocks { size: u32, crcs: Vec<u32> },
+}
+
 impl Header {
     /// Total file length this header implies.
     pub fn file_len(&self) -> u64 {
         self.header_len() as u64 + u64::from(self.payload_len)
     }
 
+    /// Where the payload starts.
     pub fn header_len(&self) -> usize {
         self.fixed_len
             + self.content_type.len()
             + self.validator.len()
             + self.o.len()
             + self.v.len()
+            + self.block_table_len()
+    }
+
+    fn block_table_len(&self) -> usize {
+        match &self.check {
+            PayloadCheck::Whole(_) => 0,
+            PayloadCheck::Blocks { crcs, .. } => 4 * crcs.len(),
+        }
+    }
+
+    /// The payload bytes to read and check to serve the payload's bytes `within` (end
+    /// exclusive, inside the payload): the blocks they lie in. `None` when the payload
+    /// has one checksum and must be read whole.
+    pub fn covering_blocks(&self, within: Range<u64>) -> Option<Range<u64>> {
+        let PayloadCheck::Blocks { size, .. } = self.check else {
+            return None;
+        };
+        let (size, len) = (u64::from(size), u64::from(self.payload_len));
+        let end = within.end.min(len);
+        let start = within.start.min(end) / size * size;
+        Some(start..end.div_ceil(size).saturating_mul(size).min(len))
+    }
+
+    /// Checks `data`, the payload's bytes from `start` on, as [`Header::covering_blocks`]
+    /// gave them: whole blocks from a block boundary, the last one possibly the payload's
+    /// shorter last block.
+    pub fn check_blocks(&self, start: u64, data: &[u8]) -> Result<(), FormatError> {
+        let PayloadCheck::Blocks { size, crcs } = &self.check else {
+            return Err(FormatError::Length);
+        };
+        let size = u64::from(*size);
+        let end = start + data.len() as u64;
+        let whole_blocks = start.is_multiple_of(size)
+            && (end.is_multiple_of(size) || end == u64::from(self.payload_len));
+        if !whole_blocks || end > u64::from(self.payload_len) {
+            return Err(FormatError::Length);
+        }
+        let first = (start / size) as usize;
+        for (block, crc) in data.chunks(size as usize).zip(&crcs[first..]) {
+            if crc32fast::hash(block) != *crc {
+                return Err(FormatError::PayloadChecksum);
+            }
+        }
+        Ok(())
     }
 
     /// The object's o, when the file records it (version 4 on).
@@ -158,7 +231,7 @@ pub struct ObjectRecord<'a> {
     pub written_at: u64,
 }
 
-/// Encodes the header of a slice file (the current version).
+/// Encodes the header of a slice file (the current version), block table included.
 pub fn encode_header<'a>(
     key: &SliceKey,
     object: ObjectRecord<'a>,
@@ -170,7 +243,12 @@ pub fn encode_header<'a>(
     let validator = fit(object.validator, MAX_VALIDATOR);
     let (o, v) = (object.o.as_bytes(), object.v.as_bytes());
     debug_assert!(o.len() <= MAX_ID_LEN && v.len() <= MAX_ID_LEN);
-    let mut h = Vec::with_capacity(FIXED_HEADER + ct.len() + validator.len() + o.len() + v.len());
+    let mut table = Vec::with_capacity(4 * payload.len().div_ceil(BLOCK_BYTES as usize));
+    for block in payload.chunks(BLOCK_BYTES as usize) {
+        table.extend_from_slice(&crc32fast::hash(block).to_le_bytes());
+    }
+    let variable = [ct, validator, o, v, &table[..]];
+    let mut h = Vec::with_capacity(FIXED_HEADER + variable.iter().map(|p| p.len()).sum::<usize>());
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&(ct.len() as u16).to_le_bytes());
@@ -179,7 +257,7 @@ pub fn encode_header<'a>(
     h.extend_from_slice(&key.index.to_le_bytes());
     h.extend_from_slice(key.object.as_bytes());
     h.extend_from_slice(&slice_bytes.to_le_bytes());
-    h.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h.extend_from_slice(&BLOCK_BYTES.to_le_bytes());
     h.extend_from_slice(&object.recheck_at.to_le_bytes());
     h.extend_from_slice(&(validator.len() as u16).to_le_bytes());
     h.extend_from_slice(&(o.len() as u16).to_le_bytes());
@@ -188,23 +266,24 @@ pub fn encode_header<'a>(
     h.extend_from_slice(&object.written_at.to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h);
-    for part in [ct, validator, o, v] {
+    for part in variable {
         crc.update(part);
     }
     h.extend_from_slice(&crc.finalize().to_le_bytes());
-    for part in [ct, validator, o, v] {
+    for part in variable {
         h.extend_from_slice(part);
     }
     h
 }
 
 /// Where a version's fields are: the fixed part's length, where its header CRC is, and
-/// whether it has a validator, names and a fill time.
+/// whether it has a validator, names and a fill time, and a block table.
 struct Layout {
     fixed_len: usize,
     crc_at: usize,
     validator: bool,
     names: bool,
+    blocks: bool,
 }
 
 /// Decodes and checks a header from the first bytes of a file (at least its fixed part,
@@ -222,18 +301,28 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
             crc_at: 96,
             validator: true,
             names: true,
+            blocks: true,
+        },
+        VERSION_4 => Layout {
+            fixed_len: FIXED_HEADER,
+            crc_at: 96,
+            validator: true,
+            names: true,
+            blocks: false,
         },
         VERSION_3 => Layout {
             fixed_len: FIXED_HEADER_V3,
             crc_at: 84,
             validator: true,
             names: false,
+            blocks: false,
         },
         VERSION_2 => Layout {
             fixed_len: FIXED_HEADER_V2,
             crc_at: 72,
             validator: false,
             names: false,
+            blocks: false,
         },
         _ => return Err(FormatError::BadMagic),
     };
@@ -262,10 +351,26 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
     {
         return Err(FormatError::HeaderChecksum);
     }
+    let payload_len = u32_at(12);
+    let block_size = u32_at(68);
+    let blocks = if layout.blocks {
+        // A power of two from 64 KiB: the table is at most [`MAX_BLOCK_TABLE`] long.
+        let count = payload_len.div_ceil(block_size.max(1)) as usize;
+        if !block_size.is_power_of_two()
+            || block_size < MIN_BLOCK_BYTES
+            || 4 * count > MAX_BLOCK_TABLE
+        {
+            return Err(FormatError::HeaderChecksum);
+        }
+        count
+    } else {
+        0
+    };
     let ct_end = fixed_len + ct_len;
     let validator_end = ct_end + validator_len;
     let o_end = validator_end + o_len;
-    let end = o_end + v_len;
+    let names_end = o_end + v_len;
+    let end = names_end + 4 * blocks;
     if buf.len() < end {
         return Err(FormatError::Truncated);
     }
@@ -282,7 +387,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
             .map(str::to_string)
             .map_err(|_| FormatError::WrongKey)
     };
-    let (o, v) = (name(validator_end..o_end)?, name(o_end..end)?);
+    let (o, v) = (name(validator_end..o_end)?, name(o_end..names_end)?);
     if layout.names && (o.is_empty() || v.is_empty() || ObjectId::new(&o, &v) != object) {
         return Err(FormatError::WrongKey);
     }
@@ -292,9 +397,19 @@ pub fn decode_header(buf: &[u8]) -> Result<Header, FormatError> {
             index: u64_at(24),
         },
         object_size: u64_at(16),
-        payload_len: u32_at(12),
+        payload_len,
         slice_bytes: u32_at(64),
-        payload_crc: u32_at(68),
+        check: if layout.blocks {
+            PayloadCheck::Blocks {
+                size: block_size,
+                crcs: buf[names_end..end]
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect(),
+            }
+        } else {
+            PayloadCheck::Whole(block_size)
+        },
         content_type: buf[fixed_len..ct_end].to_vec(),
         validator: buf[ct_end..validator_end].to_vec(),
         recheck_at,
@@ -321,10 +436,34 @@ pub fn decode_file(
         return Err(FormatError::Length);
     }
     let payload = file.slice(header.header_len()..);
-    if crc32fast::hash(&payload) != header.payload_crc {
-        return Err(FormatError::PayloadChecksum);
+    match header.check {
+        PayloadCheck::Whole(crc) if crc32fast::hash(&payload) != crc => {
+            return Err(FormatError::PayloadChecksum)
+        }
+        PayloadCheck::Whole(_) => {}
+        PayloadCheck::Blocks { .. } => header.check_blocks(0, &payload)?,
     }
     Ok((header, payload))
+}
+
+/// A slice file of the current version made over in version 4, as the release before
+/// block checksums wrote it (tests of reading older files).
+#[cfg(test)]
+pub(crate) fn as_version_4(file: &[u8]) -> Vec<u8> {
+    let h = decode_header(file).expect("a valid file");
+    let table = h.block_table_len();
+    let names_end = h.header_len() - table;
+    let payload = &file[h.header_len()..];
+    let mut v4 = file[..FIXED_HEADER].to_vec();
+    v4[8..10].copy_from_slice(&VERSION_4.to_le_bytes());
+    v4[68..72].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&v4[..96]);
+    crc.update(&file[FIXED_HEADER..names_end]);
+    v4[96..100].copy_from_slice(&crc.finalize().to_le_bytes());
+    v4.extend_from_slice(&file[FIXED_HEADER..names_end]);
+    v4.extend_from_slice(payload);
+    v4
 }
 
 /// File name of a slice: `<object id hex>-<index hex>`.
@@ -421,6 +560,19 @@ mod tests {
         old_file(h, &[ct], payload)
     }
 
+    /// The same file in format version 4, as the release before block checksums wrote it.
+    fn file_v4(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
+        let validator = b"E\"v1\"";
+        let mut h = old_prefix(VERSION_4, payload, ct, object_size);
+        h.extend_from_slice(&1234u64.to_le_bytes());
+        h.extend_from_slice(&(validator.len() as u16).to_le_bytes());
+        h.extend_from_slice(&5u16.to_le_bytes());
+        h.extend_from_slice(&2u16.to_le_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h.extend_from_slice(&5678u64.to_le_bytes());
+        old_file(h, &[ct, validator, b"movie", b"v1"], payload)
+    }
+
     /// The same file in format version 3, as the release before names wrote it.
     fn file_v3(payload: &[u8], ct: &[u8], object_size: u64) -> Vec<u8> {
         let validator = b"E\"v1\"";
@@ -462,6 +614,82 @@ mod tests {
         assert_eq!(h.written_at, 5678);
         assert_eq!(h.file_len(), f.len() as u64);
         assert_eq!(decode_header(&f[..h.header_len()]).unwrap(), h);
+    }
+
+    #[test]
+    fn version_4_files_read_with_one_checksum_for_the_payload() {
+        let f = file_v4(b"0123456789ab", b"video/mp4", 60);
+        let (h, payload) = decode(f.clone()).unwrap();
+        assert_eq!(&payload[..], b"0123456789ab");
+        assert_eq!(
+            h.check,
+            PayloadCheck::Whole(crc32fast::hash(b"0123456789ab"))
+        );
+        assert_eq!(h.covering_blocks(0..4), None);
+        assert_eq!((h.object_name(), h.v.as_str()), (Some("movie"), "v1"));
+        assert_eq!((h.recheck_at, h.written_at), (1234, 5678));
+        assert_eq!(h.file_len(), f.len() as u64);
+        every_flip_is_detected(&f);
+    }
+
+    /// A slice of 200 KiB in 64 KiB blocks: three whole blocks and one of 8 KiB.
+    #[test]
+    fn a_part_of_a_slice_is_read_and_checked_block_by_block() {
+        const B: u64 = BLOCK_BYTES as u64;
+        let slice = 256 << 10;
+        let payload: Vec<u8> = (0..200u32 << 10).map(|i| (i % 251) as u8).collect();
+        let mut f = file_with(
+            &payload,
+            b"",
+            3 * slice + payload.len() as u64,
+            slice as u32,
+        );
+        let key_file = |f: &[u8]| decode_file(Bytes::copy_from_slice(f), &key(), slice);
+        let (h, _) = key_file(&f).unwrap();
+        assert_eq!(h.header_len(), f.len() - payload.len());
+        let PayloadCheck::Blocks { size, crcs } = &h.check else {
+            panic!("{:?}", h.check)
+        };
+        assert_eq!((u64::from(*size), crcs.len()), (B, 4));
+        // Any range is served from the blocks it lies in, no more.
+        assert_eq!(h.covering_blocks(0..1), Some(0..B));
+        assert_eq!(h.covering_blocks(B - 1..B + 1), Some(0..2 * B));
+        assert_eq!(h.covering_blocks(B..2 * B), Some(B..2 * B));
+        assert_eq!(
+            h.covering_blocks(3 * B + 5..200 << 10),
+            Some(3 * B..200 << 10)
+        );
+        assert_eq!(h.covering_blocks(0..1 << 30), Some(0..200 << 10));
+        let part =
+            |r: Range<u64>| &f[h.header_len() + r.start as usize..h.header_len() + r.end as usize];
+        assert_eq!(h.check_blocks(B, part(B..3 * B)), Ok(()));
+        assert_eq!(h.check_blocks(3 * B, part(3 * B..200 << 10)), Ok(()));
+        // Not whole blocks: refused, not half-checked.
+        assert_eq!(h.check_blocks(1, part(1..B)), Err(FormatError::Length));
+        assert_eq!(h.check_blocks(0, part(0..B - 1)), Err(FormatError::Length));
+        // A flipped byte fails the block it is in, and only that block.
+        let at = h.header_len() + (2 * B) as usize + 17;
+        f[at] ^= 0x40;
+        let part = |r: Range<u64>| {
+            f[h.header_len() + r.start as usize..h.header_len() + r.end as usize].to_vec()
+        };
+        assert_eq!(h.check_blocks(0, &part(0..2 * B)), Ok(()));
+        assert_eq!(h.check_blocks(3 * B, &part(3 * B..200 << 10)), Ok(()));
+        assert_eq!(
+            h.check_blocks(B, &part(B..3 * B)),
+            Err(FormatError::PayloadChecksum)
+        );
+        assert_eq!(key_file(&f).unwrap_err(), FormatError::PayloadChecksum);
+    }
+
+    #[test]
+    fn a_block_size_that_would_make_a_long_table_is_rejected() {
+        let mut f = file(b"");
+        // 4 KiB blocks of a 12-byte payload: one block, but under the smallest size read.
+        f[68..72].copy_from_slice(&(4096u32).to_le_bytes());
+        assert_eq!(decode(f.clone()).unwrap_err(), FormatError::HeaderChecksum);
+        f[68..72].copy_from_slice(&(3u32 << 16).to_le_bytes());
+        assert_eq!(decode(f).unwrap_err(), FormatError::HeaderChecksum);
     }
 
     #[test]

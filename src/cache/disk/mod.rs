@@ -63,6 +63,7 @@ pub mod storage;
 pub mod writer;
 
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
@@ -82,7 +83,9 @@ use super::video_policy::VideoPolicy;
 use super::{CachedSlice, ObjectMeta, ObjectRef, SliceKey};
 use crate::config::{DiskCache, DiskPolicy};
 use crate::metrics::Metrics;
-use format::{decode_file, slice_path, MAX_HEADER, SLICES_DIR, TMP_DIR};
+use format::{
+    decode_file, decode_header, slice_path, FormatError, Header, MAX_HEADER, SLICES_DIR, TMP_DIR,
+};
 use storage::{is_no_space, is_shortage};
 pub use storage::{FsStorage, SliceStorage};
 use writer::{WriteJob, WRITE_PAUSE};
@@ -171,6 +174,42 @@ pub struct DiskTier {
     reads: Arc<Semaphore>,
     read_timeout: Duration,
     max_bytes: u64,
+}
+
+/// Part of a slice read from disk ([`DiskTier::read_part`]).
+pub struct SlicePart {
+    /// The bytes read (a whole number of blocks, or all of the slice) and the metadata
+    /// of the object the file records.
+    pub slice: CachedSlice,
+    /// Where in the slice `slice.bytes` starts.
+    pub offset: u64,
+    /// The purge stamp of the fill that cut the slice.
+    pub written_at: u64,
+}
+
+/// Why a read found no slice.
+enum Failure {
+    Io(io::Error),
+    Corrupt(FormatError),
+}
+
+/// Reads exactly `len` bytes at `offset`; a file that ended sooner was cut while it was
+/// read, or is shorter than its header said: corrupt. The buffer is not zeroed first:
+/// zeroed, every read of a few hundred KB took fresh pages the kernel had to clear, and
+/// clearing them cost more than the read.
+fn read_at(file: &std::fs::File, offset: u64, len: usize) -> Result<Vec<u8>, Failure> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut reader = file;
+    reader.seek(SeekFrom::Start(offset)).map_err(Failure::Io)?;
+    let mut buf = Vec::with_capacity(len);
+    reader
+        .take(len as u64)
+        .read_to_end(&mut buf)
+        .map_err(Failure::Io)?;
+    if buf.len() != len {
+        return Err(Failure::Corrupt(FormatError::Length));
+    }
+    Ok(buf)
 }
 
 /// Point-in-time state of the disk tier, for `/status`.
@@ -308,6 +347,27 @@ impl DiskTier {
     /// files older than format version 4); `None` is a miss (absent, unreadable, corrupt,
     /// or not read within the read timeout).
     pub async fn read(&self, key: &SliceKey) -> Option<(CachedSlice, u64)> {
+        self.read_with(key, |shared, key| shared.read_blocking(key))
+            .await
+    }
+
+    /// Reads and checks the part of a slice that holds its bytes `within` (end
+    /// exclusive): only the blocks they lie in, or the whole slice from files older than
+    /// format version 5. A miss as for [`DiskTier::read`].
+    pub async fn read_part(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
+        self.read_with(key, move |shared, key| {
+            shared.read_part_blocking(key, within)
+        })
+        .await
+    }
+
+    /// Runs `read` on the blocking pool, within the tier's limit of reads at once and
+    /// its read timeout, and counts a hit or a miss.
+    async fn read_with<T: Send + 'static>(
+        &self,
+        key: &SliceKey,
+        read: impl FnOnce(&Shared, &SliceKey) -> Option<T> + Send + 'static,
+    ) -> Option<T> {
         let listed = self.shared.index.contains_key(key);
         if !listed && self.shared.rebuilt.load(Ordering::Acquire) {
             self.shared.metrics.disk.misses.inc();
@@ -315,13 +375,13 @@ impl DiskTier {
         }
         let reads = self.reads.clone();
         let shared = self.shared.clone();
-        let key = *key;
+        let owned = *key;
         // On a timeout the read goes on, holding its permit, and its result is dropped.
         let read = tokio::time::timeout(self.read_timeout, async move {
             let permit = reads.acquire_owned().await.ok()?;
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                shared.read_blocking(&key)
+                read(&shared, &owned)
             })
             .await
             .ok()
@@ -330,7 +390,7 @@ impl DiskTier {
         .await;
         let found = read.unwrap_or_else(|_| {
             self.shared.metrics.disk_read_errors_timeout.inc();
-            tracing::warn!(path = %slice_path(&self.shared.root, &key).display(),
+            tracing::warn!(path = %slice_path(&self.shared.root, key).display(),
                 timeout_ms = self.read_timeout.as_millis() as u64,
                 "disk cache read timed out; the slice is fetched elsewhere");
             None
@@ -427,51 +487,112 @@ impl Shared {
         let path = slice_path(&self.root, key);
         // One byte more than the longest slice file: a longer file is not read whole.
         let limit = MAX_HEADER as u64 + self.slice_bytes + 1;
-        let data = match self.storage.read(&path, limit) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.index.invalidate(key);
-                return None;
+        let read = self.storage.read(&path, limit).map_err(Failure::Io);
+        let checked = read.and_then(|data| {
+            self.metrics.disk_read_bytes.inc_by(data.len() as u64);
+            decode_file(Bytes::from(data), key, self.slice_bytes).map_err(Failure::Corrupt)
+        });
+        match checked {
+            Ok((header, payload)) => {
+                let slice = self.found(key, &header, payload);
+                Some((slice, header.written_at))
             }
-            Err(e) => {
+            Err(failure) => self.failed(key, &path, failure),
+        }
+    }
+
+    /// [`DiskTier::read_part`] on this thread.
+    fn read_part_blocking(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
+        let path = slice_path(&self.root, key);
+        let read = || -> Result<Option<SlicePart>, Failure> {
+            let file = self.storage.open(&path).map_err(Failure::Io)?;
+            let len = file.metadata().map_err(Failure::Io)?.len();
+            let head = read_at(&file, 0, len.min(MAX_HEADER as u64) as usize)?;
+            self.metrics.disk_read_bytes.inc_by(head.len() as u64);
+            let header = decode_header(&head).map_err(Failure::Corrupt)?;
+            if header.key != *key {
+                return Err(Failure::Corrupt(FormatError::WrongKey));
+            }
+            header
+                .check_slicing(self.slice_bytes)
+                .map_err(Failure::Corrupt)?;
+            if len != header.file_len() {
+                return Err(Failure::Corrupt(FormatError::Length));
+            }
+            let Some(blocks) = header.covering_blocks(within) else {
+                return Ok(None); // one checksum for the whole payload
+            };
+            let at = header.header_len() as u64 + blocks.start;
+            let part = read_at(&file, at, (blocks.end - blocks.start) as usize)?;
+            self.metrics.disk_read_bytes.inc_by(part.len() as u64);
+            header
+                .check_blocks(blocks.start, &part)
+                .map_err(Failure::Corrupt)?;
+            let slice = self.found(key, &header, Bytes::from(part));
+            Ok(Some(SlicePart {
+                slice,
+                offset: blocks.start,
+                written_at: header.written_at,
+            }))
+        };
+        match read() {
+            Ok(Some(part)) => Some(part),
+            Ok(None) => self
+                .read_blocking(key)
+                .map(|(slice, written_at)| SlicePart {
+                    slice,
+                    offset: 0,
+                    written_at,
+                }),
+            Err(failure) => self.failed(key, &path, failure),
+        }
+    }
+
+    /// A slice read and checked: its bytes (some or all of its payload) with the
+    /// metadata its file records. Before the rebuild is done the file is indexed; after,
+    /// the read touches its index entry.
+    fn found(&self, key: &SliceKey, header: &Header, bytes: Bytes) -> CachedSlice {
+        if self.index.get(key).is_none() && !self.rebuilt.load(Ordering::Acquire) {
+            self.index_file(*key, header.file_len() as u32, true);
+        }
+        let content_type = HeaderValue::from_bytes(&header.content_type)
+            .ok()
+            .filter(|v| !v.is_empty());
+        CachedSlice {
+            bytes,
+            meta: Arc::new(ObjectMeta::restored(
+                &key.object,
+                header.object_size,
+                content_type,
+                Validator::from_stored(&header.validator),
+                header.recheck_at,
+            )),
+        }
+    }
+
+    /// A read that failed: a miss. A file gone is taken out of the index; a corrupt or
+    /// unreadable one is deleted, unless the process is only short of a resource.
+    fn failed<T>(&self, key: &SliceKey, path: &Path, failure: Failure) -> Option<T> {
+        match failure {
+            Failure::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.index.invalidate(key);
+            }
+            Failure::Io(e) => {
                 self.metrics.disk_read_errors_io.inc();
                 if is_shortage(&e) {
                     tracing::warn!(path = %path.display(), error = %e, "disk cache read failed; file kept");
                 } else {
                     tracing::warn!(path = %path.display(), error = %e, "unreadable slice file removed; refetching");
-                    self.drop_file(key, &path);
+                    self.drop_file(key, path);
                 }
-                return None;
             }
-        };
-        match decode_file(Bytes::from(data), key, self.slice_bytes) {
-            Ok((header, payload)) => {
-                // Touch the LRU; before the rebuild is done, also index what we found.
-                if self.index.get(key).is_none() && !self.rebuilt.load(Ordering::Acquire) {
-                    self.index_file(*key, header.file_len() as u32, true);
-                }
-                let content_type = HeaderValue::from_bytes(&header.content_type)
-                    .ok()
-                    .filter(|v| !v.is_empty());
-                let slice = CachedSlice {
-                    bytes: payload,
-                    meta: Arc::new(ObjectMeta::restored(
-                        &key.object,
-                        header.object_size,
-                        content_type,
-                        Validator::from_stored(&header.validator),
-                        header.recheck_at,
-                    )),
-                };
-                Some((slice, header.written_at))
-            }
-            Err(e) => {
+            Failure::Corrupt(e) => {
                 self.metrics.cache_corrupt.inc();
                 tracing::warn!(path = %path.display(), error = %e, "corrupt slice file removed; refetching");
-                self.drop_file(key, &path);
-                None
+                self.drop_file(key, path);
             }
         }
+        None
     }
 
     /// Whether the `video` policy would keep a slice file of `len` bytes not yet held
@@ -615,6 +736,10 @@ mod tests {
         fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>> {
             FsStorage.read(path, limit)
         }
+
+        fn open(&self, path: &Path) -> io::Result<std::fs::File> {
+            FsStorage.open(path)
+        }
     }
 
     fn slice(n: u8) -> (SliceKey, CachedSlice) {
@@ -689,6 +814,66 @@ mod tests {
         let key = SliceKey { object, index };
         let bytes = Bytes::from(vec![index as u8; 4096]);
         (key, CachedSlice { bytes, meta })
+    }
+
+    /// A slice of 256 KiB in four blocks: a part is read from the blocks it lies in, and
+    /// checked; a file of format version 4 (one checksum) is read whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_part_is_read_from_its_blocks_and_an_older_file_whole() {
+        const SLICE: u64 = 256 << 10;
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let cfg = DiskCache {
+            path: dir.path().to_path_buf(),
+            max_bytes: 1 << 30,
+            policy: DiskPolicy::Lru,
+        };
+        let tier = DiskTier::open(&cfg, SLICE, metrics.clone(), purges()).unwrap();
+        until("index rebuild", || tier.stats().index_ready).await;
+        let object = ObjectId::new("o", "v");
+        let key = SliceKey { object, index: 1 };
+        let payload: Vec<u8> = (0..SLICE as u32).map(|i| (i % 251) as u8).collect();
+        let meta = Arc::new(ObjectMeta::new(&object, 4 * SLICE, None));
+        let slice = CachedSlice {
+            bytes: Bytes::from(payload.clone()),
+            meta,
+        };
+        tier.store(key, &slice, &OBJ, 1);
+        until("the write", || metrics.disk_writes.get() == 1).await;
+
+        let read = || metrics.disk_read_bytes.get();
+        let part = tier.read_part(&key, 70_000..140_000).await.unwrap();
+        assert_eq!(part.offset, 64 << 10);
+        assert!(part.slice.bytes[..] == payload[64 << 10..192 << 10]);
+        assert_eq!((part.written_at, part.slice.meta.size), (1, 4 * SLICE));
+        assert_eq!(
+            read(),
+            (MAX_HEADER + (128 << 10)) as u64,
+            "the header and two blocks"
+        );
+
+        // A flipped byte in the last block: a part before it is served, one in it is not.
+        let path = slice_path(dir.path(), &key);
+        let mut file = std::fs::read(&path).unwrap();
+        let at = file.len() - 10;
+        file[at] ^= 1;
+        std::fs::write(&path, &file).unwrap();
+        let part = tier.read_part(&key, 0..1).await.unwrap();
+        assert!(part.slice.bytes[..] == payload[..64 << 10]);
+        assert_eq!(metrics.cache_corrupt.get(), 0);
+        assert!(tier.read_part(&key, SLICE - 1..SLICE).await.is_none());
+        assert_eq!(metrics.cache_corrupt.get(), 1);
+        assert!(!path.exists(), "a corrupt file is deleted");
+
+        // Version 4: the whole slice, read and checked whole.
+        file[at] ^= 1;
+        std::fs::write(&path, format::as_version_4(&file)).unwrap();
+        tier.shared.index.insert(key, file.len() as u32);
+        let before = read();
+        let part = tier.read_part(&key, 70_000..140_000).await.unwrap();
+        assert_eq!(part.offset, 0);
+        assert!(part.slice.bytes[..] == payload[..]);
+        assert!(read() - before > SLICE, "read whole");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

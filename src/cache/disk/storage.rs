@@ -18,6 +18,10 @@ pub trait SliceStorage: Send + Sync + 'static {
     /// Reads the file at `path`: all of it, or its first `limit` bytes when it is longer
     /// (a file that long is not a slice file, and fails the length check).
     fn read(&self, path: &Path, limit: u64) -> io::Result<Vec<u8>>;
+
+    /// Opens the file at `path` to read parts of it: one
+    /// open file for the header and the blocks, so both are of the same file.
+    fn open(&self, path: &Path) -> io::Result<std::fs::File>;
 }
 
 /// The real file system.
@@ -39,6 +43,10 @@ impl SliceStorage for FsStorage {
         let mut data = Vec::with_capacity(len as usize);
         f.take(limit).read_to_end(&mut data)?;
         Ok(data)
+    }
+
+    fn open(&self, path: &Path) -> io::Result<std::fs::File> {
+        std::fs::File::open(path)
     }
 }
 
