@@ -28,6 +28,11 @@ use cdn_edge::metrics::Metrics;
 const SLICE: u64 = 1 << 20;
 
 fn disk_hit(c: &mut Criterion) {
+    // As the edge's `main` does: with transparent huge pages a fresh read buffer can
+    // fault in a whole 2 MiB page (`THP=1` keeps them, to see that cost).
+    if std::env::var_os("THP").is_none() {
+        rustix::thread::disable_transparent_huge_pages(true).unwrap();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

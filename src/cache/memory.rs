@@ -192,6 +192,14 @@ impl MemoryTier {
         })
     }
 
+    /// [`MemoryTier::would_keep`] for a slice the disk tier holds
+    /// ([`VideoPolicy::would_keep_held_elsewhere`]).
+    pub fn would_keep_from_disk(&self, key: &SliceKey, len: usize) -> bool {
+        self.video.as_ref().is_none_or(|policy| {
+            policy.would_keep_held_elsewhere(key, u64::from(weight(len, VIDEO_ENTRY_OVERHEAD)))
+        })
+    }
+
     /// What a `video` tier keeps, to be told of client reads ([`VideoPolicy::read`]);
     /// none with the other policies.
     pub fn video_policy(&self) -> Option<&VideoPolicy> {

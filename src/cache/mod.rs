@@ -796,7 +796,7 @@ impl SliceStore {
             if let Some(cached) = read {
                 from.store(FROM_DISK, Ordering::Relaxed);
                 // Kept as read, not copied into the page pool: see `fill`.
-                let keep = self.memory.would_keep(&key, cached.bytes.len());
+                let keep = self.memory.would_keep_from_disk(&key, cached.bytes.len());
                 return Ok((cached, keep));
             }
         }
@@ -875,9 +875,10 @@ impl SliceStore {
     }
 
     /// The part of a slice of `len` bytes that holds its bytes `within`, read from disk
-    /// when the disk tier lists it and the memory tier would not keep it: the memory
-    /// tier's miss, with no fill (the request reads its own blocks). `None`: look the
-    /// slice up whole.
+    /// when the disk tier lists it and the memory tier would not keep it
+    /// ([`MemoryTier::would_keep_from_disk`]: for its title's score, not to await a
+    /// player's next segment, which will read its own blocks): the memory tier's miss,
+    /// with no fill (the request reads its own blocks). `None`: look the slice up whole.
     async fn disk_part(
         &self,
         obj: &ObjectRef<'_>,
@@ -886,7 +887,7 @@ impl SliceStore {
         within: Range<u64>,
     ) -> Option<Slice> {
         let disk = self.disk.as_ref().filter(|d| d.contains(&key))?;
-        if self.memory.would_keep(&key, len) {
+        if self.memory.would_keep_from_disk(&key, len) {
             return None;
         }
         self.purges.wait_synced().await;

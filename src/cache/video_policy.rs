@@ -89,6 +89,11 @@ impl State {
         {
             return PENDING_SCORE;
         }
+        self.title_score(key)
+    }
+
+    /// The score of a slice for its title's reads and its place in the title alone.
+    fn title_score(&self, key: &SliceKey) -> f64 {
         let reads = self.titles.get(&key.object).copied().unwrap_or(0);
         let offset = key.index.saturating_mul(self.slice_bytes) as f64;
         f64::from(reads) * (-offset / READ_SPAN).exp()
@@ -270,6 +275,23 @@ impl VideoPolicy {
     /// Changes nothing but the sampling's random state. A slice that would not be kept
     /// is served to its readers without entering the tier or the page pool.
     pub fn would_keep(&self, key: &SliceKey, weight: u64) -> bool {
+        self.would_keep_scored(key, weight, State::score)
+    }
+
+    /// [`VideoPolicy::would_keep`] for a slice that another tier (the disk) holds: kept
+    /// for its title's score alone, not held for a player's next segment. That next
+    /// read costs a read of a few blocks from the other tier, not an origin fetch, and
+    /// is not worth displacing a slice held nowhere else.
+    pub fn would_keep_held_elsewhere(&self, key: &SliceKey, weight: u64) -> bool {
+        self.would_keep_scored(key, weight, |st, key, _| st.title_score(key))
+    }
+
+    fn would_keep_scored(
+        &self,
+        key: &SliceKey,
+        weight: u64,
+        score: impl Fn(&State, &SliceKey, Instant) -> f64,
+    ) -> bool {
         let now = Instant::now();
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -279,7 +301,7 @@ impl VideoPolicy {
         if weight > self.budget || st.held.is_empty() {
             return false;
         }
-        let mine = st.score(key, now);
+        let mine = score(st, key, now);
         st.lowest_sampled(*key, mine, now) != *key
     }
 
@@ -354,6 +376,34 @@ mod tests {
         }
         let lost = if doomed[0] == key("hit", 0) { 0 } else { 1 };
         assert_eq!(policy.filled(key("hit", lost), S), [key("rare", 5)]);
+    }
+
+    #[test]
+    fn a_slice_held_elsewhere_is_kept_for_its_score_not_for_a_players_next_segment() {
+        let policy = VideoPolicy::new(2 * S);
+        for _ in 0..10 {
+            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
+        }
+        assert!(policy.filled(key("hit", 0), S).is_empty());
+        assert!(policy.filled(key("hit", 1), S).is_empty());
+        // A player stopped inside slice 5 of a rare title.
+        policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
+        assert!(
+            policy.would_keep(&key("rare", 5), S),
+            "held for the next segment"
+        );
+        assert!(
+            !policy.would_keep_held_elsewhere(&key("rare", 5), S),
+            "its next segment reads it from the disk"
+        );
+        // A slice of a title read more than what is held still outscores it.
+        for _ in 0..30 {
+            policy.read(ObjectId::new("hotter", "v"), 0, 0, false, S);
+        }
+        assert!(policy.would_keep_held_elsewhere(&key("hotter", 0), S));
+        let fresh = VideoPolicy::new(2 * S);
+        fresh.read(ObjectId::new("hit", "v"), 2, 2, false, S);
+        assert!(fresh.would_keep_held_elsewhere(&key("hit", 2), S), "room");
     }
 
     #[test]
