@@ -135,6 +135,28 @@ impl Store {
         source
     }
 
+    /// The bytes `within` of slice `index` as a range response gets them
+    /// (`SliceStore::slice_part`), checked against the origin's bytes.
+    async fn get_part(&self, index: u64, within: std::ops::Range<u64>) -> Source {
+        self.store.sync().await;
+        let obj = ObjectRef::new("movie", "v1");
+        let lookup = self.store.meta(&obj, index, None).await.unwrap();
+        assert!(lookup.slice.is_none(), "the object is known");
+        let slice = self
+            .store
+            .slice_part(&obj, index, &lookup.meta, within.clone())
+            .await
+            .unwrap();
+        let at = slice.part_at.unwrap_or(0);
+        let start = range(index).start + at as usize;
+        assert!(at <= within.start && within.end <= at + slice.bytes.len() as u64);
+        assert!(
+            slice.bytes == self.bytes[start..start + slice.bytes.len()],
+            "slice {index}: wrong bytes"
+        );
+        slice.source
+    }
+
     /// Every slice, one origin request each, then waits until each is on disk.
     async fn fill(&self) {
         for index in 0..SLICES {
@@ -228,6 +250,32 @@ async fn a_read_that_hangs_is_given_up_and_the_slice_refetched() {
     // Other slices are still read from the disk meanwhile.
     assert_eq!(s.get(3).await, Source::Disk);
     s.faults.release();
+}
+
+/// A range's part of a slice the memory tier would not keep is read from disk by the
+/// request; when that read hangs it is given up after the read timeout and the slice
+/// fetched from the origin, without asking the disk a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_read_that_hangs_is_given_up_once_and_the_slice_refetched() {
+    let origin = TestOrigin::start().await;
+    let s = Store::open(&origin, NO_MEMORY, |o| {
+        o.read_timeout = Duration::from_millis(200);
+    })
+    .await;
+    s.fill().await;
+    assert_eq!(s.get_part(3, 100..200).await, Source::Disk);
+    let reads = s.faults.reads();
+    s.faults.on_read(2, ReadFault::Hang);
+    assert_eq!(s.get_part(2, 100..200).await, Source::Origin);
+    assert_eq!(s.metrics.disk_read_errors_timeout.get(), 1);
+    assert_eq!(s.faults.reads(), reads + 1, "the disk was asked once");
+    assert_eq!(origin.requests(), SLICES + 1);
+    s.faults.release();
+    // A part that fails its check is a miss too: the file is dropped, the slice refetched.
+    flip_byte(&slice_file(s.dir.path(), 4), 2000);
+    assert_eq!(s.get_part(4, 0..10).await, Source::Origin);
+    assert_eq!(s.metrics.cache_corrupt.get(), 1);
+    assert_eq!(origin.requests(), SLICES + 2);
 }
 
 /// A disk slice the memory tier would not keep (its `video` policy holds slices that

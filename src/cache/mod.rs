@@ -176,6 +176,17 @@ pub struct CachedSlice {
     pub meta: Arc<ObjectMeta>,
 }
 
+/// What [`SliceStore::disk_part`] did.
+enum Part {
+    /// Read from disk in part.
+    Read(Slice),
+    /// The disk was asked and had nothing usable (absent, failed, timed out, purged,
+    /// cut under other metadata).
+    Missed,
+    /// Not a case for a part: the slice is looked up whole.
+    NotTried,
+}
+
 #[derive(Debug, Clone)]
 pub struct Slice {
     /// The slice's bytes: all of them, or (from [`SliceStore::slice_part`]) a part
@@ -327,11 +338,14 @@ impl SliceStore {
                 let len = slice_len(index, self.slice_bytes, expect.size) as usize;
                 Box::pin(self.disk_part(obj, key, len, within)).await
             }
-            _ => None,
+            _ => Part::NotTried,
         };
         let slice = match part {
-            Some(part) => part,
-            None => self.lookup(obj, index, true).await?,
+            Part::Read(slice) => slice,
+            // A disk that failed this request once (within its read timeout) is not
+            // asked again for it.
+            Part::Missed => self.lookup(obj, index, false).await?,
+            Part::NotTried => self.lookup(obj, index, true).await?,
         };
         if slice.meta.agrees_with(expect) {
             return Ok(slice);
@@ -878,25 +892,32 @@ impl SliceStore {
     /// when the disk tier lists it and the memory tier would not keep it
     /// ([`MemoryTier::would_keep_from_disk`]: for its title's score, not to await a
     /// player's next segment, which will read its own blocks): the memory tier's miss,
-    /// with no fill (the request reads its own blocks). `None`: look the slice up whole.
+    /// with no fill (the request reads its own blocks).
     async fn disk_part(
         &self,
         obj: &ObjectRef<'_>,
         key: SliceKey,
         len: usize,
         within: Range<u64>,
-    ) -> Option<Slice> {
-        let disk = self.disk.as_ref().filter(|d| d.contains(&key))?;
+    ) -> Part {
+        let Some(disk) = self.disk.as_ref().filter(|d| d.contains(&key)) else {
+            return Part::NotTried;
+        };
         if self.memory.would_keep_from_disk(&key, len) {
-            return None;
+            return Part::NotTried;
         }
         self.purges.wait_synced().await;
-        let part = disk.read_part(&key, within).await?;
-        let cached = self
+        let Some(part) = disk.read_part(&key, within).await else {
+            return Part::Missed;
+        };
+        let Some(cached) = self
             .usable(obj, key, disk, part.slice, part.written_at)
-            .await?;
+            .await
+        else {
+            return Part::Missed;
+        };
         self.metrics.memory.misses.inc();
-        Some(Slice {
+        Part::Read(Slice {
             bytes: cached.bytes,
             part_at: Some(part.offset),
             meta: cached.meta,
