@@ -356,14 +356,21 @@ mod tests {
         assert_ne!(doomed[0], key("t", 0));
     }
 
-    #[test]
-    fn a_slice_a_read_ended_inside_is_kept_until_it_is_read_again() {
+    /// A policy with room for two slices, holding slices 0 and 1 of a title read ten
+    /// times.
+    fn full_of_a_hit() -> VideoPolicy {
         let policy = VideoPolicy::new(2 * S);
         for _ in 0..10 {
             policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
         }
         assert!(policy.filled(key("hit", 0), S).is_empty());
         assert!(policy.filled(key("hit", 1), S).is_empty());
+        policy
+    }
+
+    #[test]
+    fn a_slice_a_read_ended_inside_is_kept_until_it_is_read_again() {
+        let policy = full_of_a_hit();
         // A player of an unpopular title stopped inside its slice 5: kept over the others.
         policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
         let doomed = policy.filled(key("rare", 5), S);
@@ -380,12 +387,7 @@ mod tests {
 
     #[test]
     fn a_slice_held_elsewhere_is_kept_for_its_score_not_for_a_players_next_segment() {
-        let policy = VideoPolicy::new(2 * S);
-        for _ in 0..10 {
-            policy.read(ObjectId::new("hit", "v"), 0, 1, false, S);
-        }
-        assert!(policy.filled(key("hit", 0), S).is_empty());
-        assert!(policy.filled(key("hit", 1), S).is_empty());
+        let policy = full_of_a_hit();
         // A player stopped inside slice 5 of a rare title.
         policy.read(ObjectId::new("rare", "v"), 3, 5, true, S);
         assert!(
