@@ -73,7 +73,7 @@ const FIXED_HEADER_V2: usize = 76;
 pub const BLOCK_BYTES: u32 = 64 << 10;
 /// Smallest block size read: it bounds the block table.
 const MIN_BLOCK_BYTES: u32 = BLOCK_BYTES;
-/// Longest block table: that of the largest slice in the smallest blocks (4 KiB).
+/// Longest block table: that of the largest slice in the smallest blocks read.
 const MAX_BLOCK_TABLE: usize = 4 * (MAX_SLICE_BYTES / MIN_BLOCK_BYTES as u64) as usize;
 /// Longest header of any version: fixed part, content type, validator, o, v and the
 /// block table.
