@@ -329,24 +329,8 @@ impl SliceStore {
         expect: &ObjectMeta,
         within: Option<Range<u64>>,
     ) -> Result<Slice, Arc<OriginError>> {
-        let key = SliceKey {
-            object: obj.id,
-            index,
-        };
-        let part = match within {
-            Some(within) if !self.memory.contains(&key) => {
-                let len = slice_len(index, self.slice_bytes, expect.size) as usize;
-                Box::pin(self.disk_part(obj, key, len, within)).await
-            }
-            _ => Part::NotTried,
-        };
-        let slice = match part {
-            Part::Read(slice) => slice,
-            // A disk that failed this request once (within its read timeout) is not
-            // asked again for it.
-            Part::Missed => self.lookup(obj, index, false).await?,
-            Part::NotTried => self.lookup(obj, index, true).await?,
-        };
+        let part = within.map(|w| (slice_len(index, self.slice_bytes, expect.size) as usize, w));
+        let slice = self.lookup(obj, index, true, part).await?;
         if slice.meta.agrees_with(expect) {
             return Ok(slice);
         }
@@ -384,7 +368,7 @@ impl SliceStore {
         if let Some(disk) = &self.disk {
             disk.discard(key);
         }
-        let again = self.lookup(obj, index, false).await?;
+        let again = self.lookup(obj, index, false, None).await?;
         if again.meta.agrees_with(expect) {
             Ok(again)
         } else {
@@ -422,6 +406,7 @@ impl SliceStore {
         obj: &ObjectRef<'_>,
         index: u64,
         use_disk: bool,
+        part: Option<(usize, Range<u64>)>,
     ) -> Result<Slice, Arc<OriginError>> {
         let key = SliceKey {
             object: obj.id,
@@ -437,8 +422,21 @@ impl SliceStore {
             });
         }
         self.metrics.memory.misses.inc();
-        // The miss path (moka's entry, disk read, origin exchange) is a large future:
-        // boxed, a hit does not carry its size.
+        // The miss paths (a part read, moka's entry, disk read, origin exchange) are large
+        // futures: boxed, a hit does not carry their size.
+        let disk = self.disk.as_ref().filter(|d| use_disk && d.contains(&key));
+        let use_disk = match (disk, part) {
+            (Some(disk), Some((len, within))) => {
+                match Box::pin(self.disk_part(obj, disk, key, len, within)).await {
+                    Part::Read(slice) => return Ok(slice),
+                    // A disk that failed this request once (within its read timeout) is
+                    // not asked again for it.
+                    Part::Missed => false,
+                    Part::NotTried => true,
+                }
+            }
+            _ => use_disk,
+        };
         Box::pin(self.slice_miss(obj, key, use_disk)).await
     }
 
@@ -583,9 +581,9 @@ impl SliceStore {
                 (leading, None, None)
             }
         };
-        let first = self.lookup(obj, hint_index, true);
+        let first = self.lookup(obj, hint_index, true, None);
         let first = match next_index {
-            Some(next) => tokio::join!(first, self.lookup(obj, next, true)).0,
+            Some(next) => tokio::join!(first, self.lookup(obj, next, true, None)).0,
             None => first.await,
         };
         drop(lead);
@@ -888,21 +886,19 @@ impl SliceStore {
         })
     }
 
-    /// The part of a slice of `len` bytes that holds its bytes `within`, read from disk
-    /// when the disk tier lists it and the memory tier would not keep it
+    /// On a memory miss, the part of a slice of `len` bytes that holds its bytes
+    /// `within`, read from `disk` (which lists it) when the memory tier would not keep it
     /// ([`MemoryTier::would_keep_from_disk`]: for its title's score, not to await a
-    /// player's next segment, which will read its own blocks): the memory tier's miss,
-    /// with no fill (the request reads its own blocks).
+    /// player's next segment, which will read its own blocks), with no fill: the request
+    /// reads its own blocks.
     async fn disk_part(
         &self,
         obj: &ObjectRef<'_>,
+        disk: &DiskTier,
         key: SliceKey,
         len: usize,
         within: Range<u64>,
     ) -> Part {
-        let Some(disk) = self.disk.as_ref().filter(|d| d.contains(&key)) else {
-            return Part::NotTried;
-        };
         if self.memory.would_keep_from_disk(&key, len) {
             return Part::NotTried;
         }
@@ -916,7 +912,6 @@ impl SliceStore {
         else {
             return Part::Missed;
         };
-        self.metrics.memory.misses.inc();
         Part::Read(Slice {
             bytes: cached.bytes,
             part_at: Some(part.offset),
