@@ -7,7 +7,7 @@
 # Usage: [PIN=1] [SERVER_CPU=0] [LOAD_CPU=1] [SECS=10] [RUNS=1] [CONNS=32] [ACCESS_LOG=off|on] \
 #        [CACHE_MB=2048] [STORAGE=memory] [DISK_DIR=/var/tmp] [BUILD=1] [SHOW_CONFIG=0] \
 #        [QUIET_WAIT=60] [EDGE_THREADS] \
-#        [EDGE_SENDFILE=true] [WRK_THREADS] bench/compare.sh
+#        [EDGE_SENDFILE=true] [WRK_THREADS] [SHMEM_HUGE] bench/compare.sh
 #
 #   PIN         1 (default): every server under test runs on core SERVER_CPU with one
 #               worker (cdn-edge threads = 1, nginx worker_processes 1, Varnish one thread
@@ -42,6 +42,12 @@
 #               TLS both edges copy through their TLS library.
 #   WRK_THREADS wrk threads; PIN=1: 1 (the only value); PIN=0: default 1 (with one, wrk
 #               itself limits range hits at about 3.5 GB/s on a 2-cpu machine)
+#   SHMEM_HUGE  unset (default): the machine's shmem huge-page setting as it is. never,
+#               within_size, always or advise (as root): for the run, the kernel's
+#               shmem_enabled (which decides the pages of cdn-edge's page pool, a memfd) is
+#               set to it and restored at exit, and with STORAGE=memory nginx's cache goes
+#               on a tmpfs mounted with huge= the same, so both edges' cached slices get the
+#               same pages
 #
 # What runs (everything on 127.0.0.1:18080-18087, in the foreground of this script, with
 # config, pid, certificate and log files in a temp dir):
@@ -90,6 +96,7 @@ BUILD=${BUILD:-1}
 SHOW_CONFIG=${SHOW_CONFIG:-0}
 QUIET_WAIT=${QUIET_WAIT:-60}
 EDGE_SENDFILE=${EDGE_SENDFILE:-true}
+SHMEM_HUGE=${SHMEM_HUGE:-}
 case "$PIN" in 0 | 1) ;; *) usage_error "PIN must be 0 or 1" ;; esac
 if [ "$PIN" = 1 ]; then
   EDGE_THREADS=${EDGE_THREADS:-1} WRK_THREADS=${WRK_THREADS:-1}
@@ -113,6 +120,14 @@ if [ "$STORAGE" = disk ]; then
   [ "$(stat -f -c %T "$DISK_DIR")" != tmpfs ] || usage_error "DISK_DIR $DISK_DIR is a tmpfs: STORAGE=disk wants a disk"
 fi
 case "$EDGE_SENDFILE" in true | false) ;; *) usage_error "EDGE_SENDFILE must be true or false" ;; esac
+shmem_setting=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+case "$SHMEM_HUGE" in
+  "") ;;
+  never | within_size | always | advise)
+    [ -w "$shmem_setting" ] || usage_error "SHMEM_HUGE needs root and $shmem_setting (a kernel with transparent huge pages)"
+    ;;
+  *) usage_error "SHMEM_HUGE must be never, within_size, always or advise" ;;
+esac
 case "$ACCESS_LOG" in on | off) ;; *) usage_error "ACCESS_LOG must be on or off" ;; esac
 [[ "$WRK_THREADS" =~ ^[1-9][0-9]*$ ]] || usage_error "WRK_THREADS: a positive number"
 [[ "$EDGE_THREADS" =~ ^[0-9]+$ ]] || usage_error "EDGE_THREADS: a number (0: one per cpu)"
@@ -145,6 +160,8 @@ if [ "$STORAGE" = disk ]; then store=$(mktemp -d "$DISK_DIR/cdn-compare.XXXXXX")
 mkdir -p "$work"/{origin,tmp,storm,tls} "$shm"
 pids=()            # daemons started here, stopped by pid at exit
 bg_pid=""          # the wrk or curl running in the background, if any
+shmem_saved=""     # shmem_enabled before SHMEM_HUGE changed it
+shm_mounted=0      # 1 while $shm is a tmpfs mounted here
 cleanup() {
   local rc=$?
   set +e
@@ -155,11 +172,23 @@ cleanup() {
     # "pid:signal": cdn-edge stops at once on SIGINT, nginx and varnishd on SIGTERM
     peers_stop "${pids[i]%%:*}" "${pids[i]##*:}"
   done
+  [ "$shm_mounted" = 1 ] && umount "$shm"
+  [ -n "$shmem_saved" ] && echo "$shmem_saved" >"$shmem_setting"
   rm -rf "$work" "$shm" "$store"
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The bracketed choice of a sysfs setting such as "always within_size [never]".
+selected() { sed -n 's/.*\[\(.*\)\].*/\1/p' "$1" 2>/dev/null; }
+if [ -n "$SHMEM_HUGE" ]; then
+  shmem_saved=$(selected "$shmem_setting")
+  echo "$SHMEM_HUGE" >"$shmem_setting"
+  if [ "$STORAGE" = memory ]; then
+    mount -t tmpfs -o "huge=$SHMEM_HUGE,size=$((3 * CACHE_MB + 512))m" cdn-compare "$shm"
+    shm_mounted=1
+  fi
+fi
 
 die() { echo "compare: $*" >&2; exit 1; }
 
@@ -230,6 +259,8 @@ else
   echo "caches:     memory, $CACHE_MB MiB each: cdn-edge memory tier (no disk tier), nginx"
   echo "            proxy_cache on tmpfs ($shm), Varnish -s malloc"
 fi
+shm_huge=$(findmnt -no OPTIONS --target "$shm" 2>/dev/null | tr ',' '\n' | sed -n 's/^huge=//p')
+echo "pages:      shmem_enabled [$(selected "$shmem_setting" || true)] (cdn-edge's page pool, a memfd)$([ "$STORAGE" = memory ] && echo "; nginx's tmpfs huge=${shm_huge:-never}")$([ -n "$SHMEM_HUGE" ] && echo " (SHMEM_HUGE=$SHMEM_HUGE)")"
 echo "signing:    cdn-edge HMAC-SHA256 (its own scheme); nginx secure_link MD5 of"
 echo "            expiry + URI + secret (403 bad or missing, 410 expired); Varnish: none, the"
 echo "            base package has no HMAC or secure-link module, so it serves unsigned URLs"

@@ -511,6 +511,10 @@ pub struct Metrics {
     pub disk_writes_declined: IntCounter,
     /// Bytes of slice files read to serve slices from the disk tier.
     pub disk_read_bytes: IntCounter,
+    /// Slice file reads made on a request's own thread (all in the kernel's caches).
+    pub disk_reads_request: IntCounter,
+    /// Slice file reads made on the blocking pool.
+    pub disk_reads_pool: IntCounter,
     pub disk_write_errors_no_space: IntCounter,
     pub disk_write_errors_io: IntCounter,
     pub disk_read_errors_io: IntCounter,
@@ -687,6 +691,19 @@ impl Metrics {
             "cdn_edge_disk_read_bytes_total",
             "Bytes of slice files read from the disk tier: whole files for slices read whole, the header and the blocks a range lies in otherwise.",
         );
+        let reads = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "cdn_edge_disk_reads_total",
+                    "Slice file reads, by the thread that made them: request (a range whose file, header and blocks were all in the kernel's caches, read without waiting for the device) or pool (the blocking pool, for everything else).",
+                ),
+                &["thread"],
+            )
+            .expect("valid metric"),
+        );
+        let disk_reads_request = reads.with_label_values(&["request"]);
+        let disk_reads_pool = reads.with_label_values(&["pool"]);
         let write_errors = registered(
             r,
             IntCounterVec::new(
@@ -1220,6 +1237,8 @@ impl Metrics {
             disk_writes_dropped,
             disk_writes_declined,
             disk_read_bytes,
+            disk_reads_request,
+            disk_reads_pool,
             disk_write_errors_no_space,
             disk_write_errors_io,
             disk_read_errors_io,

@@ -430,6 +430,64 @@ async fn a_range_from_disk_reads_and_checks_only_the_blocks_it_lies_in() {
     assert_eq!(origin.requests(), before + 1, "the slice is fetched again");
 }
 
+/// A range whose slice file is in the page cache is read on the request's own thread; one
+/// whose blocks the kernel would have to read from the device goes to the blocking pool,
+/// and is served the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_from_a_file_in_the_page_cache_is_read_without_the_blocking_pool() {
+    const BIG: usize = 1 << 20;
+    const ON_REQUEST: &str = "cdn_edge_disk_reads_total{thread=\"request\"}";
+    const ON_POOL: &str = "cdn_edge_disk_reads_total{thread=\"pool\"}";
+    let dir = tempfile::tempdir().unwrap();
+    let origin = TestOrigin::start().await;
+    let bytes = object_bytes(28, 2 * BIG + 5);
+    origin.add_object("movie", "v1", bytes.clone(), "video/mp4");
+    let mut o = opts(&origin, dir.path(), 1 << 30);
+    (o.slice_bytes, o.memory_bytes) = (BIG as u64, BIG as u64);
+    let edge = Edge::start(o).await;
+    let q = signed("movie", "v1");
+    for i in 0..3 {
+        let (a, b) = (i * BIG, ((i + 1) * BIG).min(bytes.len()) - 1);
+        assert!(edge.get(&format!("/range/{a}-{b}?{q}"), &[]).await.body == bytes[a..=b]);
+    }
+    edge.wait_for_metric(WRITES, 3.0).await;
+    edge.wait_for_metric("cdn_edge_disk_index_ready", 1.0).await;
+    let before = origin.requests();
+    let (a, b) = (BIG + 200_000, BIG + 500_000);
+    let path = format!("/range/{a}-{b}?{q}");
+    let get = || edge.get(&path, &[]);
+    let counts = || async { (edge.metric(ON_REQUEST).await, edge.metric(ON_POOL).await) };
+
+    let (request, pool) = counts().await;
+    let r = get().await;
+    assert!(r.complete && r.body == bytes[a..=b]);
+    assert_eq!(r.header("cache-status"), Some("cdn-edge; hit"));
+    assert_eq!(
+        counts().await,
+        (request + 1.0, pool),
+        "read on the request's thread"
+    );
+
+    // Written back and dropped from the page cache: reading it would wait for the device.
+    let file = std::fs::File::open(slice_file(dir.path(), 1)).unwrap();
+    file.sync_all().unwrap();
+    rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    if rustix::fs::fstatfs(&file).unwrap().f_type == 0x0102_1994 {
+        return; // tmpfs keeps its pages: there is no device to wait for
+    }
+    let r = get().await;
+    assert!(r.complete && r.body == bytes[a..=b]);
+    assert_eq!(
+        counts().await,
+        (request + 1.0, pool + 1.0),
+        "read on the pool"
+    );
+    // That read brought the blocks back into the page cache.
+    assert!(get().await.body == bytes[a..=b]);
+    assert_eq!(counts().await, (request + 2.0, pool + 1.0));
+    assert_eq!(origin.requests(), before);
+}
+
 /// Transparent huge pages are off for the edge process: with them, each buffer of a
 /// range read from disk could fault in (and clear) a whole 2 MiB page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

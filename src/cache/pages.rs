@@ -17,8 +17,9 @@
 //! 4. Any `&[u8]` inside a pool's mapping is exactly the pool file's bytes at the same
 //!    offset, so [`locate`] lets a writer send the file range in place of the buffer.
 //!
-//! This is the crate's only unsafe code: mapping the file, reading a slot through the
-//! mapping, and borrowing the socket of a Pingora stream (which has no `AsFd`).
+//! Beside `cache::disk::cached` (a read into a buffer's spare capacity), this is the
+//! crate's only unsafe code: mapping the file, reading a slot through the mapping, and
+//! borrowing the socket of a Pingora stream (which has no `AsFd`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

@@ -56,6 +56,7 @@
 //! ```
 //! `h0..h3` are the first hex digits of the object id; the file format is in [`format`].
 
+mod cached;
 pub mod format;
 pub mod purge;
 pub mod rebuild;
@@ -193,6 +194,16 @@ enum Failure {
     Corrupt(FormatError),
 }
 
+/// What a part read found in a file it opened.
+enum PartFrom {
+    Part(SlicePart),
+    /// The file has one checksum for its whole payload (format 4 and older): it is read
+    /// whole.
+    Whole,
+    /// Not all the bytes needed were in the page cache (a read that may not wait).
+    NotCached,
+}
+
 /// Reads exactly `len` bytes at `offset`; a file that ended sooner was cut while it was
 /// read, or is shorter than its header said: corrupt. The buffer is not zeroed first:
 /// zeroed, every read of a few hundred KB took fresh pages the kernel had to clear, and
@@ -290,7 +301,7 @@ impl DiskTier {
                 }
             }
             if cause.was_evicted() && !evict_handed_over.load(Ordering::Acquire) {
-                let _ = std::fs::remove_file(slice_path(&evict_root, key));
+                remove_off_runtime(slice_path(&evict_root, key));
                 evict_metrics.disk_evictions.inc();
             }
         });
@@ -355,10 +366,35 @@ impl DiskTier {
     /// exclusive): only the blocks they lie in, or the whole slice from files older than
     /// format version 5. A miss as for [`DiskTier::read`].
     pub async fn read_part(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
+        if let Some(part) = self.read_part_cached(key, within.clone()) {
+            self.shared.metrics.disk.hits.inc();
+            return Some(part);
+        }
         self.read_with(key, move |shared, key| {
             shared.read_part_blocking(key, within)
         })
         .await
+    }
+
+    /// [`DiskTier::read_part`] on this thread, for a listed slice whose file can be
+    /// opened and read without waiting for the device (`cached`); `None` sends the read
+    /// to the pool, which also decides about a file found corrupt here.
+    fn read_part_cached(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
+        let shared = &self.shared;
+        if !shared.index.contains_key(key) {
+            return None;
+        }
+        let file = shared.storage.open_cached(&slice_path(&shared.root, key))?;
+        let part = shared.part_from(&file, key, within, |file, at, len| {
+            Ok(cached::read_at(file, at, len))
+        });
+        match part {
+            Ok(PartFrom::Part(part)) => {
+                shared.metrics.disk_reads_request.inc();
+                Some(part)
+            }
+            Ok(PartFrom::Whole | PartFrom::NotCached) | Err(_) => None,
+        }
     }
 
     /// Runs `read` on the blocking pool, within the tier's limit of reads at once and
@@ -381,6 +417,7 @@ impl DiskTier {
             let permit = reads.acquire_owned().await.ok()?;
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
+                shared.metrics.disk_reads_pool.inc();
                 read(&shared, &owned)
             })
             .await
@@ -504,48 +541,71 @@ impl Shared {
     /// [`DiskTier::read_part`] on this thread.
     fn read_part_blocking(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
         let path = slice_path(&self.root, key);
-        let read = || -> Result<Option<SlicePart>, Failure> {
-            let file = self.storage.open(&path).map_err(Failure::Io)?;
-            let len = file.metadata().map_err(Failure::Io)?.len();
-            let head = read_at(&file, 0, len.min(MAX_HEADER as u64) as usize)?;
-            self.metrics.disk_read_bytes.inc_by(head.len() as u64);
-            let header = decode_header(&head).map_err(Failure::Corrupt)?;
-            if header.key != *key {
-                return Err(Failure::Corrupt(FormatError::WrongKey));
+        let part = self
+            .storage
+            .open(&path)
+            .map_err(Failure::Io)
+            .and_then(|file| {
+                self.part_from(&file, key, within, |file, at, len| {
+                    read_at(file, at, len).map(Some)
+                })
+            });
+        match part {
+            Ok(PartFrom::Part(part)) => Some(part),
+            Ok(PartFrom::Whole | PartFrom::NotCached) => {
+                self.read_blocking(key)
+                    .map(|(slice, written_at)| SlicePart {
+                        slice,
+                        offset: 0,
+                        written_at,
+                    })
             }
-            header
-                .check_slicing(self.slice_bytes)
-                .map_err(Failure::Corrupt)?;
-            if len != header.file_len() {
-                return Err(Failure::Corrupt(FormatError::Length));
-            }
-            let Some(blocks) = header.covering_blocks(within) else {
-                return Ok(None); // one checksum for the whole payload
-            };
-            let at = header.header_len() as u64 + blocks.start;
-            let part = read_at(&file, at, (blocks.end - blocks.start) as usize)?;
-            self.metrics.disk_read_bytes.inc_by(part.len() as u64);
-            header
-                .check_blocks(blocks.start, &part)
-                .map_err(Failure::Corrupt)?;
-            let slice = self.found(key, &header, Bytes::from(part));
-            Ok(Some(SlicePart {
-                slice,
-                offset: blocks.start,
-                written_at: header.written_at,
-            }))
-        };
-        match read() {
-            Ok(Some(part)) => Some(part),
-            Ok(None) => self
-                .read_blocking(key)
-                .map(|(slice, written_at)| SlicePart {
-                    slice,
-                    offset: 0,
-                    written_at,
-                }),
             Err(failure) => self.failed(key, &path, failure),
         }
+    }
+
+    /// Reads and checks the header of the open slice file `file`, then the blocks
+    /// `within` lies in, each with `read` (exactly `len` bytes at an offset; `None`: not
+    /// in the page cache).
+    fn part_from(
+        &self,
+        file: &std::fs::File,
+        key: &SliceKey,
+        within: Range<u64>,
+        read: impl Fn(&std::fs::File, u64, usize) -> Result<Option<Vec<u8>>, Failure>,
+    ) -> Result<PartFrom, Failure> {
+        let len = file.metadata().map_err(Failure::Io)?.len();
+        let Some(head) = read(file, 0, len.min(MAX_HEADER as u64) as usize)? else {
+            return Ok(PartFrom::NotCached);
+        };
+        self.metrics.disk_read_bytes.inc_by(head.len() as u64);
+        let header = decode_header(&head).map_err(Failure::Corrupt)?;
+        if header.key != *key {
+            return Err(Failure::Corrupt(FormatError::WrongKey));
+        }
+        header
+            .check_slicing(self.slice_bytes)
+            .map_err(Failure::Corrupt)?;
+        if len != header.file_len() {
+            return Err(Failure::Corrupt(FormatError::Length));
+        }
+        let Some(blocks) = header.covering_blocks(within) else {
+            return Ok(PartFrom::Whole);
+        };
+        let at = header.header_len() as u64 + blocks.start;
+        let Some(part) = read(file, at, (blocks.end - blocks.start) as usize)? else {
+            return Ok(PartFrom::NotCached);
+        };
+        self.metrics.disk_read_bytes.inc_by(part.len() as u64);
+        header
+            .check_blocks(blocks.start, &part)
+            .map_err(Failure::Corrupt)?;
+        let slice = self.found(key, &header, Bytes::from(part));
+        Ok(PartFrom::Part(SlicePart {
+            slice,
+            offset: blocks.start,
+            written_at: header.written_at,
+        }))
     }
 
     /// A slice read and checked: its bytes (some or all of its payload) with the
@@ -669,6 +729,21 @@ pub fn new_index(
         .weigher(|_k: &SliceKey, len: &u32| *len)
         .eviction_listener(move |key: Arc<SliceKey>, _len, cause| left(&key, cause))
         .build()
+}
+
+/// Deletes the file at `path`, on the blocking pool when called on the async runtime. The
+/// index evicts inside whichever call runs its upkeep, and a request's lookup can be that
+/// call. A slice written again before such a delete runs loses its new file: a later read
+/// finds it gone, drops it from the index and counts a miss.
+fn remove_off_runtime(path: PathBuf) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || std::fs::remove_file(path));
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Makes a file in `tmp/` and moves it into `slices/`, as the writer does, then removes

@@ -22,6 +22,13 @@ pub trait SliceStorage: Send + Sync + 'static {
     /// Opens the file at `path` to read parts of it: one
     /// open file for the header and the blocks, so both are of the same file.
     fn open(&self, path: &Path) -> io::Result<std::fs::File>;
+
+    /// Opens the file at `path` if that cannot wait for the device (its path is in the
+    /// kernel's lookup cache); `None` when it might, or for any failure: the caller then
+    /// reads on the blocking pool with [`SliceStorage::open`], which decides.
+    fn open_cached(&self, _path: &Path) -> Option<std::fs::File> {
+        None
+    }
 }
 
 /// The real file system.
@@ -47,6 +54,10 @@ impl SliceStorage for FsStorage {
 
     fn open(&self, path: &Path) -> io::Result<std::fs::File> {
         std::fs::File::open(path)
+    }
+
+    fn open_cached(&self, path: &Path) -> Option<std::fs::File> {
+        super::cached::open(path)
     }
 }
 
