@@ -7,7 +7,9 @@
 //! into; and what reading only the blocks a range lies in saves. `read_1MiB` is
 //! `DiskTier::read` (open, read the whole file, check its CRC-32s) on a file in the page
 //! cache; `read_310KB_part` is `DiskTier::read_part` of a 310,491-byte range, as a range
-//! hit that the memory tier would not keep reads it (six 64 KiB blocks); `read_1MiB_into_pool` adds `PagePool::adopt`, the copy into fresh
+//! hit that the memory tier would not keep reads it (six 64 KiB blocks; the file is in
+//! the page cache, so it is read on the calling thread, not the blocking pool);
+//! `read_1MiB_into_pool` adds `PagePool::adopt`, the copy into fresh
 //! shmem pages that every disk hit made before, including freeing the slot again when
 //! the slice is dropped. The files go to `DISK_HIT_DIR` (default the system's temporary
 //! directory). Last results are in docs/performance.md.
