@@ -696,7 +696,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "cdn_edge_disk_reads_total",
-                    "Slice file reads, by the thread that made them: request (a range whose file, header and blocks were all in the kernel's caches, read without waiting for the device) or pool (the blocking pool, for everything else).",
+                    "Slice file reads, by the thread that made them: request (a range of up to 1 MiB whose file, header and blocks were all in the kernel's caches, read without reading from the device) or pool (the blocking pool, for everything else).",
                 ),
                 &["thread"],
             )

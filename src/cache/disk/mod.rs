@@ -301,7 +301,7 @@ impl DiskTier {
                 }
             }
             if cause.was_evicted() && !evict_handed_over.load(Ordering::Acquire) {
-                remove_off_runtime(slice_path(&evict_root, key));
+                remove_evicted(slice_path(&evict_root, key), &evict_handed_over);
                 evict_metrics.disk_evictions.inc();
             }
         });
@@ -366,34 +366,59 @@ impl DiskTier {
     /// exclusive): only the blocks they lie in, or the whole slice from files older than
     /// format version 5. A miss as for [`DiskTier::read`].
     pub async fn read_part(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
-        if let Some(part) = self.read_part_cached(key, within.clone()) {
-            self.shared.metrics.disk.hits.inc();
-            return Some(part);
+        match self.read_part_cached(key, within.clone()) {
+            PartFrom::Part(part) => {
+                self.shared.metrics.disk.hits.inc();
+                Some(part)
+            }
+            PartFrom::Whole => self
+                .read_with(key, |shared, key| shared.read_blocking(key))
+                .await
+                .map(|(slice, written_at)| SlicePart {
+                    slice,
+                    offset: 0,
+                    written_at,
+                }),
+            PartFrom::NotCached => {
+                self.read_with(key, move |shared, key| {
+                    shared.read_part_blocking(key, within)
+                })
+                .await
+            }
         }
-        self.read_with(key, move |shared, key| {
-            shared.read_part_blocking(key, within)
-        })
-        .await
     }
 
-    /// [`DiskTier::read_part`] on this thread, for a listed slice whose file can be
-    /// opened and read without waiting for the device (`cached`); `None` sends the read
-    /// to the pool, which also decides about a file found corrupt here.
-    fn read_part_cached(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
+    /// [`DiskTier::read_part`] on this thread, for a slice in the rebuilt index whose file
+    /// can be opened and read without waiting for the device (`cached`), when the part
+    /// is short; `NotCached` sends the read to the pool, which also decides about a file
+    /// found corrupt here.
+    fn read_part_cached(&self, key: &SliceKey, within: Range<u64>) -> PartFrom {
         let shared = &self.shared;
-        if !shared.index.contains_key(key) {
-            return None;
+        // Before the rebuild, `found` may index the file, and indexing may delete files.
+        if within.end.saturating_sub(within.start) > cached::MAX_READ
+            || !shared.rebuilt.load(Ordering::Acquire)
+            || !shared.index.contains_key(key)
+        {
+            return PartFrom::NotCached;
         }
-        let file = shared.storage.open_cached(&slice_path(&shared.root, key))?;
-        let part = shared.part_from(&file, key, within, |file, at, len| {
-            Ok(cached::read_at(file, at, len))
+        let Some(file) = shared.storage.open_cached(&slice_path(&shared.root, key)) else {
+            return PartFrom::NotCached;
+        };
+        let mut read_bytes = 0;
+        let part = cached::on_request_thread(|| {
+            shared.part_from(&file, key, within, &mut read_bytes, |file, at, len| {
+                Ok(cached::read_at(file, at, len))
+            })
         });
         match part {
             Ok(PartFrom::Part(part)) => {
                 shared.metrics.disk_reads_request.inc();
-                Some(part)
+                shared.metrics.disk_read_bytes.inc_by(read_bytes);
+                PartFrom::Part(part)
             }
-            Ok(PartFrom::Whole | PartFrom::NotCached) | Err(_) => None,
+            Ok(PartFrom::Whole) => PartFrom::Whole,
+            // Not counted: the pool reads the same bytes again.
+            Ok(PartFrom::NotCached) | Err(_) => PartFrom::NotCached,
         }
     }
 
@@ -541,15 +566,17 @@ impl Shared {
     /// [`DiskTier::read_part`] on this thread.
     fn read_part_blocking(&self, key: &SliceKey, within: Range<u64>) -> Option<SlicePart> {
         let path = slice_path(&self.root, key);
+        let mut read_bytes = 0;
         let part = self
             .storage
             .open(&path)
             .map_err(Failure::Io)
             .and_then(|file| {
-                self.part_from(&file, key, within, |file, at, len| {
+                self.part_from(&file, key, within, &mut read_bytes, |file, at, len| {
                     read_at(file, at, len).map(Some)
                 })
             });
+        self.metrics.disk_read_bytes.inc_by(read_bytes);
         match part {
             Ok(PartFrom::Part(part)) => Some(part),
             Ok(PartFrom::Whole | PartFrom::NotCached) => {
@@ -566,19 +593,20 @@ impl Shared {
 
     /// Reads and checks the header of the open slice file `file`, then the blocks
     /// `within` lies in, each with `read` (exactly `len` bytes at an offset; `None`: not
-    /// in the page cache).
+    /// in the page cache), adding the bytes it read to `read_bytes`.
     fn part_from(
         &self,
         file: &std::fs::File,
         key: &SliceKey,
         within: Range<u64>,
+        read_bytes: &mut u64,
         read: impl Fn(&std::fs::File, u64, usize) -> Result<Option<Vec<u8>>, Failure>,
     ) -> Result<PartFrom, Failure> {
         let len = file.metadata().map_err(Failure::Io)?.len();
         let Some(head) = read(file, 0, len.min(MAX_HEADER as u64) as usize)? else {
             return Ok(PartFrom::NotCached);
         };
-        self.metrics.disk_read_bytes.inc_by(head.len() as u64);
+        *read_bytes += head.len() as u64;
         let header = decode_header(&head).map_err(Failure::Corrupt)?;
         if header.key != *key {
             return Err(Failure::Corrupt(FormatError::WrongKey));
@@ -596,7 +624,7 @@ impl Shared {
         let Some(part) = read(file, at, (blocks.end - blocks.start) as usize)? else {
             return Ok(PartFrom::NotCached);
         };
-        self.metrics.disk_read_bytes.inc_by(part.len() as u64);
+        *read_bytes += part.len() as u64;
         header
             .check_blocks(blocks.start, &part)
             .map_err(Failure::Corrupt)?;
@@ -731,18 +759,23 @@ pub fn new_index(
         .build()
 }
 
-/// Deletes the file at `path`, on the blocking pool when called on the async runtime. The
-/// index evicts inside whichever call runs its upkeep, and a request's lookup can be that
-/// call. A slice written again before such a delete runs loses its new file: a later read
-/// finds it gone, drops it from the index and counts a miss.
-fn remove_off_runtime(path: PathBuf) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn_blocking(move || std::fs::remove_file(path));
-        }
-        Err(_) => {
-            let _ = std::fs::remove_file(path);
-        }
+/// Deletes the file at `path`, or, during a read on a request's thread, has the blocking
+/// pool delete it: the index evicts inside whichever call runs its upkeep, and such a
+/// read's index lookup can be that call. A slice written again before a deferred delete
+/// runs loses its new file: a later read finds it gone, drops it from the index and
+/// counts a miss. `handed_over` is asked again when the delete runs.
+fn remove_evicted(path: PathBuf, handed_over: &Arc<AtomicBool>) {
+    if !cached::in_request_read() {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    let handed_over = handed_over.clone();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn_blocking(move || {
+            if !handed_over.load(Ordering::Acquire) {
+                let _ = std::fs::remove_file(path);
+            }
+        });
     }
 }
 
