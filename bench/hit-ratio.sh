@@ -31,7 +31,9 @@
 # origin of its own (one nginx, a port per system) serving every title as a sparse file
 # of its size, so its access log counts that system's origin requests and bytes. Byte
 # hit ratio = 1 - origin bytes / client bytes: a slice fetched whole for part of it
-# counts in full, as it costs the site. Everything listens on 127.0.0.1:18090-18098.
+# counts in full, as it costs the site. A system whose cache held more than CACHE_MB on
+# average (nginx's cache manager lets it run over max_size) is also set against MIN at
+# that average ("of MIN held"). Everything listens on 127.0.0.1:18090-18098.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=bench/lib/peers.sh

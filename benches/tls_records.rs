@@ -16,16 +16,17 @@
 //! docs/performance.md.
 
 use std::io::Write;
-use std::process::Command;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::{Rng, SeedableRng};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring as provider, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, ServerConfig};
-use rustls::{ServerConnection, SignatureScheme, SupportedCipherSuite};
+use rustls::SupportedCipherSuite;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+
+#[path = "../tests/support/certs.rs"]
+#[allow(dead_code)]
+mod certs;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc; // as the edge's binary
@@ -34,57 +35,16 @@ const RANGE: usize = 310_491;
 const REGION: usize = 256 << 20;
 const HOT: usize = 12_345;
 
-/// Accepts the bench's own certificate: the handshake is set-up here, not measured.
-#[derive(Debug)]
-struct AnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &CertificateDer<'_>,
-        _: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.3 only".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// A server connection past its handshake with an in-memory client, on `suite` only.
-fn connected(suite: SupportedCipherSuite, dir: &std::path::Path) -> ServerConnection {
-    let (cert, key) = (dir.join("edge.crt"), dir.join("edge.key"));
-    let (certs, key) =
-        pingora::tls::load_certs_and_key_files(cert.to_str().unwrap(), key.to_str().unwrap())
-            .unwrap()
-            .unwrap();
+fn connected(suite: SupportedCipherSuite, pki: &certs::TestPki) -> ServerConnection {
+    let (certs, key) = pingora::tls::load_certs_and_key_files(
+        pki.cert.to_str().unwrap(),
+        pki.key.to_str().unwrap(),
+    )
+    .unwrap()
+    .unwrap();
+    let mut roots = RootCertStore::empty();
+    pingora::tls::load_ca_file_into_store(&pki.ca, &mut roots).unwrap();
     let provider = Arc::new(CryptoProvider {
         cipher_suites: vec![suite],
         ..provider::default_provider()
@@ -95,11 +55,10 @@ fn connected(suite: SupportedCipherSuite, dir: &std::path::Path) -> ServerConnec
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-    let client = ClientConfig::builder_with_provider(provider.clone())
+    let client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_root_certificates(roots)
         .with_no_client_auth();
     let mut server = ServerConnection::new(Arc::new(server)).unwrap();
     let mut client =
@@ -139,26 +98,7 @@ fn send(server: &mut ServerConnection, range: &[u8]) {
 }
 
 fn tls_records(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "edge.key",
-            "-out",
-            "edge.crt",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("the openssl command line tool (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pki = certs::TestPki::new();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     // What the bytes are does not change what sealing them costs.
@@ -181,7 +121,7 @@ fn tls_records(c: &mut Criterion) {
         ),
     ];
     for (name, suite) in suites {
-        let mut server = connected(suite, dir.path());
+        let mut server = connected(suite, &pki);
         g.bench_function(format!("send_310KB_{name}"), |b| {
             b.iter(|| {
                 let at = cold();
